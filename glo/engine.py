@@ -1,0 +1,92 @@
+"""The algorithm: fit each image's latent through the frozen decoder with Adam.
+
+Each sample's latent is its own leaf tensor. Every step decodes only the *active* latents,
+stacked, and backpropagates the sum of their per-sample losses. A sample leaves the active set
+when its loss stops changing (relative change over `window` steps at most `rel_tol`) or when the
+budget of `max_steps` updates is spent. Adam skips parameters whose `.grad` is None, so stopped
+samples keep their state and each keeps its own step count. Every sample keeps the best latent it
+has seen, so the result is never worse than the start, and a non-finite loss sends that sample
+back to its best latent instead of ending the batch. Plain PyTorch: no Lightning, no disk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Result:
+    latents: Tensor       # (B,C,h,w) best latent of each sample
+    initial_loss: Tensor  # (B,) loss of the starting latent
+    final_loss: Tensor    # (B,) loss of the returned latent
+    steps: Tensor         # (B,) Adam updates taken before the sample stopped
+    converged: Tensor     # (B,) bool: stopped by the rel_tol rule rather than the budget
+    nonfinite: Tensor     # (B,) bool: met a non-finite loss and was reverted to its best latent
+    loss_curves: Tensor   # (B,max_steps) loss before each update; NaN once the sample stopped
+
+
+def optimize(
+    decode: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    target: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    lr: float,
+    max_steps: int,
+    rel_tol: float,
+    window: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> Result:
+    """Optimize latents z (B,C,h,w) so that loss_fn(decode(z), target) -> (B,) falls, sample by sample."""
+    n = z0.shape[0]
+    zs = [z.detach().clone().requires_grad_(True) for z in z0]
+    opt = torch.optim.Adam(zs, lr=lr, betas=tuple(betas))
+    best = z0.detach().clone()
+    best_loss = torch.full((n,), float("inf"))
+    curves = torch.full((n, max_steps), float("nan"))
+    steps = torch.zeros(n, dtype=torch.long)
+    converged = torch.zeros(n, dtype=torch.bool)
+    nonfinite = torch.zeros(n, dtype=torch.bool)
+    active = list(range(n))
+    # Step t evaluates the latents after t updates; the extra evaluation at t == max_steps scores
+    # the last update without paying for a backward pass.
+    for t in range(max_steps + 1):
+        if not active:
+            break
+        opt.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(t < max_steps):
+            losses = loss_fn(decode(torch.stack([zs[i] for i in active])), target[active])
+        values = losses.detach().float().cpu()
+        going = []  # positions in `active` that take another update
+        for j, i in enumerate(active):
+            v = values[j]
+            if t < max_steps:
+                curves[i, t] = v
+            if not torch.isfinite(v):
+                nonfinite[i] = True
+                zs[i].data.copy_(best[i])
+            elif v < best_loss[i]:
+                best_loss[i] = v
+                best[i] = zs[i].detach()
+            if nonfinite[i] or t == max_steps:
+                continue
+            past = curves[i, t - window] if t >= window else None
+            if past is not None and abs(past - v) <= rel_tol * abs(past):
+                converged[i] = True
+                continue
+            going.append(j)
+        steps[active] = t
+        if going:
+            losses[going].sum().backward()
+            for j in set(range(len(active))) - set(going):
+                zs[active[j]].grad = None  # stopped samples must not take this update
+            opt.step()
+        active = [active[j] for j in going]
+        if on_step and t < max_steps:
+            finite = values[torch.isfinite(values)]
+            on_step(t, len(active), float(finite.mean()) if len(finite) else float("nan"))
+    return Result(best, curves[:, 0].clone(), best_loss, steps, converged, nonfinite, curves)

@@ -1,0 +1,91 @@
+"""The LightningModule: runs the engine on each predicted batch, logs it, and returns arrays to export."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from torch import Tensor
+
+from glo.engine import optimize
+from glo.losses import PixelLoss
+from glo.metrics import psnr, ssim
+from glo.vae import FrozenVAE
+
+
+class GLOModule(pl.LightningModule):
+    """Each batch's latents become parameters for its own Adam run; the VAE stays frozen throughout."""
+
+    def __init__(self, vae: FrozenVAE, loss: PixelLoss, lr: float, betas: tuple[float, float], max_steps: int,
+                 rel_tol: float, window: int, image_every_n_batches: int) -> None:
+        super().__init__()
+        self.vae, self.loss = vae, loss
+        self.settings = dict(lr=lr, betas=tuple(betas), max_steps=max_steps, rel_tol=rel_tol, window=window)
+        self.image_every = image_every_n_batches
+        self.steps_logged = 0
+        self.images_logged = 0
+
+    def predict_step(self, batch: tuple[Tensor, dict], batch_idx: int) -> dict[str, np.ndarray]:
+        images, meta = batch
+        x = images.permute(0, 3, 1, 2).contiguous()  # datasets yield HWC
+        start = time.perf_counter()
+        z0 = self.vae.encode(x)
+        with torch.enable_grad():  # Lightning predicts under no_grad; the latents need gradients
+            r = optimize(self.vae.decode, z0, x, self.loss, **self.settings, on_step=self._on_step)
+        with torch.no_grad():
+            x0, x1 = self.vae.decode(z0), self.vae.decode(r.latents)
+        seconds = time.perf_counter() - start
+        out = {
+            "ids": np.array(meta["id"], dtype=str),
+            "sources": np.array(meta["source"], dtype=str),
+            "original_size": torch.stack([meta["height"], meta["width"]], 1).cpu().numpy(),
+            "latents": r.latents.float().cpu().numpy(),
+            "initial_latents": z0.float().cpu().numpy(),
+            "steps": r.steps.numpy(),
+            "initial_loss": r.initial_loss.numpy(),
+            "final_loss": r.final_loss.numpy(),
+            "psnr_initial": psnr(x0, x).cpu().numpy(),
+            "psnr_final": psnr(x1, x).cpu().numpy(),
+            "ssim_initial": ssim(x0, x).cpu().numpy(),
+            "ssim_final": ssim(x1, x).cpu().numpy(),
+            "converged": r.converged.numpy(),
+            "nonfinite": r.nonfinite.numpy(),
+            "loss_curves": r.loss_curves.numpy(),
+            "seconds": np.full(len(x), seconds / len(x)),
+        }
+        self._log_images(out, x, x0, x1, batch_idx)
+        return out
+
+    def _on_step(self, step: int, active: int, loss: float) -> None:
+        if self.logger:
+            self.logger.experiment.add_scalar("loss/batch_mean", loss, self.steps_logged)
+            self.logger.experiment.add_scalar("loss/active_samples", active, self.steps_logged)
+        self.steps_logged += 1
+        bar = self.trainer.progress_bar_callback
+        if isinstance(bar, TQDMProgressBar) and bar.predict_progress_bar is not None:
+            bar.predict_progress_bar.set_postfix(step=step, active=active, loss=f"{loss:.4g}")
+
+    def _log_images(self, out: dict[str, np.ndarray], x: Tensor, x0: Tensor, x1: Tensor, batch_idx: int) -> None:
+        if not self.logger:
+            return
+        tb = self.logger.experiment
+        for i in range(len(x)):
+            k = self.images_logged + i
+            tb.add_scalar("image/final_loss", out["final_loss"][i], k)
+            tb.add_scalar("image/psnr_final", out["psnr_final"][i], k)
+            tb.add_scalar("image/psnr_gain", out["psnr_final"][i] - out["psnr_initial"][i], k)
+            tb.add_scalar("image/steps", out["steps"][i], k)
+        self.images_logged += len(x)
+        if self.image_every and batch_idx % self.image_every == 0:
+            tb.add_image("grid/input|initial|optimized|error", comparison_grid(x, x0, x1), batch_idx)
+
+
+def comparison_grid(x: Tensor, x0: Tensor, x1: Tensor, rows: int = 4) -> Tensor:
+    """(3,H*rows,W*4) in [0,1]: input | initial decode | optimized decode | |error| of the optimized decode (x4)."""
+    x, x0, x1 = (t[:rows].detach().float().clamp(-1, 1).cpu() for t in (x, x0, x1))
+    err = ((x1 - x).abs().mean(1, keepdim=True) * 4 - 1).clamp(-1, 1).expand_as(x)
+    grid = torch.cat([x, x0, x1, err], dim=3)  # each row: the four panels side by side
+    return (torch.cat(list(grid), dim=1) + 1) / 2

@@ -1,0 +1,82 @@
+"""Load a frozen diffusers AutoencoderKL and expose encode/decode in SD latent units."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from torch import Tensor, nn
+
+from glo import GloError
+
+
+class FrozenVAE(nn.Module):
+    """An AutoencoderKL whose weights never train; latents are scaled as Stable Diffusion scales them."""
+
+    def __init__(self, model: AutoencoderKL, name: str, source: str) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.name, self.source = name, source
+        self.scaling_factor = float(model.config.scaling_factor)
+        self.shift_factor = float(model.config.shift_factor or 0.0)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """(B,3,H,W) in [-1,1] -> the posterior mean in SD units; the mean, not a sample, is the encoder's best guess."""
+        mean = self.model.encode(x).latent_dist.mean
+        return (mean - self.shift_factor) * self.scaling_factor
+
+    def decode(self, z: Tensor) -> Tensor:
+        """SD latent -> (B,3,H,W), unclamped so the loss keeps gradients on saturated pixels."""
+        return self.model.decode(z / self.scaling_factor + self.shift_factor).sample
+
+    def info(self) -> dict:
+        return {"name": self.name, "source": self.source, "scaling_factor": self.scaling_factor,
+                "shift_factor": self.shift_factor}
+
+
+def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = None,
+             path: str | None = None, config: dict | None = None, seed: int = 0) -> FrozenVAE:
+    """Build the VAE a config names: a local directory (`path`) wins, then a random `config`, then a hub id."""
+    if path:
+        return FrozenVAE(_from_directory(Path(path)), name, str(Path(path).resolve()))
+    if config:
+        torch.manual_seed(seed)  # random weights, but the same ones every run
+        return FrozenVAE(AutoencoderKL(**config), name, f"random:{seed}")
+    if pretrained:
+        return FrozenVAE(_from_hub(name, pretrained, subfolder), name, f"{pretrained}/{subfolder or ''}".rstrip("/"))
+    raise GloError(f"vae '{name}': set one of vae.path, vae.pretrained or vae.config")
+
+
+def _from_directory(path: Path) -> AutoencoderKL:
+    """Accept a VAE directory or a whole SD pipeline directory (whose VAE lives in `vae/`)."""
+    if not path.is_dir():
+        raise GloError(f"vae.path={path}: no such directory")
+    for folder in (path, path / "vae"):
+        if (folder / "config.json").is_file():
+            try:
+                return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise GloError(f"vae.path={folder}: not a loadable AutoencoderKL directory ({_first_line(e)})") from None
+    raise GloError(f"vae.path={path}: no config.json (expected a directory written by AutoencoderKL.save_pretrained)")
+
+
+def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:
+    """Prefer the local Hugging Face cache; go online only when allowed."""
+    try:
+        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder, local_files_only=True)
+    except OSError:
+        pass
+    fix = (f"cannot load VAE '{name}' ({repo}): not in the Hugging Face cache and the hub is unreachable; "
+           f"download it where there is network, or pass vae.path=DIR (a diffusers VAE directory)")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise GloError(fix)
+    try:
+        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder)
+    except OSError:
+        raise GloError(fix) from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
