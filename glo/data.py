@@ -46,10 +46,12 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
 
 
-def open_image(path: Path) -> Image.Image:
-    """Decode fully now, so a truncated or non-image file fails here with its name."""
+def open_image(path: Path, header_only: bool = False) -> Image.Image | None:
+    """Decode fully now (or just the header, to vet a folder fast), so a bad file fails here with its name."""
     try:
         with Image.open(path) as img:
+            if header_only:
+                return None
             img.load()
             return to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -112,6 +114,9 @@ class FolderDataset(ImageDataset):
         if not self.files:
             raise GloError(f"data.path={path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         self.ids = self._truncate([f.stem for f in self.files])
+        self.files = self.files[: len(self.ids)]
+        for f in self.files:  # a non-image file stops the run before any model is loaded
+            open_image(f, header_only=True)
 
     def load(self, i: int) -> tuple[Image.Image, dict]:
         img = open_image(self.files[i])

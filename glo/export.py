@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, IO
@@ -48,7 +49,7 @@ def load_latents(path: str | Path) -> dict[str, np.ndarray]:
             return {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise GloError(f"{path}: no such file") from None
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise GloError(f"{path}: not a readable latents file ({e})") from None
 
 
@@ -79,7 +80,7 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
         "psnr_gain_mean": float(gain.mean()),
         "ssim_initial_mean": float(a["ssim_initial"].mean()),
         "ssim_final_mean": float(a["ssim_final"].mean()),
-        "images_improved": int((a["final_loss"] < a["initial_loss"]).sum()),
+        "images_improved": int((gain > 0).sum()),
         "steps_mean": float(a["steps"].mean()),
         "converged": int(a["converged"].sum()),
         "nonfinite": int(a["nonfinite"].sum()),

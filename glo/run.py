@@ -40,6 +40,13 @@ def validate(cfg: DictConfig) -> None:
             raise GloError(message)
 
 
+def user_error(e: BaseException | None) -> GloError | None:
+    """The GloError behind an exception, if any (Hydra's instantiate wraps what a _target_ raises)."""
+    while e is not None and not isinstance(e, GloError):
+        e = e.__cause__
+    return e
+
+
 def environment() -> dict[str, str | None]:
     """Package versions and git commit, so a dataset says what made it."""
     packages = {p: version(p) for p in ("glo", "torch", "diffusers", "lightning", "hydra-core", "numpy")}
@@ -82,8 +89,11 @@ def run(cfg: DictConfig) -> float:
 def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
-    except GloError as e:
-        print(f"glo: error: {e}", file=sys.stderr)
+    except Exception as e:
+        cause = user_error(e)
+        if cause is None:
+            raise
+        print(f"glo: error: {cause}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from huggingface_hub.utils import logging as hub_logging
 from torch import Tensor, nn
 
 from glo import GloError
@@ -56,7 +58,7 @@ def _from_directory(path: Path) -> AutoencoderKL:
     for folder in (path, path / "vae"):
         if (folder / "config.json").is_file():
             try:
-                return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+                return _pretrained(folder, local_files_only=True)
             except (OSError, ValueError) as e:
                 raise GloError(f"vae.path={folder}: not a loadable AutoencoderKL directory ({_first_line(e)})") from None
     raise GloError(f"vae.path={path}: no config.json (expected a directory written by AutoencoderKL.save_pretrained)")
@@ -65,7 +67,7 @@ def _from_directory(path: Path) -> AutoencoderKL:
 def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:
     """Prefer the local Hugging Face cache; go online only when allowed."""
     try:
-        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder, local_files_only=True)
+        return _pretrained(repo, subfolder=subfolder, local_files_only=True)
     except OSError:
         pass
     fix = (f"cannot load VAE '{name}' ({repo}): not in the Hugging Face cache and the hub is unreachable; "
@@ -73,9 +75,17 @@ def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise GloError(fix)
     try:
-        return AutoencoderKL.from_pretrained(repo, subfolder=subfolder)
+        return _pretrained(repo, subfolder=subfolder)
     except OSError:
         raise GloError(fix) from None
+
+
+def _pretrained(source: str | Path, **kwargs) -> AutoencoderKL:
+    """from_pretrained without the hub's advice about optional packages: failures get our own one line."""
+    hub_logging.set_verbosity_error()  # no "Retrying in 8s" lines while the hub is unreachable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False, **kwargs)
 
 
 def _first_line(e: Exception) -> str:

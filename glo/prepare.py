@@ -1,0 +1,63 @@
+"""python -m glo.prepare: resize and centre-crop a split of images once, so runs load small uint8 arrays.
+
+Writes `<out>/<split>/images/<id>.npz` (uint8 image + its meta) and `<out>/<split>/stats.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from glo import GloError
+from glo.data import FolderDataset
+from glo.export import save_json, save_npz
+
+
+def prepare(src: str, out: str, split: str, size: int) -> dict:
+    """`src/<split>` if it exists (a BSDS500 root), else `src` itself is the folder of images."""
+    folder = Path(src) / split if (Path(src) / split).is_dir() else Path(src)
+    dataset = FolderDataset(str(folder), size=size)
+    dest = Path(out) / split / "images"
+    pixels = np.zeros((2, 3))  # running sum and sum of squares per channel, in [0,1]
+    originals = []
+    for i in range(len(dataset)):
+        img, meta = dataset.image(i)
+        array = np.asarray(img)
+        save_npz(dest / f"{meta['id']}.npz", {"image": array, "meta": np.array(json.dumps(meta))})
+        unit = array.reshape(-1, 3) / 255.0
+        pixels += [unit.mean(0), (unit**2).mean(0)]
+        originals.append([meta["height"], meta["width"]])
+    mean = pixels[0] / len(dataset)
+    stats = {
+        "split": split, "source": str(folder.resolve()), "count": len(dataset), "size": size,
+        "channel_mean": mean.tolist(), "channel_std": np.sqrt(pixels[1] / len(dataset) - mean**2).tolist(),
+        "original_sizes": {f"{h}x{w}": originals.count([h, w]) for h, w in sorted({tuple(o) for o in originals})},
+    }
+    save_json(Path(out) / split / "stats.json", stats)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m glo.prepare", description=__doc__.splitlines()[0])
+    p.add_argument("--src", default=os.environ.get("BSDS500_PATH"),
+                   help="image folder, or a BSDS500 root holding train/ val/ test/ (default: $BSDS500_PATH)")
+    p.add_argument("--out", default="processed_data", help="output root (default: processed_data)")
+    p.add_argument("--split", default="train", help="split name, and sub-folder of --src if it has one")
+    p.add_argument("--size", type=int, default=256, help="output side in pixels, a multiple of 8 (default: 256)")
+    args = p.parse_args(argv)
+    try:
+        if not args.src:
+            raise GloError("no source folder: pass --src DIR or set BSDS500_PATH")
+        stats = prepare(args.src, args.out, args.split, args.size)
+    except GloError as e:
+        print(f"glo.prepare: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"glo.prepare: {stats['count']} images -> {Path(args.out) / args.split / 'images'} at {args.size}x{args.size}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""One loading path for every image kind, and one-line errors naming the file."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from glo import GloError
+from glo.data import BSDS500Dataset, FolderDataset, SampleDataset
+from glo.prepare import main as prepare_main, prepare
+
+
+def make_folder(root):
+    """Images of the kinds users have: odd sizes, grey, alpha, palette, 16-bit, CMYK, PNG and JPEG."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    rgb = rng.integers(0, 256, (321, 481, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(root / "landscape.jpg", quality=95)
+    Image.fromarray(rgb.transpose(1, 0, 2).copy()).save(root / "portrait.png")
+    Image.fromarray(rgb[:, :, 0]).save(root / "grey.png")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(root / "alpha.png")
+    Image.fromarray(rgb).convert("P").save(root / "palette.png")
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray((rgb[:, :, 1].astype(np.uint16) * 257)).save(root / "deep16.png")
+    (root / "notes.txt").write_text("not an image, ignored by suffix")
+    return rgb
+
+
+def test_folder_loads_every_kind_as_rgb_in_range(tmp_path):
+    rgb = make_folder(tmp_path)
+    ds = FolderDataset(str(tmp_path), size=64)
+    assert ds.ids == ["alpha", "cmyk", "deep16", "grey", "landscape", "palette", "portrait"]
+    for i in range(len(ds)):
+        image, meta = ds[i]
+        assert image.shape == (64, 64, 3) and image.dtype == np.float32
+        assert -1.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.1
+    _, meta = ds[ds.ids.index("portrait")]
+    assert (meta["height"], meta["width"]) == (481, 321)
+    (tmp_path / "eight").mkdir()
+    Image.fromarray(rgb[:, :, 1]).save(tmp_path / "eight" / "deep8.png")
+    eight = FolderDataset(str(tmp_path / "eight"), size=64)[0][0]
+    assert np.abs(ds[ds.ids.index("deep16")][0] - eight).max() <= 1 / 127.5  # 16-bit scaled, not clipped to white
+
+
+def test_resize_keeps_shorter_side_and_centre_crops(tmp_path):
+    img = np.zeros((100, 300, 3), np.uint8)
+    img[:, 100:200] = 255  # the centre third is white: all a centre crop should see
+    Image.fromarray(img).save(tmp_path / "a.png")
+    image, _ = FolderDataset(str(tmp_path), size=96)[0]
+    assert image.shape == (96, 96, 3) and image[:, 2:-2].min() > 0.95
+
+
+def test_samples_are_offline_photos():
+    ds = SampleDataset(size=64, limit=2)
+    assert len(ds) == 2 and ds[0][1]["source"] == "skimage.data.astronaut"
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("missing", "no such directory"), ("empty", "no image files"), ("size", "multiple of 8"),
+])
+def test_bad_folders_are_one_clear_error(tmp_path, bad, match):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    path = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "size": tmp_path / "empty"}[bad]
+    with pytest.raises(GloError, match=match):
+        FolderDataset(str(path), size=60 if bad == "size" else 64)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is text, not a PNG", "truncated"])
+def test_corrupt_file_names_the_file(tmp_path, content):
+    if content == "truncated":
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 9).save(tmp_path / "x.png")
+        content = (tmp_path / "x.png").read_bytes()[:100]
+    (tmp_path / "x.png").write_bytes(content)
+    with pytest.raises(GloError, match=r"x\.png: not a readable image"):
+        FolderDataset(str(tmp_path), size=64)[0]
+
+
+def test_prepare_writes_npz_and_stats_that_bsds500dataset_reads(tmp_path):
+    make_folder(tmp_path / "src" / "train")
+    stats = prepare(str(tmp_path / "src"), str(tmp_path / "out"), "train", size=64)
+    files = sorted((tmp_path / "out" / "train" / "images").glob("*.npz"))
+    assert [f.stem for f in files] == FolderDataset(str(tmp_path / "src" / "train"), 64).ids
+    assert stats["count"] == 7 and stats["size"] == 64 and len(stats["channel_mean"]) == 3
+    assert stats["original_sizes"] == {"321x481": 6, "481x321": 1}
+    ds = BSDS500Dataset(str(tmp_path / "out"), "train", cache_in_memory=True, size=64)
+    image, meta = ds[ds.ids.index("landscape")]
+    assert image.shape == (64, 64, 3) and meta["source"].endswith("landscape.jpg")
+    assert (meta["height"], meta["width"]) == (321, 481)
+    direct, _ = FolderDataset(str(tmp_path / "src" / "train"), 64)[4]
+    assert np.array_equal(image, direct)  # one path: prepared and direct loading agree exactly
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_prepare_cli_errors_are_one_line(tmp_path, capsys):
+    make_folder(tmp_path / "src")
+    with pytest.raises(SystemExit) as e:
+        prepare_main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--size", "250"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "multiple of 8" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_bsds500_dataset_without_prepare_says_what_to_run(tmp_path):
+    with pytest.raises(GloError, match="glo.prepare --split val"):
+        BSDS500Dataset(str(tmp_path), "val")
+
+
+def test_bsds500_dataset_rejects_a_wrong_array(tmp_path):
+    folder = tmp_path / "val" / "images"
+    folder.mkdir(parents=True)
+    np.savez(folder / "a.npz", image=np.zeros((8, 8), np.float32), meta=np.array("{}"))
+    with pytest.raises(GloError, match=r"a\.npz: .*expected uint8"):
+        BSDS500Dataset(str(tmp_path), "val", size=64)[0]

@@ -1,0 +1,101 @@
+"""The algorithm on the tiny random VAE and on toy decoders whose behaviour is known exactly."""
+import torch
+
+from glo.engine import optimize
+from glo.losses import PixelLoss
+from glo.metrics import psnr
+from tests.conftest import photos
+
+L2 = PixelLoss("l2", l1=0.0, l2=1.0)
+
+
+def test_latent_gradient_is_nonzero(tiny_vae):
+    """Guards against a compiled or no-grad decoder silently freezing the latents."""
+    x = photos(2)
+    z = tiny_vae.encode(x).requires_grad_(True)
+    L2(tiny_vae.decode(z), x).sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_vae.parameters())
+
+
+def test_every_sample_improves_and_psnr_rises(tiny_vae):
+    x = photos(3)
+    z0 = tiny_vae.encode(x)
+    r = optimize(tiny_vae.decode, z0, x, L2, lr=0.1, max_steps=20, rel_tol=0.0, window=5)
+    assert (r.final_loss < r.initial_loss).all()
+    with torch.no_grad():
+        gain = psnr(tiny_vae.decode(r.latents), x) - psnr(tiny_vae.decode(z0), x)
+    assert gain.mean() > 0.3
+    assert torch.allclose(r.initial_loss, L2(tiny_vae.decode(z0), x).detach())
+    assert (r.steps == 20).all() and not r.converged.any()
+
+
+def test_best_latent_is_kept_when_steps_overshoot(tiny_vae):
+    """A huge learning rate makes later steps worse; the result must still be the best latent seen."""
+    x = photos(2)
+    z0 = tiny_vae.encode(x)
+    r = optimize(tiny_vae.decode, z0, x, L2, lr=50.0, max_steps=8, rel_tol=0.0, window=3)
+    with torch.no_grad():
+        achieved = L2(tiny_vae.decode(r.latents), x)
+    assert torch.allclose(achieved, r.final_loss, rtol=1e-4)
+    assert (r.final_loss <= r.initial_loss).all()
+    assert (r.final_loss <= torch.nan_to_num(r.loss_curves, nan=float("inf")).min(1).values + 1e-7).all()
+    assert (r.loss_curves[:, -1] > r.final_loss).any(), "the overshoot this test relies on did not happen"
+
+
+class CountingDecoder:
+    """A linear toy decoder that records how many latents each call decodes."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.weight = torch.randn(3, 4, 1, 1)
+        self.sizes: list[int] = []
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(z))
+        return torch.nn.functional.conv2d(z, self.weight)
+
+
+def test_converged_samples_leave_the_active_set():
+    decode = CountingDecoder()
+    z0 = torch.randn(4, 4, 8, 8)
+    target = decode(z0).detach()
+    target[1:] += torch.randn_like(target[1:])  # sample 0 starts at its optimum: its loss stays 0
+    decode.sizes.clear()
+    r = optimize(decode, z0, target, L2, lr=0.05, max_steps=30, rel_tol=1e-6, window=3)
+    assert r.converged[0] and r.steps[0] == 3
+    assert torch.equal(r.latents[0], z0[0])  # a converged sample is never updated again
+    assert decode.sizes[:4] == [4, 4, 4, 4] and decode.sizes[4] == 3
+    assert sum(decode.sizes) < 4 * (30 + 1)  # fewer latents decoded than without early stopping
+    assert (r.final_loss[1:] < r.initial_loss[1:]).all()
+    assert torch.isnan(r.loss_curves[0, 4:]).all() and not torch.isnan(r.loss_curves[0, :4]).any()
+
+
+def test_injected_nan_reverts_that_sample_and_the_batch_goes_on():
+    decode = CountingDecoder()
+    z0 = torch.randn(3, 4, 8, 8)
+    target = torch.randn(3, 3, 8, 8)
+
+    def flaky(z: torch.Tensor) -> torch.Tensor:
+        out = decode(z)
+        if len(decode.sizes) == 4:  # the 4th evaluation: sample 1 blows up
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    r = optimize(flaky, z0, target, L2, lr=0.05, max_steps=10, rel_tol=0.0, window=3)
+    assert r.nonfinite.tolist() == [False, True, False]
+    assert torch.isfinite(r.latents).all() and torch.isfinite(r.final_loss).all()
+    assert r.steps[1] == 3 and (r.steps[[0, 2]] == 10).all()
+    assert torch.allclose(L2(decode(r.latents[1:2]), target[1:2]), r.final_loss[1:2])
+    assert (r.final_loss < r.initial_loss).all()
+
+
+def test_a_sample_gets_the_same_result_alone_or_in_a_batch(tiny_vae):
+    """Per-sample losses and per-sample Adam state: batch size must not change the optimization."""
+    x = photos(3)
+    z0 = tiny_vae.encode(x)
+    kw = dict(lr=0.1, max_steps=5, rel_tol=0.0, window=5)
+    together = optimize(tiny_vae.decode, z0, x, L2, **kw)
+    alone = optimize(tiny_vae.decode, z0[2:], x[2:], L2, **kw)
+    assert torch.allclose(together.latents[2], alone.latents[0], atol=1e-4)

@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from glo import GloError
+from glo.losses import PixelLoss, l1, l2
+
+
+def test_l1_l2_match_hand_computed_values():
+    pred = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    target = torch.zeros_like(pred)
+    assert torch.allclose(l1(pred, target), torch.tensor([(1 + 1 + 0.5 + 0) / 4, 0.0]))
+    assert torch.allclose(l2(pred, target), torch.tensor([(1 + 1 + 0.25 + 0) / 4, 0.0]))
+
+
+def test_weighted_sum_and_shape():
+    pred, target = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    mixed = PixelLoss("l1_l2", l1=0.5, l2=2.0)(pred, target)
+    assert mixed.shape == (3,)
+    assert torch.allclose(mixed, 0.5 * l1(pred, target) + 2.0 * l2(pred, target))
+
+
+def test_per_sample_loss_does_not_depend_on_batch():
+    pred, target = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    loss = PixelLoss("l2", l1=0.0, l2=1.0)
+    assert torch.allclose(loss(pred, target)[1:2], loss(pred[1:2], target[1:2]))
+
+
+@pytest.mark.parametrize("w1,w2", [(0.0, 0.0), (-1.0, 1.0)])
+def test_bad_weights_are_rejected(w1, w2):
+    with pytest.raises(GloError, match="weights"):
+        PixelLoss("bad", l1=w1, l2=w2)

@@ -1,0 +1,100 @@
+"""`python -m glo.run` as a user types it: outputs, contract keys, multirun, resume, bad input."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import run_glo
+
+FAST = ["data.limit=3", "data.size=64", "max_steps=8", "batch_size=2"]
+SUMMARY_KEYS = {"num_images", "psnr_initial_mean", "psnr_final_mean", "psnr_gain_mean", "images_improved",
+                "steps_mean", "seconds_total", "images_per_second"}
+ARRAYS = {"ids", "latents", "initial_latents", "steps", "initial_loss", "final_loss", "psnr_initial", "psnr_final",
+          "converged", "loss_curves"}
+
+
+def test_run_writes_the_dataset_and_resumes_without_redoing(tmp_path):
+    out = tmp_path / "run"
+    p = run_glo(*FAST, "loss=l2", "lr=0.1", f"hydra.run.dir={out}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["num_images"] == 3 and summary["psnr_gain_mean"] > 0 and summary["images_improved"] == 3
+    a = np.load(out / "latents.npz")
+    assert ARRAYS <= set(a.files)
+    assert a["latents"].shape == (3, 4, 8, 8) and a["latents"].dtype == np.float32
+    assert a["loss_curves"].shape == (3, 8) and a["converged"].dtype == bool
+    assert list(a["ids"]) == ["astronaut", "coffee", "chelsea"]
+    assert not np.array_equal(a["latents"], a["initial_latents"])
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["config"]["lr"] == 0.1 and meta["vae"]["scaling_factor"] == pytest.approx(0.18215)
+    assert meta["image_size"] == 64 and meta["environment"]["torch"].startswith("2.13.0")
+    assert {"start_time", "end_time"} <= meta.keys()
+    assert list(out.glob("events.out.tfevents.*"))
+    shards = sorted((out / "shards").glob("*.npz"))
+    assert len(shards) == 2
+
+    again = run_glo(*FAST, "loss=l2", "lr=0.1", f"hydra.run.dir={out}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted((out / "shards").glob("*.npz")) == shards  # nothing was redone
+    b = np.load(out / "latents.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in ("ids", "latents", "steps"))
+
+
+def test_killed_run_redoes_only_the_unfinished_images(tmp_path):
+    out = tmp_path / "run"
+    assert run_glo(*FAST, f"hydra.run.dir={out}").returncode == 0
+    full = np.load(out / "latents.npz")
+    last = sorted((out / "shards").glob("*.npz"))[-1]
+    last.unlink()  # as if killed before the second batch finished
+    (out / "latents.npz").unlink()
+    p = run_glo(*FAST, f"hydra.run.dir={out}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    resumed = np.load(out / "latents.npz")
+    assert list(resumed["ids"]) == list(full["ids"])
+    assert np.array_equal(resumed["latents"], full["latents"])
+
+
+def test_multirun_gives_each_job_its_own_directory(tmp_path):
+    p = run_glo("--multirun", "loss=l1,l2", "data.limit=1", "data.size=64", "max_steps=3",
+                f"hydra.sweep.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    losses = [json.loads((tmp_path / str(k) / "metadata.json").read_text())["config"]["loss"]["name"] for k in (0, 1)]
+    assert losses == ["l1", "l2"]
+    assert all((tmp_path / str(k) / "latents.npz").is_file() for k in (0, 1))
+
+
+def bad_folder(tmp_path, kind):
+    folder = tmp_path / kind
+    folder.mkdir()
+    if kind == "corrupt":
+        Image.new("RGB", (64, 64), "red").save(folder / "good.png")
+        (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return folder
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["lr=0"], "lr=0"),
+    (["lr=-0.1"], "lr=-0.1: must be > 0"),
+    (["data.size=60"], "data.size=60: must be a positive multiple of 8"),
+    (["data=folder", "data.path=MISSING"], "no such directory"),
+    (["data=folder", "data.path=EMPTY"], "no image files"),
+    (["data=folder", "data.path=CORRUPT"], "broken.jpg: not a readable image"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, message):
+    paths = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(bad_folder(tmp_path, "empty")),
+             "CORRUPT": str(bad_folder(tmp_path, "corrupt"))}
+    overrides = [o.replace(o.split("=")[1], paths.get(o.split("=")[1], o.split("=")[1])) for o in overrides]
+    out = tmp_path / "run"
+    p = run_glo(*overrides, "data.size=64" if "data.size=60" not in overrides else "max_steps=2", f"hydra.run.dir={out}")
+    assert p.returncode == 1
+    errors = [line for line in p.stderr.splitlines() if line.startswith("glo: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not (out / "latents.npz").exists() and not (out / "summary.json").exists()
+
+
+def test_unknown_loss_lists_the_choices(tmp_path):
+    p = run_glo("loss=huber", f"hydra.run.dir={tmp_path}")
+    assert p.returncode != 0
+    assert "loss/huber" in p.stderr and all(c in p.stderr for c in ("l1", "l2", "l1_l2"))
