@@ -1,0 +1,18 @@
+# The two commands of the README. Each builds .venv first if needed (torch alone first: the pinned
+# CPU wheel; anything looser pulls a multi-GB CUDA build).
+PY := .venv/bin/python
+
+.PHONY: run test venv
+run: venv
+	$(PY) -m glo.run
+
+test: venv
+	$(PY) -m pytest -q
+
+venv: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -e '.[test]'
+	touch $@
