@@ -1,22 +1,45 @@
-"""Image quality per sample, via torchmetrics, on images in [-1,1] (clamped: metrics see what a viewer sees)."""
+"""Image quality per sample, via torchmetrics, on images in [-1,1] (clamped: metrics see what a viewer sees).
+
+Each function maps (B,3,H,W) pairs to (B,). PSNR of identical images is +inf, and is kept so.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    multiscale_structural_similarity_index_measure,
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # the standard five scales
 
 
 def _unit(x: Tensor) -> Tensor:
-    return ((x.detach().float().clamp(-1, 1) + 1) / 2)
+    return (x.detach().float().clamp(-1, 1) + 1) / 2
 
 
 @torch.no_grad()
 def psnr(pred: Tensor, target: Tensor) -> Tensor:
-    """(B,) PSNR in dB for data range 1; identical images give +inf."""
+    """PSNR in dB for data range 1."""
     return peak_signal_noise_ratio(_unit(pred), _unit(target), data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
 @torch.no_grad()
 def ssim(pred: Tensor, target: Tensor) -> Tensor:
-    """(B,) SSIM with the standard 11-px Gaussian window."""
+    """SSIM with the standard 11-px Gaussian window."""
     return structural_similarity_index_measure(_unit(pred), _unit(target), data_range=1.0, reduction="none")
+
+
+@torch.no_grad()
+def ms_ssim(pred: Tensor, target: Tensor) -> Tensor:
+    """MS-SSIM with as many of the five standard scales as the image size allows (all five from 161 px)."""
+    scales = sum(1 for k in range(len(MS_SSIM_BETAS)) if min(pred.shape[-2:]) > 10 * 2**k)
+    return multiscale_structural_similarity_index_measure(_unit(pred), _unit(target), data_range=1.0,
+                                                          reduction="none", betas=MS_SSIM_BETAS[:scales])
+
+
+@torch.no_grad()
+def mae(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean absolute error in [0,1] units."""
+    return (_unit(pred) - _unit(target)).abs().flatten(1).mean(1)

@@ -80,12 +80,15 @@ class GLOModule(pl.LightningModule):
             tb.add_scalar("image/steps", out["steps"][i], k)
         self.images_logged += len(x)
         if self.image_every and batch_idx % self.image_every == 0:
-            tb.add_image("grid/input|initial|optimized|error", comparison_grid(x, x0, x1), batch_idx)
+            tb.add_image("grid/input|initial|optimized|error", comparison_grid([x, x0, x1, error_map(x1, x)]), batch_idx)
 
 
-def comparison_grid(x: Tensor, x0: Tensor, x1: Tensor, rows: int = 4) -> Tensor:
-    """(3,H*rows,W*4) in [0,1]: input | initial decode | optimized decode | |error| of the optimized decode (x4)."""
-    x, x0, x1 = (t[:rows].detach().float().clamp(-1, 1).cpu() for t in (x, x0, x1))
-    err = ((x1 - x).abs().mean(1, keepdim=True) * 4 - 1).clamp(-1, 1).expand_as(x)
-    grid = torch.cat([x, x0, x1, err], dim=3)  # each row: the four panels side by side
+def error_map(pred: Tensor, target: Tensor) -> Tensor:
+    """|pred - target| averaged over colour, x4 so small errors show, as a grey image in [-1,1]."""
+    return ((pred - target).abs().mean(1, keepdim=True) * 4 - 1).clamp(-1, 1).expand_as(target)
+
+
+def comparison_grid(panels: list[Tensor], rows: int = 4) -> Tensor:
+    """(3,H*rows,W*len(panels)) in [0,1]: the first `rows` images of each panel side by side, one row each."""
+    grid = torch.cat([p[:rows].detach().float().clamp(-1, 1).cpu() for p in panels], dim=3)
     return (torch.cat(list(grid), dim=1) + 1) / 2

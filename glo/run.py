@@ -19,10 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from glo import GloError
+from glo.evaluate import evaluate
 from glo.export import LatentExporter
 
 log = logging.getLogger("glo")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+HPARAM_METRICS = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "steps_mean", "images_per_second")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -58,6 +60,12 @@ def environment() -> dict[str, str | None]:
     return {"python": platform.python_version(), **packages, "git_commit": commit}
 
 
+def hparams(cfg: DictConfig) -> dict[str, str | float | int]:
+    """The knobs a sweep turns, flat, for TensorBoard's HParams tab."""
+    return {"vae": cfg.vae.name, "loss": cfg.loss.name, "data_size": cfg.data.size,
+            **{k: cfg[k] for k in ("lr", "max_steps", "rel_tol", "window", "batch_size", "seed")}}
+
+
 def run(cfg: DictConfig) -> float:
     validate(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
@@ -79,6 +87,10 @@ def run(cfg: DictConfig) -> float:
     else:
         exporter.merge()
     s = exporter.summary
+    if cfg.report:
+        s = evaluate(exporter.out, vae=vae, dataset=dataset)
+    if trainer.logger:  # HParams tab: compare the jobs of a sweep side by side
+        trainer.logger.log_hyperparams(hparams(cfg), {f"hparams/{k}": s[k] for k in HPARAM_METRICS})
     print(f"glo: {s['num_images']} images, PSNR {s['psnr_initial_mean']:.2f} -> {s['psnr_final_mean']:.2f} dB "
           f"(gain {s['psnr_gain_mean']:+.2f} dB, {s['images_improved']} improved), {s['steps_mean']:.1f} steps, "
           f"{s['images_per_second']:.3f} images/s -> {exporter.out}")

@@ -81,11 +81,12 @@ def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:
 
 
 def _pretrained(source: str | Path, **kwargs) -> AutoencoderKL:
-    """from_pretrained without the hub's advice about optional packages: failures get our own one line."""
+    """from_pretrained in fp32 (latents are optimized in fp32 even from fp16 files), and without the hub's
+    advice about optional packages: failures get our own one line."""
     hub_logging.set_verbosity_error()  # no "Retrying in 8s" lines while the hub is unreachable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False, **kwargs)
+        return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False, torch_dtype=torch.float32, **kwargs)
 
 
 def _first_line(e: Exception) -> str:

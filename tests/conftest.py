@@ -33,3 +33,15 @@ def run_glo(*overrides: str, module: str = "glo.run", timeout: int = 600) -> sub
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+FAST = ["data.limit=3", "data.size=64", "max_steps=8", "batch_size=2"]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """One small glo.run shared by the tests that only read its output."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    p = run_glo(*FAST, "loss=l2", "lr=0.1", f"hydra.run.dir={out}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out

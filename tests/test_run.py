@@ -5,19 +5,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_glo
-
-FAST = ["data.limit=3", "data.size=64", "max_steps=8", "batch_size=2"]
+from tests.conftest import FAST, run_glo
 SUMMARY_KEYS = {"num_images", "psnr_initial_mean", "psnr_final_mean", "psnr_gain_mean", "images_improved",
                 "steps_mean", "seconds_total", "images_per_second"}
 ARRAYS = {"ids", "latents", "initial_latents", "steps", "initial_loss", "final_loss", "psnr_initial", "psnr_final",
           "converged", "loss_curves"}
 
 
-def test_run_writes_the_dataset_and_resumes_without_redoing(tmp_path):
-    out = tmp_path / "run"
-    p = run_glo(*FAST, "loss=l2", "lr=0.1", f"hydra.run.dir={out}")
-    assert p.returncode == 0, p.stderr[-3000:]
+def test_run_writes_the_dataset_and_resumes_without_redoing(finished_run):
+    out = finished_run
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["num_images"] == 3 and summary["psnr_gain_mean"] > 0 and summary["images_improved"] == 3
@@ -56,13 +52,19 @@ def test_killed_run_redoes_only_the_unfinished_images(tmp_path):
     assert np.array_equal(resumed["latents"], full["latents"])
 
 
-def test_multirun_gives_each_job_its_own_directory(tmp_path):
-    p = run_glo("--multirun", "loss=l1,l2", "data.limit=1", "data.size=64", "max_steps=3",
+def test_multirun_gives_each_job_its_own_directory_and_compare_ranks_them(tmp_path):
+    p = run_glo("--multirun", "lr=0.001,0.1", "data.limit=1", "data.size=64", "max_steps=4", "report=false",
                 f"hydra.sweep.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
-    losses = [json.loads((tmp_path / str(k) / "metadata.json").read_text())["config"]["loss"]["name"] for k in (0, 1)]
-    assert losses == ["l1", "l2"]
-    assert all((tmp_path / str(k) / "latents.npz").is_file() for k in (0, 1))
+    lrs = [json.loads((tmp_path / str(k) / "metadata.json").read_text())["config"]["lr"] for k in (0, 1)]
+    assert lrs == [0.001, 0.1]
+    gains = [json.loads((tmp_path / str(k) / "summary.json").read_text())["psnr_gain_mean"] for k in (0, 1)]
+    assert gains[1] > gains[0]  # 4 steps at lr 0.1 go further than at lr 0.001
+    c = run_glo(str(tmp_path), module="glo.compare")
+    assert c.returncode == 0, c.stderr
+    table = (tmp_path / "compare.md").read_text().splitlines()
+    assert "lr=0.1" in table[2] and "lr=0.001" in table[3]  # sorted by gain, best first
+    assert "lr=0.1" in c.stdout
 
 
 def bad_folder(tmp_path, kind):

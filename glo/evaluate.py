@@ -1,0 +1,135 @@
+"""python -m glo.evaluate RUN_DIR: per-image quality before vs after, plots, grids and report.md.
+
+Decodes each image's initial and optimized latent with the run's own VAE, scores both against the
+run's own images (both rebuilt from metadata.json, unless the caller hands them over), and writes
+metrics.csv, the plots, best/median/worst grids, report.md, and the means into summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+
+from glo import GloError
+from glo.data import ImageDataset
+from glo.export import load_latents, save_json, summarize
+from glo.metrics import mae, ms_ssim, psnr, ssim
+from glo.report import grid_figure, save_figure, write_plots, write_report
+from glo.vae import FrozenVAE
+
+METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"psnr": psnr, "ssim": ssim, "ms_ssim": ms_ssim, "mae": mae}
+LOWER_IS_BETTER = {"mae", "lpips"}
+
+
+def lpips_metric() -> tuple[Callable[[Tensor, Tensor], Tensor] | None, str | None]:
+    """LPIPS when the `lpips` package and its backbone weights load; otherwise the reason it was skipped."""
+    try:
+        import lpips
+
+        net = lpips.LPIPS(net="alex", verbose=False).eval()
+    except Exception as e:  # ImportError (it needs torchvision), or no network for the weights
+        return None, f"LPIPS skipped: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    return (lambda a, b: net(a.clamp(-1, 1), b.clamp(-1, 1)).flatten()), None
+
+
+def _unit_hwc(x: Tensor) -> np.ndarray:
+    return ((x.detach().float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+
+
+def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDataset | None = None,
+             batch_size: int = 8) -> dict:
+    run = Path(run_dir)
+    arrays = load_latents(run / "latents.npz")
+    if not (run / "metadata.json").is_file():
+        raise GloError(f"{run / 'metadata.json'}: no such file (is {run} a glo.run directory?)")
+    metadata = json.loads((run / "metadata.json").read_text())
+    cfg = OmegaConf.create(metadata["config"])
+    vae = vae or instantiate(cfg.vae)
+    dataset = dataset or instantiate(cfg.data, limit=None)
+    index = {name: i for i, name in enumerate(dataset.ids)}
+    missing = [str(i) for i in arrays["ids"] if str(i) not in index]
+    if missing:
+        raise GloError(f"{run / 'latents.npz'}: ids not in the run's data: {', '.join(missing[:5])}")
+
+    metrics, notes = dict(METRICS), []
+    lp, why = lpips_metric()
+    if lp:
+        metrics["lpips"] = lp
+    else:
+        notes.append(why)
+    gain = arrays["psnr_final"] - arrays["psnr_initial"]
+    order = np.argsort(gain)
+    picks = {int(order[-1]): "best", int(order[len(order) // 2]): "median", int(order[0]): "worst"}
+    scores: dict[str, list[Tensor]] = {f"{m}_{w}": [] for m in metrics for w in ("initial", "final")}
+    rows: dict[int, dict] = {}
+    device = next(vae.parameters()).device
+    for start in range(0, len(arrays["ids"]), batch_size):
+        part = slice(start, start + batch_size)
+        x = torch.stack([torch.from_numpy(dataset[index[str(i)]][0]).permute(2, 0, 1) for i in arrays["ids"][part]])
+        x = x.to(device)
+        with torch.no_grad():
+            x0 = vae.decode(torch.from_numpy(arrays["initial_latents"][part]).to(device))
+            x1 = vae.decode(torch.from_numpy(arrays["latents"][part]).to(device))
+        for m, fn in metrics.items():
+            scores[f"{m}_initial"].append(fn(x0, x).cpu())
+            scores[f"{m}_final"].append(fn(x1, x).cpu())
+        for j in range(len(x)):
+            if start + j in picks:
+                k = start + j
+                rows[k] = {"title": f"{picks[k]}: {arrays['ids'][k]} ({gain[k]:+.2f} dB)", "input": _unit_hwc(x[j]),
+                           "initial": _unit_hwc(x0[j]), "optimized": _unit_hwc(x1[j])}
+    values = {k: torch.cat(v).numpy().astype(np.float64) for k, v in scores.items()}
+
+    with open(run / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", *[f"{m}_{w}" for m in metrics for w in ("initial", "final", "gain")]])
+        for i, name in enumerate(arrays["ids"]):
+            writer.writerow([name, *[f"{v:.6g}" for m in metrics for v in (
+                values[f"{m}_initial"][i], values[f"{m}_final"][i], values[f"{m}_final"][i] - values[f"{m}_initial"][i])]])
+
+    summary = summarize(arrays)
+    for m in metrics:
+        before, after = values[f"{m}_initial"], values[f"{m}_final"]
+        better = after < before if m in LOWER_IS_BETTER else after > before
+        summary.update({f"{m}_initial_mean": float(before.mean()), f"{m}_final_mean": float(after.mean()),
+                        f"{m}_initial_median": float(np.median(before)), f"{m}_final_median": float(np.median(after)),
+                        f"{m}_improved_fraction": float(better.mean())})
+    summary["skipped_metrics"] = notes
+    save_json(run / "summary.json", summary)
+
+    images = write_plots(arrays, run)
+    images["grids"] = save_figure(grid_figure([rows[k] for k in sorted(rows, key=lambda k: -gain[k])]), run / "grids.png")
+    with SummaryWriter(str(run)) as tb:
+        for name, path in images.items():
+            tb.add_image(f"report/{name}", np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+    write_report(run, summary, images, metadata["config"], notes)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m glo.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="a glo.run output directory (holds latents.npz and metadata.json)")
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args(argv)
+    try:
+        s = evaluate(args.run_dir, batch_size=args.batch_size)
+    except GloError as e:
+        print(f"glo.evaluate: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"glo.evaluate: PSNR {s['psnr_initial_mean']:.2f} -> {s['psnr_final_mean']:.2f} dB, "
+          f"SSIM {s['ssim_initial_mean']:.3f} -> {s['ssim_final_mean']:.3f}; report: {Path(args.run_dir) / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

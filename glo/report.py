@@ -1,0 +1,138 @@
+"""Pictures and tables a researcher reads: plots, comparison grids, report.md, sweep comparison.
+
+Everything here renders arrays that are already computed; nothing decodes or optimizes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from glo import GloError  # noqa: E402
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_curves_figure(curves: np.ndarray) -> Figure:
+    """Median loss per step with the interquartile band; images that stopped drop out (NaN)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
+    steps = np.arange(curves.shape[1])
+    alive = ~np.isnan(curves).all(0)
+    q25, q50, q75 = np.nanpercentile(curves[:, alive], [25, 50, 75], axis=0)
+    ax.fill_between(steps[alive], q25, q75, alpha=0.3, label="interquartile")
+    ax.plot(steps[alive], q50, label="median")
+    ax.set(yscale="log", xlabel="step", ylabel="loss", title=f"loss over {len(curves)} images")
+    ax.legend()
+    return fig
+
+
+def scatter_figure(before: np.ndarray, after: np.ndarray, name: str = "PSNR (dB)") -> Figure:
+    fig, ax = plt.subplots(figsize=(4, 4), layout="constrained")
+    ax.scatter(before, after, s=12)
+    lo, hi = min(before.min(), after.min()), max(before.max(), after.max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="no change")
+    ax.set(xlabel=f"initial {name}", ylabel=f"optimized {name}", title=f"{name}: before vs after")
+    ax.legend()
+    return fig
+
+
+def histogram_figure(values: np.ndarray, xlabel: str, title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(4.5, 3), layout="constrained")
+    ax.hist(values, bins=min(30, max(5, len(values) // 2)))
+    ax.set(xlabel=xlabel, ylabel="images", title=title)
+    return fig
+
+
+def grid_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Per row: input | initial decode | optimized decode | both |error| maps on one shared colour scale.
+
+    Each row dict holds `title` and HWC float images in [0,1]: `input`, `initial`, `optimized`.
+    """
+    fig, axes = plt.subplots(len(rows), 5, figsize=(15, 3.2 * len(rows)), squeeze=False, layout="constrained")
+    for ax_row, row in zip(axes, rows):
+        errors = [np.abs(row[k] - row["input"]).mean(2) for k in ("initial", "optimized")]
+        vmax = max(float(np.percentile(np.concatenate([e.ravel() for e in errors]), 99.5)), 1e-6)
+        panels = [row["input"], row["initial"], row["optimized"], *errors]
+        names = ["input", "initial decode", "optimized decode", "|error| initial", "|error| optimized"]
+        for ax, img, name in zip(ax_row, panels, names):
+            shown = ax.imshow(img, cmap="magma", vmin=0, vmax=vmax) if img.ndim == 2 else ax.imshow(img)
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+        ax_row[0].set_title(f"{row['title']}\ninput", fontsize=9)
+        fig.colorbar(shown, ax=list(ax_row[3:]), fraction=0.025)
+    return fig
+
+
+def write_plots(arrays: dict[str, np.ndarray], out: Path) -> dict[str, Path]:
+    """The standard plots of a run, as PNG files in `out`."""
+    gain = arrays["psnr_final"] - arrays["psnr_initial"]
+    return {
+        "loss_curves": save_figure(loss_curves_figure(arrays["loss_curves"]), out / "loss_curves.png"),
+        "psnr_scatter": save_figure(scatter_figure(arrays["psnr_initial"], arrays["psnr_final"]), out / "psnr_scatter.png"),
+        "psnr_gain": save_figure(histogram_figure(gain, "PSNR gain (dB)", "gain per image"), out / "psnr_gain.png"),
+        "steps": save_figure(histogram_figure(arrays["steps"], "steps", "steps per image"), out / "steps.png"),
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
+
+
+def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], config: dict, notes: list[str]) -> Path:
+    """report.md: the numbers, the pictures and the config that made them, readable on its own."""
+    headline = [{"metric": k, "value": v} for k, v in summary.items() if not isinstance(v, (dict, list))]
+    text = [
+        f"# glo run report: {out.name}", "",
+        f"{summary['num_images']} images; mean PSNR {summary['psnr_initial_mean']:.2f} → "
+        f"{summary['psnr_final_mean']:.2f} dB ({summary['psnr_gain_mean']:+.2f} dB); "
+        f"{summary['images_improved']} images improved; {summary['steps_mean']:.1f} steps on average.", "",
+        "## Summary", "", markdown_table(headline), "",
+        *(["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []),
+        "## Plots", "", *[f"![{name}]({p.name})" for name, p in images.items()], "",
+        "## Config", "", "```json", json.dumps(config, indent=2), "```", "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(text))
+    return path
+
+
+def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per finished job of a Hydra multirun directory, best mean PSNR gain first."""
+    sweep = Path(sweep_dir)
+    if not sweep.is_dir():
+        raise GloError(f"{sweep}: no such directory")
+    rows = []
+    for summary_file in sorted(sweep.glob("*/summary.json")):
+        job = summary_file.parent
+        s = json.loads(summary_file.read_text())
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        overrides = [line[2:].strip() for line in overrides_file.read_text().splitlines() if line.startswith("- ")] \
+            if overrides_file.is_file() else []
+        rows.append({"job": job.name, "overrides": " ".join(overrides), "psnr_gain_mean": s["psnr_gain_mean"],
+                     "psnr_final_mean": s["psnr_final_mean"],
+                     "ssim_gain_mean": s["ssim_final_mean"] - s["ssim_initial_mean"],
+                     "steps_mean": s["steps_mean"], "images_per_second": s["images_per_second"]})
+    if not rows:
+        raise GloError(f"{sweep}: no finished jobs (no */summary.json)")
+    rows.sort(key=lambda r: r["psnr_gain_mean"], reverse=True)
+    (sweep / "compare.md").write_text(markdown_table(rows) + "\n")
+    with open(sweep / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows

@@ -1,0 +1,78 @@
+"""Metrics against known values, the report files of a run, and one-line errors for damaged runs."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glo.evaluate import main as evaluate_main
+from glo.metrics import mae, ms_ssim, psnr, ssim
+
+
+def test_identical_images_score_perfectly():
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.isinf(psnr(x, x)).all()
+    assert torch.allclose(ssim(x, x), torch.ones(2)) and torch.allclose(ms_ssim(x, x), torch.ones(2))
+    assert torch.equal(mae(x, x), torch.zeros(2))
+
+
+def test_known_gaussian_noise_gives_the_psnr_it_implies():
+    torch.manual_seed(0)
+    target = torch.zeros(4, 3, 128, 128)  # mid grey: the noise never reaches the clamp
+    sigma = 0.02  # in [-1,1] units, i.e. 0.01 in [0,1] units -> 40 dB
+    pred = target + sigma * torch.randn_like(target)
+    assert psnr(pred, target) == pytest.approx(torch.full((4,), 40.0), abs=0.1)
+    assert mae(pred, target) == pytest.approx(torch.full((4,), 0.01 * math.sqrt(2 / math.pi)), rel=0.02)
+    assert (ssim(pred, target) < 1).all() and (ms_ssim(pred, target) < 1).all()
+
+
+def test_report_files_of_a_run(finished_run):
+    ids = list(np.load(finished_run / "latents.npz")["ids"])
+    with open(finished_run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == ids
+    assert all(float(r["psnr_gain"]) > 0 for r in rows)
+    assert {"ms_ssim_final", "mae_initial", "ssim_gain"} <= rows[0].keys()
+    summary = json.loads((finished_run / "summary.json").read_text())
+    for m in ("psnr", "ssim", "ms_ssim", "mae"):
+        assert {f"{m}_initial_mean", f"{m}_final_median", f"{m}_improved_fraction"} <= summary.keys()
+    assert summary["psnr_improved_fraction"] == 1.0 and summary["mae_final_mean"] < summary["mae_initial_mean"]
+    report = (finished_run / "report.md").read_text()
+    for png in ("loss_curves", "psnr_scatter", "psnr_gain", "steps", "grids"):
+        img = np.asarray(Image.open(finished_run / f"{png}.png").convert("RGB"))
+        assert img.shape[0] > 200 and img.shape[1] > 200
+        assert img.std() > 10 and len(np.unique(img.reshape(-1, 3), axis=0)) > 20, f"{png}.png looks blank"
+        assert f"({png}.png)" in report
+    assert '"lr": 0.1' in report and "LPIPS" in report  # the config, and why LPIPS was skipped
+
+
+def test_a_run_dir_without_or_with_a_truncated_latents_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate_main([str(tmp_path)])
+    assert e.value.code == 1 and "latents.npz: no such file" in capsys.readouterr().err
+    (tmp_path / "latents.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit):
+        evaluate_main([str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "latents.npz: not a readable latents file" in err[0]
+
+
+def test_tensorboard_gets_losses_report_images_and_hparams(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images, hparams = set(), set(), set()
+    for f in finished_run.glob("events.out.tfevents.*"):
+        ea = EventAccumulator(str(f))
+        ea.Reload()
+        scalars |= set(ea.Tags()["scalars"])
+        images |= set(ea.Tags()["images"])
+        try:
+            hparams |= set(ea.PluginTagToContent("hparams"))
+        except KeyError:
+            pass
+    assert {"loss/batch_mean", "image/psnr_gain", "hparams/psnr_gain_mean"} <= scalars
+    assert {"report/grids", "report/loss_curves", "grid/input|initial|optimized|error"} <= images
+    assert "_hparams_/session_start_info" in hparams
