@@ -10,6 +10,7 @@ back to its best latent instead of ending the batch. Plain PyTorch: no Lightning
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,12 +40,24 @@ def optimize(
     rel_tol: float,
     window: int,
     betas: tuple[float, float] = (0.9, 0.999),
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    autocast: torch.dtype | None = None,
+    encode: Callable[[Tensor], Tensor] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> Result:
-    """Optimize latents z (B,C,h,w) so that loss_fn(decode(z), target) -> (B,) falls, sample by sample."""
+    """Optimize latents z (B,C,h,w) so that loss_fn(decode(z), target) -> (B,) falls, sample by sample.
+
+    schedule: "constant" or "cosine" (decay to 0 at max_steps), after `warmup_steps` of linear warm-up.
+    autocast: run the decoder in this dtype (bf16/fp16); latents, Adam and the loss stay fp32.
+    encode: if given, go gradient-free (Hong et al., NeurIPS 2024): Adam follows E(D(z)) - E(x) instead
+    of the back-propagated gradient, so no backward pass runs; z0 must be E(x).
+    """
     n = z0.shape[0]
-    zs = [z.detach().clone().requires_grad_(True) for z in z0]
+    zs = [z.detach().clone().requires_grad_(encode is None) for z in z0]
     opt = torch.optim.Adam(zs, lr=lr, betas=tuple(betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, max_steps, schedule, warmup_steps))
+    low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
     best = z0.detach().clone()
     best_loss = torch.full((n,), float("inf"))
     curves = torch.full((n, max_steps), float("nan"))
@@ -58,8 +71,10 @@ def optimize(
         if not active:
             break
         opt.zero_grad(set_to_none=True)
-        with torch.set_grad_enabled(t < max_steps):
-            losses = loss_fn(decode(torch.stack([zs[i] for i in active])), target[active])
+        with torch.set_grad_enabled(t < max_steps and encode is None):
+            with low_precision:
+                decoded = decode(torch.stack([zs[i] for i in active]))
+            losses = loss_fn(decoded.float(), target[active])
         values = losses.detach().float().cpu()
         going = []  # positions in `active` that take another update
         for j, i in enumerate(active):
@@ -81,12 +96,29 @@ def optimize(
             going.append(j)
         steps[active] = t
         if going:
-            losses[going].sum().backward()
-            for j in set(range(len(active))) - set(going):
-                zs[active[j]].grad = None  # stopped samples must not take this update
+            if encode is None:
+                losses[going].sum().backward()
+                for j in set(range(len(active))) - set(going):
+                    zs[active[j]].grad = None  # stopped samples must not take this update
+            else:
+                with torch.no_grad(), low_precision:
+                    residual = encode(decoded[going]).float() - z0[[active[j] for j in going]]
+                for j, r in zip(going, residual):
+                    zs[active[j]].grad = r
             opt.step()
+            sched.step()
         active = [active[j] for j in going]
         if on_step and t < max_steps:
             finite = values[torch.isfinite(values)]
             on_step(t, len(active), float(finite.mean()) if len(finite) else float("nan"))
     return Result(best, curves[:, 0].clone(), best_loss, steps, converged, nonfinite, curves)
+
+
+def lr_factor(step: int, max_steps: int, schedule: str, warmup_steps: int) -> float:
+    """Multiplier of the base learning rate at `step`: linear warm-up, then constant or cosine to 0."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "constant":
+        return warm
+    if schedule == "cosine":
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, max_steps) / max_steps))
+    raise ValueError(f"schedule={schedule}: must be constant or cosine")

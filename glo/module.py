@@ -15,15 +15,21 @@ from glo.losses import PixelLoss
 from glo.metrics import psnr, ssim
 from glo.vae import FrozenVAE
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the decoder's autocast dtype
+OPTIMS = ("adam", "gradfree")
+
 
 class GLOModule(pl.LightningModule):
     """Each batch's latents become parameters for its own Adam run; the VAE stays frozen throughout."""
 
-    def __init__(self, vae: FrozenVAE, loss: PixelLoss, lr: float, betas: tuple[float, float], max_steps: int,
-                 rel_tol: float, window: int, image_every_n_batches: int) -> None:
+    def __init__(self, vae: FrozenVAE, loss: PixelLoss, optim: str, lr: float, betas: tuple[float, float],
+                 schedule: str, warmup_steps: int, max_steps: int, rel_tol: float, window: int, precision: str,
+                 image_every_n_batches: int) -> None:
         super().__init__()
         self.vae, self.loss = vae, loss
-        self.settings = dict(lr=lr, betas=tuple(betas), max_steps=max_steps, rel_tol=rel_tol, window=window)
+        self.settings = dict(lr=lr, betas=tuple(betas), schedule=schedule, warmup_steps=warmup_steps,
+                             max_steps=max_steps, rel_tol=rel_tol, window=window, autocast=PRECISIONS[precision],
+                             encode=vae.encode if optim == "gradfree" else None)
         self.image_every = image_every_n_batches
         self.steps_logged = 0
         self.images_logged = 0

@@ -21,9 +21,11 @@ from torch.utils.data import DataLoader, Subset
 from glo import GloError
 from glo.evaluate import evaluate
 from glo.export import LatentExporter
+from glo.module import OPTIMS, PRECISIONS
 
 log = logging.getLogger("glo")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SCHEDULES = ("constant", "cosine")
 HPARAM_METRICS = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "steps_mean", "images_per_second")
 
 
@@ -36,6 +38,10 @@ def validate(cfg: DictConfig) -> None:
         (cfg.window >= 1, f"window={cfg.window}: must be >= 1"),
         (cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1"),
         (cfg.device in DEVICES, f"device={cfg.device}: must be one of {', '.join(DEVICES)}"),
+        (cfg.optim in OPTIMS, f"optim={cfg.optim}: must be one of {', '.join(OPTIMS)}"),
+        (cfg.precision in PRECISIONS, f"precision={cfg.precision}: must be one of {', '.join(PRECISIONS)}"),
+        (cfg.schedule in SCHEDULES, f"schedule={cfg.schedule}: must be one of {', '.join(SCHEDULES)}"),
+        (cfg.tile_size >= 0 and cfg.tile_size % 8 == 0, f"tile_size={cfg.tile_size}: must be 0 or a multiple of 8"),
     ]
     for ok, message in checks:
         if not ok:
@@ -63,7 +69,8 @@ def environment() -> dict[str, str | None]:
 def hparams(cfg: DictConfig) -> dict[str, str | float | int]:
     """The knobs a sweep turns, flat, for TensorBoard's HParams tab."""
     return {"vae": cfg.vae.name, "loss": cfg.loss.name, "data_size": cfg.data.size,
-            **{k: cfg[k] for k in ("lr", "max_steps", "rel_tol", "window", "batch_size", "seed")}}
+            **{k: cfg[k] for k in ("optim", "lr", "schedule", "max_steps", "rel_tol", "window", "batch_size",
+                                   "precision", "seed")}}
 
 
 def run(cfg: DictConfig) -> float:
@@ -76,7 +83,7 @@ def run(cfg: DictConfig) -> float:
     todo = [i for i, name in enumerate(dataset.ids) if name not in done]
     if done:
         log.info("resuming: %d images already exported, %d to go", len(dataset.ids) - len(todo), len(todo))
-    vae = instantiate(cfg.vae)
+    vae = instantiate(cfg.vae).set_speed(cfg.channels_last, cfg.checkpointing, cfg.tile_size)
     module = instantiate(cfg.module, vae=vae, loss=instantiate(cfg.loss))
     exporter.metadata.update(config=OmegaConf.to_container(cfg, resolve=True), vae=vae.info(),
                              image_size=dataset.size, environment=environment())

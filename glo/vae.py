@@ -22,6 +22,23 @@ class FrozenVAE(nn.Module):
         self.name, self.source = name, source
         self.scaling_factor = float(model.config.scaling_factor)
         self.shift_factor = float(model.config.shift_factor or 0.0)
+        self.channels_last = False
+
+    def set_speed(self, channels_last: bool = False, checkpointing: bool = False, tile_size: int = 0) -> FrozenVAE:
+        """Speed and memory switches; none changes the result beyond float rounding (tiling blends seams).
+
+        checkpointing recomputes decoder activations in backward instead of storing them; tile_size > 0
+        decodes images larger than that many pixels in overlapping tiles.
+        """
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if checkpointing:
+            self.model.enable_gradient_checkpointing()
+        if tile_size:
+            self.model.enable_tiling()
+            self.model.tile_sample_min_size, self.model.tile_latent_min_size = tile_size, tile_size // 8
+        return self
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
@@ -31,7 +48,10 @@ class FrozenVAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """SD latent -> (B,3,H,W), unclamped so the loss keeps gradients on saturated pixels."""
-        return self.model.decode(z / self.scaling_factor + self.shift_factor).sample
+        z = z / self.scaling_factor + self.shift_factor
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        return self.model.decode(z).sample
 
     def info(self) -> dict:
         return {"name": self.name, "source": self.source, "scaling_factor": self.scaling_factor,

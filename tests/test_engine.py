@@ -1,4 +1,7 @@
 """The algorithm on the tiny random VAE and on toy decoders whose behaviour is known exactly."""
+import math
+
+import pytest
 import torch
 
 from glo.engine import optimize
@@ -99,3 +102,34 @@ def test_a_sample_gets_the_same_result_alone_or_in_a_batch(tiny_vae):
     together = optimize(tiny_vae.decode, z0, x, L2, **kw)
     alone = optimize(tiny_vae.decode, z0[2:], x[2:], L2, **kw)
     assert torch.allclose(together.latents[2], alone.latents[0], atol=1e-4)
+
+
+def test_bf16_decoder_stays_finite_and_gains(tiny_vae):
+    x = photos(2)
+    z0 = tiny_vae.encode(x)
+    r = optimize(tiny_vae.decode, z0, x, L2, lr=0.1, max_steps=10, rel_tol=0.0, window=5, autocast=torch.bfloat16)
+    assert r.latents.dtype == torch.float32 and torch.isfinite(r.latents).all() and not r.nonfinite.any()
+    assert (r.final_loss < r.initial_loss).all()
+
+
+def test_gradient_free_inversion_lowers_the_latent_residual(tiny_vae):
+    """Hong et al.: z <- z - lr * Adam(E(D(z)) - E(x)); no backward pass, so no grad is ever needed."""
+    x = photos(2)
+    z0 = tiny_vae.encode(x)
+    residual = lambda z: (tiny_vae.encode(tiny_vae.decode(z)) - z0).flatten(1).norm(dim=1)
+    with torch.no_grad():
+        r = optimize(tiny_vae.decode, z0, x, L2, lr=0.01, max_steps=10, rel_tol=0.0, window=5,
+                     encode=tiny_vae.encode)
+        assert (residual(r.latents) < residual(z0)).all()
+    assert (r.final_loss < r.initial_loss).all()
+
+
+def test_cosine_schedule_with_warmup():
+    from glo.engine import lr_factor
+
+    factors = [lr_factor(t, 10, "cosine", 2) for t in range(11)]
+    assert factors[0] == pytest.approx(0.5) and factors[1] == pytest.approx(math.cos(math.pi / 10) * 0.5 + 0.5)
+    assert factors[10] == pytest.approx(0.0) and all(a >= b for a, b in zip(factors[1:], factors[2:]))
+    assert [lr_factor(t, 10, "constant", 0) for t in (0, 9)] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 10, "step", 0)
