@@ -1,0 +1,156 @@
+"""python -m glo.bench: the prototype's per-image loop and glo's options side by side, same images, same VAE.
+
+Each method runs in a fresh process, so its peak memory (RSS on CPU, max allocated on CUDA) is its
+own. Methods are lists of glo.run overrides on top of conf/run.yaml, so the "default" row is exactly
+what `python -m glo.run` does. Writes bench.json and bench.md into the run directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from glo.engine import optimize
+from glo.metrics import psnr
+from glo.module import PRECISIONS
+from glo.report import markdown_table
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def glo_config(overrides: list[str]) -> DictConfig:
+    """conf/run.yaml with overrides, as `python -m glo.run` would compose it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="run", overrides=overrides)
+
+
+def reference_loop(vae, x: torch.Tensor, loss, lr: float, steps: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The published prototype, kept deliberately plain: one image at a time, Adam, fixed budget, fp32."""
+    out = []
+    for i in range(len(x)):
+        z = vae.encode(x[i : i + 1]).clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss(vae.decode(z), x[i : i + 1]).sum().backward()
+            opt.step()
+        out.append(z.detach())
+    return torch.cat(out), np.full(len(x), steps)
+
+
+def glo_method(cfg: DictConfig, vae, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """What glo.run does for these images, minus Lightning and export: batches through the engine."""
+    loss, latents, steps = instantiate(cfg.loss), [], []
+    for start in range(0, len(x), cfg.batch_size):
+        xb = x[start : start + cfg.batch_size]
+        r = optimize(vae.decode, vae.encode(xb), xb, loss, lr=cfg.lr, betas=tuple(cfg.betas), schedule=cfg.schedule,
+                     warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, rel_tol=cfg.rel_tol, window=cfg.window,
+                     autocast=PRECISIONS[cfg.precision], encode=vae.encode if cfg.optim == "gradfree" else None)
+        latents.append(r.latents)
+        steps.append(r.steps.numpy())
+    return torch.cat(latents), np.concatenate(steps)
+
+
+def measure(name: str, common: list[str], overrides: list[str], reference: dict | None) -> dict:
+    """One method in this (fresh) process: time, peak memory, quality."""
+    cfg = glo_config(common + overrides)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dataset = instantiate(cfg.data)
+    x = torch.stack([torch.from_numpy(dataset[i][0]).permute(2, 0, 1) for i in range(len(dataset))]).to(device)
+    vae = instantiate(cfg.vae).set_speed(cfg.channels_last, cfg.checkpointing, cfg.tile_size).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with torch.enable_grad():
+        if reference:
+            latents, steps = reference_loop(vae, x, instantiate(cfg.loss), reference["lr"], reference["steps"])
+        else:
+            latents, steps = glo_method(cfg, vae, x)
+    seconds = time.perf_counter() - start
+    peak_mb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    with torch.no_grad():
+        z0 = torch.cat([vae.encode(x[i : i + 1]) for i in range(len(x))])
+        gain = torch.cat([psnr(vae.decode(latents[i : i + 1]), x[i : i + 1]) - psnr(vae.decode(z0[i : i + 1]), x[i : i + 1])
+                          for i in range(len(x))]).cpu().numpy()
+    return {"method": name, "overrides": " ".join(overrides), "images": len(x), "images_per_second": len(x) / seconds,
+            "seconds_per_image": seconds / len(x), "peak_memory_mb": peak_mb, "psnr_gain_mean": float(gain.mean()),
+            "improved_fraction": float((gain > 0).mean()), "steps_mean": float(steps.mean())}
+
+
+def run_isolated(name: str, common: list[str], overrides: list[str], reference: dict | None = None) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(measure, name, common, overrides, reference).result()
+
+
+def bench(cfg: DictConfig, out: Path) -> dict:
+    common = [f"vae={cfg.vae.name}", "data=folder", f"data.path={cfg.data.path}", f"data.limit={cfg.data.limit}",
+              f"data.size={cfg.data.size}", f"loss={cfg.loss.name}"] + ([f"vae.path={cfg.vae.path}"] if cfg.vae.get("path") else [])
+    rows = [run_isolated("reference", common, [], dict(cfg.reference))]
+    print(markdown_table(rows), flush=True)
+    for name, overrides in cfg.methods.items():
+        rows.append(run_isolated(name, common, list(overrides)))
+        print(markdown_table(rows[-1:]), flush=True)
+    ref = rows[0]
+    for r in rows:
+        r["speedup"] = r["images_per_second"] / ref["images_per_second"]
+        r["gain_vs_reference_db"] = r["psnr_gain_mean"] - ref["psnr_gain_mean"]
+    memory = []
+    if cfg.memory.enabled:
+        base = [f"vae={cfg.memory.vae}", "data=folder", f"data.path={cfg.data.path}", "data.limit=1",
+                f"data.size={cfg.memory.size}", f"max_steps={cfg.memory.steps}", "rel_tol=0", "batch_size=1"]
+        memory = [run_isolated(name, base, list(o)) for name, o in cfg.memory.methods.items()]
+    result = {"date": datetime.now(timezone.utc).isoformat(), "machine": machine(), "config": {
+        "vae": cfg.vae.name, "loss": cfg.loss.name, "data": dict(cfg.data), "reference": dict(cfg.reference)}, "methods": rows, "memory": memory}
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(render(result))
+    return result
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def render(result: dict) -> str:
+    cols = ("method", "images_per_second", "seconds_per_image", "speedup", "psnr_gain_mean", "gain_vs_reference_db",
+            "improved_fraction", "steps_mean", "peak_memory_mb", "overrides")
+    c = result["config"]
+    text = [f"# glo.bench — {result['date'][:10]}", "",
+            f"Machine: {result['machine']}", "",
+            f"VAE `{c['vae']}`, {c['data']['limit']} images from `{c['data']['path']}` at {c['data']['size']} px; "
+            f"reference: per-image Adam, {c['reference']['steps']} steps, lr {c['reference']['lr']}, fp32, batch 1.", "",
+            markdown_table([{k: r[k] for k in cols} for r in result["methods"]]), ""]
+    if result["memory"]:
+        text += ["## Peak memory", "", markdown_table([{k: r[k] for k in ("method", "peak_memory_mb", "seconds_per_image",
+                                                                         "overrides")} for r in result["memory"]]), ""]
+    return "\n".join(text)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    result = bench(cfg, out)
+    print(f"glo.bench: {len(result['methods'])} methods -> {out / 'bench.md'}")
+
+
+if __name__ == "__main__":
+    main()

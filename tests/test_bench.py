@@ -1,0 +1,35 @@
+"""glo.bench end to end on two generated images and the tiny VAE: both files, every method row."""
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from tests.conftest import ROOT, run_glo
+
+
+@pytest.mark.slow
+def test_bench_writes_json_and_markdown_with_every_method(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        smooth = np.kron(rng.integers(0, 256, (8, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+        Image.fromarray(smooth).save(tmp_path / "images" / f"img{i}.png")
+    out = tmp_path / "bench"
+    p = run_glo("vae=tiny_random", f"data.path={tmp_path / 'images'}", "data.limit=2", "data.size=32",
+                "reference.steps=5", "memory.enabled=true", "memory.vae=tiny_random", "memory.size=64",
+                f"hydra.run.dir={out}", module="glo.bench")
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    methods = OmegaConf.load(ROOT / "conf/bench.yaml").methods
+    assert [r["method"] for r in result["methods"]] == ["reference", *methods]
+    for r in result["methods"]:
+        assert r["images"] == 2 and r["images_per_second"] > 0 and r["peak_memory_mb"] > 0
+        assert np.isfinite(r["psnr_gain_mean"]) and np.isfinite(r["speedup"])
+    by_name = {r["method"]: r for r in result["methods"]}
+    assert by_name["reference"]["psnr_gain_mean"] > 0 and by_name["bf16"]["psnr_gain_mean"] > 0
+    assert by_name["reference"]["speedup"] == 1.0
+    assert [r["method"] for r in result["memory"]] == ["plain", "checkpointing", "checkpointing_tiled"]
+    md = (out / "bench.md").read_text()
+    assert all(f"| {name} |" in md for name in by_name) and "Peak memory" in md
