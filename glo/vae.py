@@ -58,11 +58,17 @@ class FrozenVAE(nn.Module):
                 "shift_factor": self.shift_factor}
 
 
-def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = None,
-             path: str | None = None, config: dict | None = None, seed: int = 0) -> FrozenVAE:
-    """Build the VAE a config names: a local directory (`path`) wins, then a random `config`, then a hub id."""
+ASSETS = Path(__file__).parent / "assets"
+
+
+def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = None, path: str | None = None,
+             asset: str | None = None, config: dict | None = None, seed: int = 0) -> FrozenVAE:
+    """Build the VAE a config names: a local directory (`path`) wins, then weights shipped in glo/assets
+    (`asset`), then a random `config`, then a hub id."""
     if path:
         return FrozenVAE(_from_directory(Path(path)), name, str(Path(path).resolve()))
+    if asset:
+        return FrozenVAE(_from_directory(ASSETS / asset), name, f"glo/assets/{asset}")
     if config:
         torch.manual_seed(seed)  # random weights, but the same ones every run
         return FrozenVAE(AutoencoderKL(**config), name, f"random:{seed}")

@@ -1,0 +1,50 @@
+"""glo.train_vae: a few steps on tiny crops resume and export a loadable VAE; bad input fails before any model."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from glo.vae import load_vae
+from tests.conftest import photos, run_glo
+
+TINY = ["vae.block_out_channels=[8,8,16,16]", "vae.norm_num_groups=4", "crop=32", "crops_per_epoch=8",
+        "batch_size=4", "num_workers=0", "val_data.size=32", "val_data.limit=2", "scale_data.size=32",
+        "warmup_steps=1", "checkpoint_every=2", "trainer.precision=32-true"]
+
+
+def image_folder(root, n=3):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_a_few_steps_train_resume_and_export(tmp_path):
+    data = image_folder(tmp_path / "train")
+    args = [*TINY, f"data.train={data}", f"val_data.path={data}", f"run_dir={tmp_path / 'run'}"]
+    first = run_glo(*args, "trainer.max_steps=2", module="glo.train_vae")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    again = run_glo(*args, "trainer.max_steps=4", module="glo.train_vae")  # resumes from step 2
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Restored" in again.stderr + again.stdout or "restored" in again.stderr + again.stdout
+    vae = load_vae("trained", path=str(tmp_path / "run" / "standin_vae"))
+    assert vae.scaling_factor != 1.0  # replaced by 1 / std of the training latents
+    x = photos(1, size=32)
+    assert vae.encode(x).shape == (1, 4, 4, 4) and vae.decode(vae.encode(x)).shape == x.shape
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.train=MISSING", "no such directory"),
+    ("data.train=EMPTY", "no image files"),
+    ("crop=36", "crop=36: must be a positive multiple of 8"),
+])
+def test_bad_input_fails_in_one_line_before_any_model(tmp_path, override, message):
+    (tmp_path / "empty").mkdir()
+    data = image_folder(tmp_path / "train")
+    override = override.replace("MISSING", str(tmp_path / "missing")).replace("EMPTY", str(tmp_path / "empty"))
+    p = run_glo(*TINY, f"data.train={data}", override, f"run_dir={tmp_path / 'run'}", module="glo.train_vae")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and message in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
