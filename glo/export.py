@@ -97,22 +97,33 @@ class LatentExporter(pl.Callback):
         self.shards = self.out / "shards"
         self.metadata: dict[str, Any] = {}
         self.summary: dict[str, float | int] = {}
-        self._next = len(self._shard_files())
+
+    def _manifests(self) -> dict[str, list[str]]:
+        """Completed shards and their ids, from every rank's manifest (a shard is listed only once written)."""
+        done: dict[str, list[str]] = {}
+        for m in sorted(self.shards.glob("manifest-*.json")):
+            done.update(json.loads(m.read_text()))
+        return done
 
     def _shard_files(self) -> list[Path]:
-        return sorted(self.shards.glob("shard-*.npz"))
+        return [self.shards / name for name in sorted(self._manifests())]
 
     def done_ids(self) -> set[str]:
         """Ids already in complete shards: a resumed run skips them."""
-        return {str(i) for f in self._shard_files() for i in load_latents(f)["ids"]}
+        return {i for ids in self._manifests().values() for i in ids}
 
     def on_predict_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.metadata["start_time"] = datetime.now(timezone.utc).isoformat()
 
     def on_predict_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: dict[str, np.ndarray],
                              batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        save_npz(self.shards / f"shard-{trainer.global_rank}-{self._next:06d}.npz", outputs)
-        self._next += 1
+        rank = trainer.global_rank
+        manifest_file = self.shards / f"manifest-{rank}.json"
+        manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+        name = f"shard-{rank}-{len(manifest):06d}.npz"
+        save_npz(self.shards / name, outputs)
+        manifest[name] = [str(i) for i in outputs["ids"]]
+        save_json(manifest_file, manifest)  # the shard counts as done only from here on
 
     def on_predict_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.merge()

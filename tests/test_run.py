@@ -1,11 +1,15 @@
 """`python -m glo.run` as a user types it: outputs, contract keys, multirun, resume, bad input."""
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import FAST, run_glo
+from tests.conftest import FAST, ROOT, run_glo
 SUMMARY_KEYS = {"num_images", "psnr_initial_mean", "psnr_final_mean", "psnr_gain_mean", "images_improved",
                 "steps_mean", "seconds_total", "images_per_second"}
 ARRAYS = {"ids", "latents", "initial_latents", "steps", "initial_loss", "final_loss", "psnr_initial", "psnr_final",
@@ -38,18 +42,38 @@ def test_run_writes_the_dataset_and_resumes_without_redoing(finished_run):
     assert all(np.array_equal(a[k], b[k]) for k in ("ids", "latents", "steps"))
 
 
-def test_killed_run_redoes_only_the_unfinished_images(tmp_path):
-    out = tmp_path / "run"
-    assert run_glo(*FAST, f"hydra.run.dir={out}").returncode == 0
-    full = np.load(out / "latents.npz")
-    last = sorted((out / "shards").glob("*.npz"))[-1]
-    last.unlink()  # as if killed before the second batch finished
-    (out / "latents.npz").unlink()
-    p = run_glo(*FAST, f"hydra.run.dir={out}")
+def test_sigkill_then_resume_exports_each_image_once_and_identically(tmp_path):
+    args = ["data.limit=4", "data.size=64", "max_steps=40", "rel_tol=0", "batch_size=2", "report=false"]
+    reference = tmp_path / "reference"
+    assert run_glo(*args, f"hydra.run.dir={reference}").returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "glo.run", *args, f"hydra.run.dir={killed}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = killed / "shards" / "manifest-0.json"
+    deadline = time.time() + 300
+    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(manifest.read_text())
+    assert 1 <= sum(len(ids) for ids in done.values()) < 4, "the kill came too late to test anything"
+    assert not (killed / "latents.npz").exists() and not (killed / "summary.json").exists()
+
+    p = run_glo(*args, f"hydra.run.dir={killed}")
     assert p.returncode == 0, p.stderr[-3000:]
-    resumed = np.load(out / "latents.npz")
-    assert list(resumed["ids"]) == list(full["ids"])
-    assert np.array_equal(resumed["latents"], full["latents"])
+    assert "already exported" in p.stderr + p.stdout
+    a, b = np.load(reference / "latents.npz"), np.load(killed / "latents.npz")
+    assert list(b["ids"]) == list(a["ids"])  # every image exactly once, in order
+    for key in ("latents", "initial_latents", "steps", "final_loss"):
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_same_seed_and_config_give_bitwise_identical_latents(finished_run, tmp_path):
+    p = run_glo(*FAST, "loss=l2", "lr=0.1", "report=false", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = np.load(finished_run / "latents.npz"), np.load(tmp_path / "latents.npz")
+    assert np.array_equal(a["latents"], b["latents"]) and np.array_equal(a["loss_curves"], b["loss_curves"],
+                                                                         equal_nan=True)
 
 
 def test_multirun_gives_each_job_its_own_directory_and_compare_ranks_them(tmp_path):
