@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from glo import GloError
 from glo.data import ImageDataset
-from glo.export import load_latents, save_json, summarize
+from glo.export import find_latents, load_latents, save_json, summarize
 from glo.metrics import mae, ms_ssim, psnr, ssim
 from glo.report import grid_figure, save_figure, write_plots, write_report
 from glo.vae import FrozenVAE
@@ -50,7 +50,7 @@ def _unit_hwc(x: Tensor) -> np.ndarray:
 def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDataset | None = None,
              batch_size: int = 8) -> dict:
     run = Path(run_dir)
-    arrays = load_latents(run / "latents.npz")
+    arrays = load_latents(find_latents(run))
     if not (run / "metadata.json").is_file():
         raise GloError(f"{run / 'metadata.json'}: no such file (is {run} a glo.run directory?)")
     metadata = json.loads((run / "metadata.json").read_text())
@@ -60,7 +60,7 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
     index = {name: i for i, name in enumerate(dataset.ids)}
     missing = [str(i) for i in arrays["ids"] if str(i) not in index]
     if missing:
-        raise GloError(f"{run / 'latents.npz'}: ids not in the run's data: {', '.join(missing[:5])}")
+        raise GloError(f"{find_latents(run)}: ids not in the run's data: {', '.join(missing[:5])}")
 
     metrics, notes = dict(METRICS), []
     lp, why = lpips_metric()

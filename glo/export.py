@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import zipfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable, Iterator
 
+import h5py
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -20,53 +23,126 @@ from torch.utils.data import Dataset
 from glo import GloError
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path`, renamed to it only if the block finishes: no half-written files."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
+def append_h5(f: h5py.File, arrays: dict[str, np.ndarray]) -> None:
+    """Append one shard's rows to resizable, chunked, compressed datasets (created on the first shard)."""
+    for key, a in arrays.items():
+        if a.dtype.kind == "U":
+            a = a.astype(object)
+        if key not in f:
+            dtype = h5py.string_dtype() if a.dtype == object else a.dtype
+            f.create_dataset(key, shape=(0, *a.shape[1:]), maxshape=(None, *a.shape[1:]), dtype=dtype,
+                             chunks=(64, *a.shape[1:]), compression="gzip", compression_opts=4)
+        d = f[key]
+        d.resize(d.shape[0] + len(a), axis=0)
+        d[-len(a):] = a
+
+
 def save_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
-def load_latents(path: str | Path) -> dict[str, np.ndarray]:
-    """Every array of a latents.npz (or a shard), with a one-line error for a missing or damaged file."""
+def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
+    """A numeric member of an uncompressed .npz (what np.savez writes), memory-mapped rather than read."""
+    info = z.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size == 0:
+        return np.load(z.open(info))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject or dtype.kind == "U":
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            return np.lib.format.read_array(f)
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=f.tell(), order="F" if fortran else "C")
+
+
+def open_latents(path: str | Path) -> dict[str, Any]:
+    """Every array of a latents.npz / latents.h5 (or a shard), read lazily: NPZ members are memory-mapped,
+    HDF5 datasets are read chunk by chunk as they are indexed. One-line error for a missing or damaged file."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        if path.suffix == ".h5":
+            f = h5py.File(path, "r")
+            return {k: f[k] for k in f}
+        with zipfile.ZipFile(path) as z:
+            return {name[:-4]: _npz_member(path, z, name[:-4]) for name in z.namelist() if name.endswith(".npy")}
     except FileNotFoundError:
         raise GloError(f"{path}: no such file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
         raise GloError(f"{path}: not a readable latents file ({e})") from None
 
 
+def find_latents(run_dir: str | Path) -> Path:
+    """The latents file of a run directory, whichever format it was exported in."""
+    run = Path(run_dir)
+    for name in ("latents.npz", "latents.h5"):
+        if (run / name).is_file():
+            return run / name
+    raise GloError(f"{run / 'latents.npz'}: no such file (nor latents.h5)")
+
+
+def load_latents(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of a latents file, in memory (strings as str)."""
+    arrays = {k: np.asarray(v[()]) for k, v in open_latents(path).items()}
+    return {k: (a.astype(str) if a.dtype == object else a) for k, a in arrays.items()}
+
+
 class LatentDataset(Dataset):
-    """Optimized latents for downstream training: item = {id, latent, initial_latent} as float32 tensors."""
+    """Optimized latents for downstream training: item = {id, latent, initial_latent} as float32 tensors.
+
+    Reads lazily from either format, so a dataset larger than memory still trains.
+    """
 
     def __init__(self, path: str | Path) -> None:
-        arrays = load_latents(path)
-        self.ids = [str(i) for i in arrays["ids"]]
-        self.latents = torch.from_numpy(arrays["latents"])
-        self.initial_latents = torch.from_numpy(arrays["initial_latents"])
+        self.path = Path(path)
+        self.ids = [str(i) for i in load_latents_ids(self.path)]
+        self._arrays: dict[str, Any] | None = None  # opened on first use, so DataLoader workers each open their own
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"id": self.ids[i], "latent": self.latents[i], "initial_latent": self.initial_latents[i]}
+        if self._arrays is None:
+            self._arrays = open_latents(self.path)
+        a = self._arrays
+        return {"id": self.ids[i], "latent": torch.from_numpy(np.array(a["latents"][i], dtype=np.float32)),
+                "initial_latent": torch.from_numpy(np.array(a["initial_latents"][i], dtype=np.float32))}
+
+
+def load_latents_ids(path: Path) -> np.ndarray:
+    ids = np.asarray(open_latents(path)["ids"][()])
+    return ids.astype(str) if ids.dtype == object else ids
+
+
+FORMATS = ("npz", "hdf5")
+SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "converged", "nonfinite",
+                "seconds")
 
 
 def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
@@ -92,8 +168,10 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
 class LatentExporter(pl.Callback):
     """Shards each predicted batch, then merges them into latents.npz, metadata.json and summary.json."""
 
-    def __init__(self, out_dir: str) -> None:
-        self.out = Path(out_dir)
+    def __init__(self, out_dir: str, format: str) -> None:
+        if format not in FORMATS:
+            raise GloError(f"export.format={format}: must be one of {', '.join(FORMATS)}")
+        self.out, self.format = Path(out_dir), format
         self.shards = self.out / "shards"
         self.metadata: dict[str, Any] = {}
         self.summary: dict[str, float | int] = {}
@@ -128,14 +206,25 @@ class LatentExporter(pl.Callback):
     def on_predict_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.merge()
 
-    def merge(self) -> dict[str, np.ndarray]:
-        parts = [load_latents(f) for f in self._shard_files()]
-        if not parts:
+    def merge(self) -> None:
+        """Shards -> latents.npz (all in memory) or latents.h5 (streamed shard by shard), then the JSON files."""
+        files = self._shard_files()
+        if not files:
             raise GloError(f"{self.shards}: no finished batches to export")
-        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        self.summary = summarize(arrays)
+        columns: dict[str, list[np.ndarray]] = {}
+        if self.format == "hdf5":
+            with atomic_path(self.out / "latents.h5") as tmp, h5py.File(tmp, "w") as f:
+                for shard in files:
+                    part = load_latents(shard)
+                    append_h5(f, part)
+                    for k in SUMMARY_KEYS:
+                        columns.setdefault(k, []).append(part[k])
+        else:
+            for shard in files:
+                for k, v in load_latents(shard).items():
+                    columns.setdefault(k, []).append(v)
+            save_npz(self.out / "latents.npz", {k: np.concatenate(v) for k, v in columns.items()})
+        self.summary = summarize({k: np.concatenate(columns[k]) for k in SUMMARY_KEYS})
         self.metadata["end_time"] = datetime.now(timezone.utc).isoformat()
-        save_npz(self.out / "latents.npz", arrays)
         save_json(self.out / "metadata.json", self.metadata)
         save_json(self.out / "summary.json", self.summary)
-        return arrays

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from glo import GloError
-from glo.export import LatentDataset, LatentExporter, load_latents
+from glo.export import LatentDataset, LatentExporter, load_latents, open_latents
 
 
 def batch(ids, seed):
@@ -26,17 +26,18 @@ def batch(ids, seed):
     }
 
 
-def export(out, batches):
-    exporter = LatentExporter(str(out))
+def export(out, batches, format="npz"):
+    exporter = LatentExporter(str(out), format)
     trainer = SimpleNamespace(global_rank=0)
     for b in batches:
         exporter.on_predict_batch_end(trainer, None, b, None, 0)
-    return exporter, exporter.merge()
+    exporter.merge()
+    return exporter
 
 
 def test_round_trip_is_exact_and_summary_follows(tmp_path):
     b1, b2 = batch(["a", "b"], 0), batch(["c"], 1)
-    exporter, _ = export(tmp_path, [b1, b2])
+    exporter = export(tmp_path, [b1, b2])
     back = load_latents(tmp_path / "latents.npz")
     for key in b1:
         assert np.array_equal(back[key], np.concatenate([b1[key], b2[key]]), equal_nan=key == "loss_curves"), key
@@ -69,7 +70,7 @@ def test_damaged_or_missing_file_is_named(tmp_path):
 
 
 def test_a_failed_write_leaves_no_file_that_looks_complete(tmp_path, monkeypatch):
-    exporter = LatentExporter(str(tmp_path))
+    exporter = LatentExporter(str(tmp_path), "npz")
 
     def broken_savez(f, **arrays):
         f.write(b"half")
@@ -79,3 +80,23 @@ def test_a_failed_write_leaves_no_file_that_looks_complete(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         exporter.on_predict_batch_end(SimpleNamespace(global_rank=0), None, batch(["a"], 0), None, 0)
     assert list(tmp_path.rglob("*")) == [tmp_path / "shards"]
+
+
+def test_hdf5_holds_the_same_arrays_as_npz_and_reads_lazily(tmp_path):
+    batches = [batch(["a", "b"], 0), batch(["c"], 1)]
+    export(tmp_path / "npz", batches)
+    export(tmp_path / "h5", batches, format="hdf5")
+    a, b = load_latents(tmp_path / "npz" / "latents.npz"), load_latents(tmp_path / "h5" / "latents.h5")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key], equal_nan=key == "loss_curves"), key
+    for path in (tmp_path / "npz" / "latents.npz", tmp_path / "h5" / "latents.h5"):
+        lazy = open_latents(path)["latents"]
+        assert not isinstance(lazy, np.ndarray) or isinstance(lazy, np.memmap)  # mapped or chunked, not loaded
+        ds = LatentDataset(path)
+        assert ds.ids == ["a", "b", "c"] and torch.equal(ds[2]["latent"], torch.from_numpy(a["latents"][2]))
+
+
+def test_unknown_export_format_is_rejected(tmp_path):
+    with pytest.raises(GloError, match="export.format=zarr"):
+        LatentExporter(str(tmp_path), "zarr")
