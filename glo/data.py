@@ -7,6 +7,7 @@ stacks and its latents are (4, size/8, size/8).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset
 from glo import GloError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
+log = logging.getLogger("glo")
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
@@ -46,14 +48,21 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
 
 
-def open_image(path: Path, header_only: bool = False) -> Image.Image | None:
-    """Decode fully now (or just the header, to vet a folder fast), so a bad file fails here with its name."""
+def open_image(path: Path, size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode fully now, so a truncated or non-image file fails here with its name.
+
+    With `size`, JPEGs decode at the smallest built-in scale that still covers it: a huge photo is
+    never held at full resolution just to be shrunk. Returns the image and its original (width, height).
+    """
     try:
         with Image.open(path) as img:
-            if header_only:
-                return None
+            original = img.size
+            if min(original) < 8:
+                raise ValueError(f"image is {img.width}x{img.height}, smaller than 8 px")
+            if size and img.format == "JPEG":
+                img.draft("RGB", (size, size))
             img.load()
-            return to_rgb(img)
+            return to_rgb(img), original
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise GloError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
@@ -102,51 +111,76 @@ class SampleDataset(ImageDataset):
         return img, {"id": self.ids[i], "source": f"skimage.data.{self.ids[i]}", "height": img.height, "width": img.width}
 
 
-class FolderDataset(ImageDataset):
+class FileDataset(ImageDataset):
+    """Images from files, each vetted (fully decoded) up front: a bad file stops the run before any model is
+    loaded (`on_error=fail`), or is left out with one logged line and listed in `skipped` (`on_error=skip`)."""
+
+    def __init__(self, files: list[Path], size: int, limit: int | None, on_error: str) -> None:
+        super().__init__(size, limit)
+        if on_error not in ("fail", "skip"):
+            raise GloError(f"data.on_error={on_error}: must be fail or skip")
+        self.skipped: list[dict[str, str]] = []
+        self.files = []
+        for f in files[: len(self._truncate([f.stem for f in files]))]:
+            try:
+                self.read(f)
+                self.files.append(f)
+            except GloError as e:
+                if on_error == "fail":
+                    raise
+                log.warning("skipping %s", e)
+                self.skipped.append({"source": str(f), "reason": str(e)})
+        self.ids = [f.stem for f in self.files]
+
+    def read(self, path: Path) -> tuple[Image.Image, dict]:
+        raise NotImplementedError
+
+    def load(self, i: int) -> tuple[Image.Image, dict]:
+        return self.read(self.files[i])
+
+
+class FolderDataset(FileDataset):
     """Every image file directly inside `path` (jpg, png, tif, webp, bmp), sorted by name; id = file stem."""
 
-    def __init__(self, path: str, size: int, limit: int | None = None) -> None:
-        super().__init__(size, limit)
+    def __init__(self, path: str, size: int, limit: int | None = None, on_error: str = "fail") -> None:
+        check_size(size)  # a config mistake is reported before the disk is touched
         root = Path(path)
         if not root.is_dir():
             raise GloError(f"data.path={path}: no such directory")
-        self.files = sorted(f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
+        files = sorted(f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
             raise GloError(f"data.path={path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-        self.ids = self._truncate([f.stem for f in self.files])
-        self.files = self.files[: len(self.ids)]
-        for f in self.files:  # a non-image file stops the run before any model is loaded
-            open_image(f, header_only=True)
+        super().__init__(files, size, limit, on_error)
 
-    def load(self, i: int) -> tuple[Image.Image, dict]:
-        img = open_image(self.files[i])
-        return img, {"id": self.ids[i], "source": str(self.files[i]), "height": img.height, "width": img.width}
+    def read(self, path: Path) -> tuple[Image.Image, dict]:
+        img, (width, height) = open_image(path, self.size)
+        return img, {"id": path.stem, "source": str(path), "height": height, "width": width}
 
 
-class BSDS500Dataset(ImageDataset):
+class BSDS500Dataset(FileDataset):
     """A split written by `python -m glo.prepare`: `<processed_data_dir>/<split>/images/<id>.npz`."""
 
     def __init__(self, processed_data_dir: str, split: str, cache_in_memory: bool = False, size: int = 256,
-                 limit: int | None = None) -> None:
-        super().__init__(size, limit)
+                 limit: int | None = None, on_error: str = "fail") -> None:
+        check_size(size)
         folder = Path(processed_data_dir) / split / "images"
-        self.files = sorted(folder.glob("*.npz"))
-        if not self.files:
+        files = sorted(folder.glob("*.npz"))
+        if not files:
             raise GloError(f"{folder}: no processed images; run: python -m glo.prepare --split {split}")
-        self.ids = self._truncate([f.stem for f in self.files])
-        self.cache: dict[int, tuple[Image.Image, dict]] | None = {} if cache_in_memory else None
+        self.cache: dict[Path, tuple[Image.Image, dict]] | None = {} if cache_in_memory else None
+        super().__init__(files, size, limit, on_error)
 
-    def load(self, i: int) -> tuple[Image.Image, dict]:
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
+    def read(self, path: Path) -> tuple[Image.Image, dict]:
+        if self.cache is not None and path in self.cache:
+            return self.cache[path]
         try:
-            with np.load(self.files[i]) as f:
+            with np.load(path) as f:
                 array, meta = f["image"], json.loads(str(f["meta"]))
             if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
                 raise ValueError(f"image is {array.dtype} {array.shape}, expected uint8 (H,W,3)")
             img = Image.fromarray(array)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise GloError(f"{self.files[i]}: not a glo.prepare image file ({e})") from None
+            raise GloError(f"{path}: not a glo.prepare image file ({e})") from None
         if self.cache is not None:
-            self.cache[i] = (img, meta)
+            self.cache[path] = (img, meta)
         return img, meta

@@ -29,8 +29,16 @@ SCHEDULES = ("constant", "cosine")
 HPARAM_METRICS = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "steps_mean", "images_per_second")
 
 
+NUMBERS = {"lr": float, "rel_tol": float, "max_steps": int, "window": int, "batch_size": int, "warmup_steps": int,
+           "seed": int, "num_workers": int, "tile_size": int}
+
+
 def validate(cfg: DictConfig) -> None:
-    """Reject impossible settings before anything slow is built."""
+    """Reject impossible settings before anything slow is built (unknown keys are Hydra's to reject)."""
+    for key, kind in NUMBERS.items():
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise GloError(f"{key}={value!r}: must be {'a number' if kind is float else 'an integer'}")
     checks = [
         (cfg.lr > 0, f"lr={cfg.lr}: must be > 0"),
         (cfg.max_steps >= 1, f"max_steps={cfg.max_steps}: must be >= 1"),
@@ -86,7 +94,8 @@ def run(cfg: DictConfig) -> float:
     vae = instantiate(cfg.vae).set_speed(cfg.channels_last, cfg.checkpointing, cfg.tile_size)
     module = instantiate(cfg.module, vae=vae, loss=instantiate(cfg.loss))
     exporter.metadata.update(config=OmegaConf.to_container(cfg, resolve=True), vae=vae.info(),
-                             image_size=dataset.size, environment=environment())
+                             image_size=dataset.size, environment=environment(),
+                             skipped=getattr(dataset, "skipped", []))
     trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks)
     if todo:
         loader = DataLoader(Subset(dataset, todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers)

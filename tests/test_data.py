@@ -111,3 +111,48 @@ def test_bsds500_dataset_rejects_a_wrong_array(tmp_path):
     np.savez(folder / "a.npz", image=np.zeros((8, 8), np.float32), meta=np.array("{}"))
     with pytest.raises(GloError, match=r"a\.npz: .*expected uint8"):
         BSDS500Dataset(str(tmp_path), "val", size=64)[0]
+
+
+def write_bad_files(folder):
+    """One of each bad file a real folder holds, beside two good images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 48), "red").save(folder / "good1.png")
+    Image.new("RGB", (48, 64), "blue").save(folder / "good2.jpg")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image at all")
+    Image.new("RGB", (64, 64), "green").save(folder / "cut.png")
+    (folder / "cut.png").write_bytes((folder / "cut.png").read_bytes()[:60])
+    Image.new("RGB", (5, 5), "white").save(folder / "tiny.png")
+    return {"empty", "text", "cut", "tiny"}
+
+
+def test_skip_leaves_bad_files_out_and_lists_them(tmp_path, caplog):
+    bad = write_bad_files(tmp_path)
+    ds = FolderDataset(str(tmp_path), size=32, on_error="skip")
+    assert ds.ids == ["good1", "good2"] and ds[1][0].shape == (32, 32, 3)
+    assert {s["source"].split("/")[-1].split(".")[0] for s in ds.skipped} == bad
+    assert "smaller than 8 px" in " ".join(s["reason"] for s in ds.skipped)
+    assert sum("skipping" in r.message for r in caplog.records) == len(bad)
+
+
+@pytest.mark.parametrize("name", ["empty.png", "text.jpg", "cut.png", "tiny.png"])
+def test_fail_stops_at_the_bad_file_before_any_model(tmp_path, name):
+    write_bad_files(tmp_path / "all")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "all" / name).rename(tmp_path / "one" / name)
+    Image.new("RGB", (64, 64)).save(tmp_path / "one" / "ok.png")
+    with pytest.raises(GloError, match=rf"{name}: not a readable image"):
+        FolderDataset(str(tmp_path / "one"), size=32)
+
+
+def test_very_large_jpeg_is_resized_and_keeps_its_original_size(tmp_path):
+    big = np.kron(np.random.default_rng(0).integers(0, 256, (60, 90, 3)), np.ones((50, 50, 1))).astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)  # 4500 x 3000
+    image, meta = FolderDataset(str(tmp_path), size=256)[0]
+    assert image.shape == (256, 256, 3) and (meta["width"], meta["height"]) == (4500, 3000)
+
+
+def test_unknown_on_error_is_rejected(tmp_path):
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    with pytest.raises(GloError, match="on_error=ignore"):
+        FolderDataset(str(tmp_path), size=16, on_error="ignore")

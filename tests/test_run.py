@@ -102,6 +102,11 @@ def bad_folder(tmp_path, kind):
 
 @pytest.mark.parametrize("overrides,message", [
     (["lr=0"], "lr=0"),
+    (["lr=fast"], "lr='fast': must be a number"),
+    (["max_steps=0"], "max_steps=0: must be >= 1"),
+    (["max_steps=2.5"], "max_steps=2.5: must be an integer"),
+    (["rel_tol=-1"], "rel_tol=-1: must be >= 0"),
+    (["precision=fp8"], "precision=fp8: must be one of fp32, bf16, fp16"),
     (["lr=-0.1"], "lr=-0.1: must be > 0"),
     (["data.size=60"], "data.size=60: must be a positive multiple of 8"),
     (["data=folder", "data.path=MISSING"], "no such directory"),
@@ -118,6 +123,21 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, message):
     errors = [line for line in p.stderr.splitlines() if line.startswith("glo: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not (out / "latents.npz").exists() and not (out / "summary.json").exists()
+
+
+def test_skip_mode_runs_on_and_lists_the_bad_files(tmp_path):
+    folder = bad_folder(tmp_path, "corrupt")
+    p = run_glo("data=folder", f"data.path={folder}", "data.on_error=skip", "data.size=64", "max_steps=2",
+                "report=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    meta = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    assert [s["source"] for s in meta["skipped"]] == [str(folder / "broken.jpg")]
+    assert list(np.load(tmp_path / "run" / "latents.npz")["ids"]) == ["good"]
+
+
+def test_unknown_keys_are_refused(tmp_path):
+    p = run_glo("learning_rate=0.1", f"hydra.run.dir={tmp_path}")
+    assert p.returncode != 0 and "learning_rate" in p.stderr and not (tmp_path / "latents.npz").exists()
 
 
 def test_unknown_loss_lists_the_choices(tmp_path):
