@@ -109,7 +109,7 @@ def find_latents(run_dir: str | Path) -> Path:
 
 def load_latents(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of a latents file, in memory (strings as str)."""
-    arrays = {k: np.asarray(v[()]) for k, v in open_latents(path).items()}
+    arrays = {k: np.array(v[()]) for k, v in open_latents(path).items()}  # copies: writable, file closed
     return {k: (a.astype(str) if a.dtype == object else a) for k, a in arrays.items()}
 
 
@@ -204,7 +204,9 @@ class LatentExporter(pl.Callback):
         save_json(manifest_file, manifest)  # the shard counts as done only from here on
 
     def on_predict_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.merge()
+        trainer.strategy.barrier("glo-export")  # every rank's shards are on disk before rank 0 merges them
+        if trainer.is_global_zero:
+            self.merge()
 
     def merge(self) -> None:
         """Shards -> latents.npz (all in memory) or latents.h5 (streamed shard by shard), then the JSON files."""

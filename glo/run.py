@@ -100,6 +100,8 @@ def run(cfg: DictConfig) -> float:
     if todo:
         loader = DataLoader(Subset(dataset, todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
         trainer.predict(module, loader, return_predictions=False)
+        if not trainer.is_global_zero:
+            return float("nan")  # rank 0 merges, reports and returns the sweep objective
     else:
         exporter.merge()
     s = exporter.summary

@@ -68,6 +68,17 @@ def test_sigkill_then_resume_exports_each_image_once_and_identically(tmp_path):
         assert np.array_equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
+def test_two_process_ddp_exports_every_image_exactly_once(tmp_path):
+    p = run_glo("trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.limit=5",
+                "data.size=64", "max_steps=3", "batch_size=2", "report=false", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    ids = list(np.load(tmp_path / "latents.npz")["ids"])
+    assert sorted(ids) == sorted(["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"])
+    manifests = [json.loads(m.read_text()) for m in sorted((tmp_path / "shards").glob("manifest-*.json"))]
+    assert len(manifests) == 2 and all(manifests)  # both ranks did a share of the work
+
+
 def test_same_seed_and_config_give_bitwise_identical_latents(finished_run, tmp_path):
     p = run_glo(*FAST, "loss=l2", "lr=0.1", "report=false", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
