@@ -33,3 +33,14 @@ def test_bench_writes_json_and_markdown_with_every_method(tmp_path):
     assert [r["method"] for r in result["memory"]] == ["plain", "checkpointing", "checkpointing_tiled"]
     md = (out / "bench.md").read_text()
     assert all(f"| {name} |" in md for name in by_name) and "Peak memory" in md
+
+
+@pytest.mark.slow
+def test_bench_load_exports_every_image_once_in_both_formats(tmp_path):
+    p = run_glo("--counts", "3", "12", "--size", "16", "--batch-size", "5", "--out", str(tmp_path),
+                module="glo.bench_load")
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_load.json").read_text())
+    assert [(r["images"], r["format"]) for r in result["rows"]] == [(3, "npz"), (3, "hdf5"), (12, "npz"), (12, "hdf5")]
+    assert all(r["exported"] == r["unique"] == r["images"] and r["peak_rss_mb"] > 50 for r in result["rows"])
+    assert set(result["peak_growth_largest_over_smallest"]) == {"npz", "hdf5"}

@@ -1,0 +1,78 @@
+"""python -m glo.bench_load: many small images through glo.run with sharded export; peak memory must not grow.
+
+Generates N images per size in a temporary folder, runs `python -m glo.run` on them (tiny VAE, both
+export formats), checks every image was exported exactly once, and records each run's peak RSS
+(from the child's own rusage). Writes bench_load.json and bench_load.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from glo.export import find_latents, load_latents
+from glo.report import markdown_table
+
+
+def make_images(folder: Path, n: int, size: int) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:06d}.png")
+
+
+def run_once(images: Path, out: Path, fmt: str, size: int, batch_size: int) -> dict:
+    args = [sys.executable, "-m", "glo.run", "vae=tiny_random", "data=folder", f"data.path={images}",
+            f"data.size={size}", "max_steps=2", f"batch_size={batch_size}", f"export.format={fmt}", "report=false",
+            "image_every_n_batches=0", f"hydra.run.dir={out}"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"glo.run failed: {proc.stderr.read()[-2000:]}")
+    ids = load_latents(find_latents(out))["ids"]
+    return {"format": fmt, "peak_rss_mb": usage.ru_maxrss / 1024, "seconds": seconds, "exported": len(ids),
+            "unique": len(set(ids))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m glo.bench_load", description=__doc__.splitlines()[0])
+    p.add_argument("--counts", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--out", default=f"experiments/bench_load/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.counts:
+            make_images(Path(tmp) / f"images{n}", n, args.size)
+            for fmt in ("npz", "hdf5"):
+                row = {"images": n, **run_once(Path(tmp) / f"images{n}", Path(tmp) / f"run{n}{fmt}", fmt, args.size,
+                                               args.batch_size)}
+                rows.append(row)
+                print(markdown_table([row]), flush=True)
+    growth = {fmt: max(r["peak_rss_mb"] for r in rows if r["format"] == fmt and r["images"] == max(args.counts))
+              / max(r["peak_rss_mb"] for r in rows if r["format"] == fmt and r["images"] == min(args.counts))
+              for fmt in ("npz", "hdf5")}
+    result = {"date": datetime.now(timezone.utc).isoformat(), "size": args.size, "rows": rows,
+              "peak_growth_largest_over_smallest": growth}
+    (out / "bench_load.json").write_text(json.dumps(result, indent=2))
+    (out / "bench_load.md").write_text(f"# glo.bench_load — {result['date'][:10]}\n\n{markdown_table(rows)}\n\n"
+                                       f"Peak RSS, largest over smallest run: {growth}\n")
+    print(f"glo.bench_load: {out / 'bench_load.md'}")
+
+
+if __name__ == "__main__":
+    main()
