@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from glo import GloError
+from glo import one_line_errors
 from glo.report import compare, markdown_table
 
 
@@ -13,11 +12,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m glo.compare", description=__doc__.splitlines()[0])
     p.add_argument("sweep_dir", help="a Hydra multirun directory (experiments/multirun/<date_time>)")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors("glo.compare"):
         rows = compare(args.sweep_dir)
-    except GloError as e:
-        print(f"glo.compare: error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(markdown_table(rows))
     print(f"\nwritten: {Path(args.sweep_dir) / 'compare.md'}, {Path(args.sweep_dir) / 'compare.csv'}")
 

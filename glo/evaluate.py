@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from glo import GloError
+from glo import GloError, one_line_errors
 from glo.data import ImageDataset
 from glo.export import find_latents, load_latents, save_json, summarize
 from glo.metrics import mae, ms_ssim, psnr, ssim
@@ -122,11 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run_dir", help="a glo.run output directory (holds latents.npz and metadata.json)")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
-    try:
+    with one_line_errors("glo.evaluate"):
         s = evaluate(args.run_dir, batch_size=args.batch_size)
-    except GloError as e:
-        print(f"glo.evaluate: error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(f"glo.evaluate: PSNR {s['psnr_initial_mean']:.2f} -> {s['psnr_final_mean']:.2f} dB, "
           f"SSIM {s['ssim_initial_mean']:.3f} -> {s['ssim_final_mean']:.3f}; report: {Path(args.run_dir) / 'report.md'}")
 

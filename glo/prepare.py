@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from glo import GloError
+from glo import GloError, one_line_errors
 from glo.data import FolderDataset
 from glo.export import save_json, save_npz
 
@@ -49,13 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", default="train", help="split name, and sub-folder of --src if it has one")
     p.add_argument("--size", type=int, default=256, help="output side in pixels, a multiple of 8 (default: 256)")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors("glo.prepare"):
         if not args.src:
             raise GloError("no source folder: pass --src DIR or set BSDS500_PATH")
         stats = prepare(args.src, args.out, args.split, args.size)
-    except GloError as e:
-        print(f"glo.prepare: error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(f"glo.prepare: {stats['count']} images -> {Path(args.out) / args.split / 'images'} at {args.size}x{args.size}")
 
 

@@ -7,18 +7,16 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from glo import GloError
+from glo import GloError, one_line_errors
 from glo.evaluate import evaluate
 from glo.export import LatentExporter
 from glo.module import OPTIMS, PRECISIONS
@@ -54,13 +52,6 @@ def validate(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise GloError(message)
-
-
-def user_error(e: BaseException | None) -> GloError | None:
-    """The GloError behind an exception, if any (Hydra's instantiate wraps what a _target_ raises)."""
-    while e is not None and not isinstance(e, GloError):
-        e = e.__cause__
-    return e
 
 
 def environment() -> dict[str, str | None]:
@@ -117,14 +108,8 @@ def run(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")
 def main(cfg: DictConfig) -> float:
-    try:
+    with one_line_errors("glo"):
         return run(cfg)
-    except Exception as e:
-        cause = user_error(e)
-        if cause is None:
-            raise
-        print(f"glo: error: {cause}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

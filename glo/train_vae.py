@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 
 import hydra
@@ -25,11 +24,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from glo import GloError
+from glo import GloError, one_line_errors
 from glo.data import FolderDataset, to_array
 from glo.metrics import psnr, ssim
 from glo.module import comparison_grid, error_map
-from glo.run import user_error
 
 log = logging.getLogger("glo.train_vae")
 
@@ -137,14 +135,8 @@ def train(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_vae")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors("glo.train_vae"):
         train(cfg)
-    except Exception as e:
-        cause = user_error(e)
-        if cause is None:
-            raise
-        print(f"glo.train_vae: error: {cause}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The stand-in VAE shipped in glo/assets: loads offline, has the SD latent interface, and is worth optimizing."""
+import re
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from glo.engine import optimize
+from glo.losses import PixelLoss
+from glo.metrics import psnr
+from glo.vae import ASSETS
+from tests.conftest import ROOT, photos
+
+CARD = ASSETS / "standin_vae" / "README.md"
+
+
+@pytest.fixture(scope="module")
+def standin():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")  # shipped weights never touch the network
+        yield instantiate(OmegaConf.load(ROOT / "conf/vae/standin.yaml"))
+
+
+def card_figure(pattern: str) -> float:
+    return float(re.search(pattern, CARD.read_text()).group(1).replace(",", ""))
+
+
+def test_standin_is_the_default_and_has_the_sd_latent_interface(standin):
+    assert OmegaConf.load(ROOT / "conf/run.yaml").defaults[0] == {"vae": "standin"}
+    x = photos(2, size=256)
+    z = standin.encode(x)
+    assert z.shape == (2, 4, 32, 32) and standin.decode(z).shape == x.shape
+    assert standin.model.config.latent_channels == 4 and len(standin.model.config.block_out_channels) == 4
+    assert 0.5 < float(z.std()) < 2.0  # the scaling factor brings latents to about unit variance, as in SD
+
+
+def test_model_card_states_the_real_parameter_count(standin):
+    assert card_figure(r"Parameters: ([\d,]+)") == sum(p.numel() for p in standin.parameters())
+
+
+def test_reconstruction_and_optimization_on_a_photo(standin):
+    x = photos(1, size=256)
+    z0 = standin.encode(x)
+    with torch.no_grad():
+        before = float(psnr(standin.decode(z0), x))
+    assert before > card_figure(r"astronaut reconstruction: ([\d.]+) dB") - 0.5
+    r = optimize(standin.decode, z0, x, PixelLoss("l2", l1=0.0, l2=1.0), lr=0.1, max_steps=20, rel_tol=0.0, window=5)
+    with torch.no_grad():
+        after = float(psnr(standin.decode(r.latents), x))
+    assert after - before > 0.5
