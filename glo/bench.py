@@ -95,6 +95,19 @@ def measure(name: str, common: list[str], overrides: list[str], reference: dict 
             "improved_fraction": float((gain > 0).mean()), "steps_mean": float(steps.mean())}
 
 
+def decode_backward_seconds(vae_overrides: list[str], size: int, repeats: int = 5) -> float:
+    """Median wall time of one fp32 decode + backward, batch 1: the unit cost of every Adam step."""
+    cfg = glo_config(vae_overrides)
+    vae = instantiate(cfg.vae)
+    z = torch.randn(1, 4, size // 8, size // 8, requires_grad=True)
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up allocators and kernels
+        start = time.perf_counter()
+        vae.decode(z).square().mean().backward()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
 def run_isolated(name: str, common: list[str], overrides: list[str], reference: dict | None = None) -> dict:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(measure, name, common, overrides, reference).result()
@@ -117,7 +130,10 @@ def bench(cfg: DictConfig, out: Path) -> dict:
         base = [f"vae={cfg.memory.vae}", "data=folder", f"data.path={cfg.data.path}", "data.limit=1",
                 f"data.size={cfg.memory.size}", f"max_steps={cfg.memory.steps}", "rel_tol=0", "batch_size=1"]
         memory = [run_isolated(name, base, list(o)) for name, o in cfg.memory.methods.items()]
-    result = {"date": datetime.now(timezone.utc).isoformat(), "machine": machine(), "config": {
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        unit = pool.submit(decode_backward_seconds, [o for o in common if o.startswith("vae")], cfg.data.size).result()
+    result = {"date": datetime.now(timezone.utc).isoformat(), "machine": machine(), "decode_backward_seconds": unit,
+              "config": {
         "vae": cfg.vae.name, "loss": cfg.loss.name, "data": dict(cfg.data), "reference": dict(cfg.reference)}, "methods": rows, "memory": memory}
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(render(result))
@@ -138,6 +154,8 @@ def render(result: dict) -> str:
             f"Machine: {result['machine']}", "",
             f"VAE `{c['vae']}`, {c['data']['limit']} images from `{c['data']['path']}` at {c['data']['size']} px; "
             f"reference: per-image Adam, {c['reference']['steps']} steps, lr {c['reference']['lr']}, fp32, batch 1.", "",
+            f"One fp32 decode + backward, batch 1, at {c['data']['size']} px: {result['decode_backward_seconds']:.3f} s "
+            "(median of 5).", "",
             markdown_table([{k: r[k] for k in cols} for r in result["methods"]]), ""]
     if result["memory"]:
         text += ["## Peak memory", "", markdown_table([{k: r[k] for k in ("method", "peak_memory_mb", "seconds_per_image",
