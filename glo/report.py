@@ -95,13 +95,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], config: dict, notes: list[str]) -> Path:
     """report.md: the numbers, the pictures and the config that made them, readable on its own."""
-    headline = [{"metric": k, "value": v} for k, v in summary.items() if not isinstance(v, (dict, list))]
+    metrics = [k[: -len("_initial_mean")] for k in summary if k.endswith("_initial_mean")]
+    quality = [{"metric": m, "initial mean": summary[f"{m}_initial_mean"], "optimized mean": summary[f"{m}_final_mean"],
+                "initial median": summary.get(f"{m}_initial_median", float("nan")),
+                "optimized median": summary.get(f"{m}_final_median", float("nan")),
+                "fraction improved": summary.get(f"{m}_improved_fraction", float("nan"))} for m in metrics]
+    run = [{"num_images": summary["num_images"], "steps_mean": summary["steps_mean"],
+            "converged": summary["converged"], "nonfinite": summary["nonfinite"],
+            "seconds_total": summary["seconds_total"], "images_per_second": summary["images_per_second"]}]
     text = [
         f"# glo run report: {out.name}", "",
         f"{summary['num_images']} images; mean PSNR {summary['psnr_initial_mean']:.2f} → "
         f"{summary['psnr_final_mean']:.2f} dB ({summary['psnr_gain_mean']:+.2f} dB); "
         f"{summary['images_improved']} images improved; {summary['steps_mean']:.1f} steps on average.", "",
-        "## Summary", "", markdown_table(headline), "",
+        "## Quality", "", markdown_table(quality), "", "## Run", "", markdown_table(run), "",
         *(["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []),
         "## Plots", "", *[f"![{name}]({p.name})" for name, p in images.items()], "",
         "## Config", "", "```json", json.dumps(config, indent=2), "```", "",
