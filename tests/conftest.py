@@ -35,7 +35,7 @@ def run_glo(*overrides: str, module: str = "glo.run", timeout: int = 600) -> sub
                           text=True, timeout=timeout)
 
 
-FAST = ["data.limit=3", "data.size=64", "max_steps=8", "batch_size=2"]
+FAST = ["vae=tiny_random", "data.limit=3", "data.size=64", "max_steps=8", "batch_size=2"]
 
 
 @pytest.fixture(scope="session")

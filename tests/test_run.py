@@ -43,7 +43,7 @@ def test_run_writes_the_dataset_and_resumes_without_redoing(finished_run):
 
 
 def test_sigkill_then_resume_exports_each_image_once_and_identically(tmp_path):
-    args = ["data.limit=4", "data.size=64", "max_steps=40", "rel_tol=0", "batch_size=2", "report=false"]
+    args = ["vae=tiny_random", "data.limit=4", "data.size=64", "max_steps=40", "rel_tol=0", "batch_size=2", "report=false"]
     reference = tmp_path / "reference"
     assert run_glo(*args, f"hydra.run.dir={reference}").returncode == 0
     killed = tmp_path / "killed"
@@ -70,7 +70,7 @@ def test_sigkill_then_resume_exports_each_image_once_and_identically(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_exports_every_image_exactly_once(tmp_path):
-    p = run_glo("trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.limit=5",
+    p = run_glo("vae=tiny_random", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.limit=5",
                 "data.size=64", "max_steps=3", "batch_size=2", "report=false", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     ids = list(np.load(tmp_path / "latents.npz")["ids"])
@@ -88,7 +88,7 @@ def test_same_seed_and_config_give_bitwise_identical_latents(finished_run, tmp_p
 
 
 def test_multirun_gives_each_job_its_own_directory_and_compare_ranks_them(tmp_path):
-    p = run_glo("--multirun", "lr=0.001,0.1", "data.limit=1", "data.size=64", "max_steps=4", "report=false",
+    p = run_glo("--multirun", "vae=tiny_random", "lr=0.001,0.1", "data.limit=1", "data.size=64", "max_steps=4", "report=false",
                 f"hydra.sweep.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     lrs = [json.loads((tmp_path / str(k) / "metadata.json").read_text())["config"]["lr"] for k in (0, 1)]
