@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from glo.engine import optimize
 from glo.metrics import psnr
-from glo.module import PRECISIONS
+from glo.module import engine_settings
 from glo.report import markdown_table
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -57,11 +57,12 @@ def reference_loop(vae, x: torch.Tensor, loss, lr: float, steps: int) -> tuple[t
 def glo_method(cfg: DictConfig, vae, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """What glo.run does for these images, minus Lightning and export: batches through the engine."""
     loss, latents, steps = instantiate(cfg.loss), [], []
+    m = cfg.module
+    settings = engine_settings(vae, m.optim, m.lr, m.betas, m.schedule, m.warmup_steps, m.max_steps, m.rel_tol,
+                               m.window, m.precision)
     for start in range(0, len(x), cfg.batch_size):
         xb = x[start : start + cfg.batch_size]
-        r = optimize(vae.decode, vae.encode(xb), xb, loss, lr=cfg.lr, betas=tuple(cfg.betas), schedule=cfg.schedule,
-                     warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, rel_tol=cfg.rel_tol, window=cfg.window,
-                     autocast=PRECISIONS[cfg.precision], encode=vae.encode if cfg.optim == "gradfree" else None)
+        r = optimize(vae.decode, vae.encode(xb), xb, loss, **settings)
         latents.append(r.latents)
         steps.append(r.steps.numpy())
     return torch.cat(latents), np.concatenate(steps)

@@ -18,6 +18,14 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # th
 OPTIMS = ("adam", "gradfree")
 
 
+def engine_settings(vae: FrozenVAE, optim: str, lr: float, betas: tuple[float, float], schedule: str,
+                    warmup_steps: int, max_steps: int, rel_tol: float, window: int, precision: str) -> dict:
+    """The config's knobs as keyword arguments of `engine.optimize`."""
+    return dict(lr=lr, betas=tuple(betas), schedule=schedule, warmup_steps=warmup_steps, max_steps=max_steps,
+                rel_tol=rel_tol, window=window, autocast=PRECISIONS[precision],
+                encode=vae.encode if optim == "gradfree" else None)
+
+
 class GLOModule(pl.LightningModule):
     """Each batch's latents become parameters for its own Adam run; the VAE stays frozen throughout."""
 
@@ -26,9 +34,8 @@ class GLOModule(pl.LightningModule):
                  image_every_n_batches: int) -> None:
         super().__init__()
         self.vae, self.loss = vae, loss
-        self.settings = dict(lr=lr, betas=tuple(betas), schedule=schedule, warmup_steps=warmup_steps,
-                             max_steps=max_steps, rel_tol=rel_tol, window=window, autocast=PRECISIONS[precision],
-                             encode=vae.encode if optim == "gradfree" else None)
+        self.settings = engine_settings(vae, optim, lr, betas, schedule, warmup_steps, max_steps, rel_tol, window,
+                                        precision)
         self.image_every = image_every_n_batches
         self.steps_logged = 0
         self.images_logged = 0
