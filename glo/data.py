@@ -21,9 +21,9 @@ log = logging.getLogger("glo")
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
-def check_size(size: int) -> int:
+def check_size(size: int, name: str = "data.size") -> int:
     if not isinstance(size, int) or size < 8 or size % 8:
-        raise GloError(f"data.size={size}: must be a positive multiple of 8 (the VAE downsamples by 8)")
+        raise GloError(f"{name}={size}: must be a positive multiple of 8 (the VAE downsamples by 8)")
     return size
 
 
@@ -121,7 +121,8 @@ class FileDataset(ImageDataset):
             raise GloError(f"data.on_error={on_error}: must be fail or skip")
         self.skipped: list[dict[str, str]] = []
         self.files = []
-        for f in files[: len(self._truncate([f.stem for f in files]))]:
+        ids = self._truncate([f.stem for f in files])  # unique, and at most `limit`
+        for f in files[: len(ids)]:
             try:
                 self.read(f)
                 self.files.append(f)

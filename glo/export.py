@@ -107,10 +107,15 @@ def find_latents(run_dir: str | Path) -> Path:
     raise GloError(f"{run / 'latents.npz'}: no such file (nor latents.h5)")
 
 
+def _in_memory(v: Any) -> np.ndarray:
+    """A writable copy of a lazy array; HDF5 strings (objects) become str."""
+    a = np.array(v[()])
+    return a.astype(str) if a.dtype == object else a
+
+
 def load_latents(path: str | Path) -> dict[str, np.ndarray]:
-    """Every array of a latents file, in memory (strings as str)."""
-    arrays = {k: np.array(v[()]) for k, v in open_latents(path).items()}  # copies: writable, file closed
-    return {k: (a.astype(str) if a.dtype == object else a) for k, a in arrays.items()}
+    """Every array of a latents file, in memory."""
+    return {k: _in_memory(v) for k, v in open_latents(path).items()}
 
 
 class LatentDataset(Dataset):
@@ -121,7 +126,7 @@ class LatentDataset(Dataset):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.ids = [str(i) for i in load_latents_ids(self.path)]
+        self.ids = [str(i) for i in _in_memory(open_latents(self.path)["ids"])]
         self._arrays: dict[str, Any] | None = None  # opened on first use, so DataLoader workers each open their own
 
     def __len__(self) -> int:
@@ -133,11 +138,6 @@ class LatentDataset(Dataset):
         a = self._arrays
         return {"id": self.ids[i], "latent": torch.from_numpy(np.array(a["latents"][i], dtype=np.float32)),
                 "initial_latent": torch.from_numpy(np.array(a["initial_latents"][i], dtype=np.float32))}
-
-
-def load_latents_ids(path: Path) -> np.ndarray:
-    ids = np.asarray(open_latents(path)["ids"][()])
-    return ids.astype(str) if ids.dtype == object else ids
 
 
 FORMATS = ("npz", "hdf5")

@@ -10,7 +10,6 @@ model is written with `save_pretrained` to `export_dir`.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import hydra
@@ -24,8 +23,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from glo import GloError, one_line_errors
-from glo.data import FolderDataset, to_array
+from glo import one_line_errors
+from glo.data import FolderDataset, check_size, to_array
+from glo.engine import lr_factor
 from glo.metrics import psnr, ssim
 from glo.module import comparison_grid, error_map
 
@@ -36,8 +36,7 @@ class RandomCrops(Dataset):
     """`length` random crops per epoch from images held in memory, scaled, flipped; item i is reproducible."""
 
     def __init__(self, path: str, crop: int, length: int, scale: tuple[float, float], seed: int) -> None:
-        if crop < 8 or crop % 8:
-            raise GloError(f"crop={crop}: must be a positive multiple of 8")
+        check_size(crop, "crop")
         folder = FolderDataset(path, size=crop)  # checks the folder, vets every file
         self.images = [folder.load(i)[0] for i in range(len(folder))]
         self.crop, self.length, self.scale, self.seed = crop, length, scale, seed
@@ -87,9 +86,8 @@ class VAETraining(pl.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total, warm = self.trainer.max_steps, self.hparams.warmup_steps
-        schedule = lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-                                                   "interval": "step"}}
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, "cosine", warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class NextEpoch(pl.Callback):
