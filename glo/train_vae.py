@@ -61,10 +61,11 @@ class RandomCrops(Dataset):
 class VAETraining(pl.LightningModule):
     """L1 reconstruction + kl_weight * KL per pixel, AdamW with warm-up and cosine decay."""
 
-    def __init__(self, vae: dict, lr: float, weight_decay: float, kl_weight: float, warmup_steps: int) -> None:
+    def __init__(self, vae: dict, lr: float, weight_decay: float, kl_weight: float, warmup_steps: int,
+                 init_from: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = AutoencoderKL(**vae)
+        self.model = AutoencoderKL.from_pretrained(init_from).train() if init_from else AutoencoderKL(**vae)
 
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
         posterior = self.model.encode(x).latent_dist
@@ -112,7 +113,7 @@ def train(cfg: DictConfig) -> Path:
     crops = RandomCrops(cfg.data.train, cfg.crop, cfg.crops_per_epoch, tuple(cfg.scale), cfg.seed)
     val = instantiate(cfg.val_data)
     module = VAETraining(OmegaConf.to_container(cfg.vae, resolve=True), cfg.lr, cfg.weight_decay, cfg.kl_weight,
-                         cfg.warmup_steps)
+                         cfg.warmup_steps, cfg.init_from)
     last = out / "checkpoints" / "last.ckpt"
     trainer = instantiate(cfg.trainer, default_root_dir=str(out),
                           logger=pl.loggers.TensorBoardLogger(str(out), name="", version=""),
