@@ -155,3 +155,14 @@ def test_unknown_loss_lists_the_choices(tmp_path):
     p = run_glo("loss=huber", f"hydra.run.dir={tmp_path}")
     assert p.returncode != 0
     assert "loss/huber" in p.stderr and all(c in p.stderr for c in ("l1", "l2", "l1_l2"))
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_unwritable_output_directory_is_one_line(tmp_path, multirun):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    where = f"hydra.sweep.dir={blocker}/sweep" if multirun else f"hydra.run.dir={blocker}/run"
+    p = run_glo(*(["-m", "lr=0.1,0.2"] if multirun else []), where)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("glo: error:")]
+    assert len(errors) == 1 and f"output directory {blocker}" in errors[0] and "cannot write there" in errors[0]
