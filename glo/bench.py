@@ -27,8 +27,9 @@ from omegaconf import DictConfig
 
 from glo.engine import optimize
 from glo.metrics import psnr
-from glo.module import engine_settings
+from glo.module import config_settings
 from glo.report import markdown_table
+from glo.vae import pick_device
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -57,9 +58,7 @@ def reference_loop(vae, x: torch.Tensor, loss, lr: float, steps: int) -> tuple[t
 def glo_method(cfg: DictConfig, vae, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """What glo.run does for these images, minus Lightning and export: batches through the engine."""
     loss, latents, steps = instantiate(cfg.loss), [], []
-    m = cfg.module
-    settings = engine_settings(vae, m.optim, m.lr, m.betas, m.schedule, m.warmup_steps, m.max_steps, m.rel_tol,
-                               m.window, m.precision)
+    settings = config_settings(vae, cfg.module)
     for start in range(0, len(x), cfg.batch_size):
         xb = x[start : start + cfg.batch_size]
         r = optimize(vae.decode, vae.encode(xb), xb, loss, **settings)
@@ -72,7 +71,7 @@ def measure(name: str, common: list[str], overrides: list[str], reference: dict 
     """One method in this (fresh) process: time, peak memory, quality."""
     cfg = glo_config(common + overrides)
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     dataset = instantiate(cfg.data)
     x = torch.stack([torch.from_numpy(dataset[i][0]).permute(2, 0, 1) for i in range(len(dataset))]).to(device)
     vae = instantiate(cfg.vae).set_speed(cfg.channels_last, cfg.checkpointing, cfg.tile_size).to(device)

@@ -36,10 +36,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(img: Image.Image, size: int,
+                       resample: Image.Resampling = Image.Resampling.LANCZOS) -> Image.Image:
     scale = size / min(img.size)
     w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.Resampling.LANCZOS) if (w, h) != img.size else img
+    img = img.resize((w, h), resample) if (w, h) != img.size else img
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
 

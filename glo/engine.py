@@ -33,8 +33,9 @@ def optimize(
     decode: Callable[[Tensor], Tensor],
     z0: Tensor,
     target: Tensor,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[..., Tensor],
     *,
+    weight: Tensor | None = None,
     lr: float,
     max_steps: int,
     rel_tol: float,
@@ -46,7 +47,9 @@ def optimize(
     encode: Callable[[Tensor], Tensor] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> Result:
-    """Optimize latents z (B,C,h,w) so that loss_fn(decode(z), target) -> (B,) falls, sample by sample.
+    """Optimize latents z (B,C,h,w) so that loss_fn(decode(z), target[, weight]) -> (B,) falls, sample by sample.
+
+    weight: (B,1,H,W) per-pixel loss weights (e.g. an inpainting mask's known region), passed to loss_fn.
 
     schedule: "constant" or "cosine" (decay to 0 at max_steps), after `warmup_steps` of linear warm-up.
     autocast: run the decoder in this dtype (bf16/fp16); latents, Adam and the loss stay fp32.
@@ -74,7 +77,8 @@ def optimize(
         with torch.set_grad_enabled(t < max_steps and encode is None):
             with low_precision:
                 decoded = decode(torch.stack([zs[i] for i in active]))
-            losses = loss_fn(decoded.float(), target[active])
+            pred = decoded.float()
+            losses = loss_fn(pred, target[active]) if weight is None else loss_fn(pred, target[active], weight[active])
         values = losses.detach().float().cpu()
         going = []  # positions in `active` that take another update
         for j, i in enumerate(active):

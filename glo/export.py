@@ -121,12 +121,18 @@ def load_latents(path: str | Path) -> dict[str, np.ndarray]:
 class LatentDataset(Dataset):
     """Optimized latents for downstream training: item = {id, latent, initial_latent} as float32 tensors.
 
+    inpainting=True adds what Stable Diffusion's inpainting UNet is conditioned on: `mask` (1,h,w), 1 = hole,
+    and `masked_latent` (4,h,w), the optimized latent of the masked image. diffusers' pipeline builds its
+    9-channel input as torch.cat([noisy_latent, mask, masked_latent], dim=1); `latent` is the clean target.
     Reads lazily from either format, so a dataset larger than memory still trains.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.ids = [str(i) for i in _in_memory(open_latents(self.path)["ids"])]
+    def __init__(self, path: str | Path, inpainting: bool = False) -> None:
+        self.path, self.inpainting = Path(path), inpainting
+        arrays = open_latents(self.path)
+        if inpainting and "masked_latents" not in arrays:
+            raise GloError(f"{self.path}: exported without a mask; run glo.run with mask=boxes|strokes|folder")
+        self.ids = [str(i) for i in _in_memory(arrays["ids"])]
         self._arrays: dict[str, Any] | None = None  # opened on first use, so DataLoader workers each open their own
 
     def __len__(self) -> int:
@@ -135,14 +141,16 @@ class LatentDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self._arrays is None:
             self._arrays = open_latents(self.path)
-        a = self._arrays
-        return {"id": self.ids[i], "latent": torch.from_numpy(np.array(a["latents"][i], dtype=np.float32)),
-                "initial_latent": torch.from_numpy(np.array(a["initial_latents"][i], dtype=np.float32))}
+        keys = {"latent": "latents", "initial_latent": "initial_latents"}
+        if self.inpainting:
+            keys.update(mask="latent_masks", masked_latent="masked_latents")
+        return {"id": self.ids[i],
+                **{k: torch.from_numpy(np.array(self._arrays[a][i], dtype=np.float32)) for k, a in keys.items()}}
 
 
 FORMATS = ("npz", "hdf5")
 SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "converged", "nonfinite",
-                "seconds")
+                "seconds", "psnr_known_initial", "psnr_known_final")  # the last two only with a mask
 
 
 def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
@@ -162,6 +170,10 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
         "nonfinite": int(a["nonfinite"].sum()),
         "seconds_total": seconds,
         "images_per_second": len(a["ids"]) / seconds if seconds > 0 else float("nan"),
+        **({"psnr_known_initial_mean": float(a["psnr_known_initial"].mean()),
+            "psnr_known_final_mean": float(a["psnr_known_final"].mean()),
+            "known_images_improved": int((a["psnr_known_final"] > a["psnr_known_initial"]).sum())}
+           if "psnr_known_final" in a else {}),
     }
 
 
@@ -220,13 +232,14 @@ class LatentExporter(pl.Callback):
                     part = load_latents(shard)
                     append_h5(f, part)
                     for k in SUMMARY_KEYS:
-                        columns.setdefault(k, []).append(part[k])
+                        if k in part:
+                            columns.setdefault(k, []).append(part[k])
         else:
             for shard in files:
                 for k, v in load_latents(shard).items():
                     columns.setdefault(k, []).append(v)
             save_npz(self.out / "latents.npz", {k: np.concatenate(v) for k, v in columns.items()})
-        self.summary = summarize({k: np.concatenate(columns[k]) for k in SUMMARY_KEYS})
+        self.summary = summarize({k: np.concatenate(columns[k]) for k in SUMMARY_KEYS if k in columns})
         self.metadata["end_time"] = datetime.now(timezone.utc).isoformat()
         save_json(self.out / "metadata.json", self.metadata)
         save_json(self.out / "summary.json", self.summary)

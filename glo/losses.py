@@ -1,32 +1,48 @@
-"""Per-sample pixel losses: each returns shape (B,) so one sample's gradient never depends on the batch."""
+"""Per-sample pixel losses: each returns shape (B,) so one sample's gradient never depends on the batch.
+
+An optional weight (B,1,H,W) restricts a loss to the pixels where it is > 0 (the known region of an
+inpainting mask): the others contribute exactly nothing, to the value or to the gradient.
+"""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from glo import GloError
 
 
-def l1(pred: Tensor, target: Tensor) -> Tensor:
-    return (pred - target).abs().flatten(1).mean(1)
+def weighted_mean(err: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Per-sample mean of `err` (B,C,H,W), over the pixels where weight > 0 when a weight is given."""
+    if weight is None:
+        return err.flatten(1).mean(1)
+    err = torch.where(weight > 0, err * weight, 0.0)  # where, not a product: the hole may hold anything
+    return err.flatten(1).sum(1) / weight.expand_as(err).flatten(1).sum(1).clamp_min(1e-8)
 
 
-def l2(pred: Tensor, target: Tensor) -> Tensor:
-    return (pred - target).square().flatten(1).mean(1)
+def l1(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    return weighted_mean((pred - target).abs(), weight)
+
+
+def l2(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    return weighted_mean((pred - target).square(), weight)
 
 
 class PixelLoss(nn.Module):
-    """A weighted sum of L1 and L2 on the raw decoder output (never clamped: clamping kills gradients)."""
+    """A weighted sum of L1 and L2 on the raw decoder output (never clamped: clamping kills gradients).
 
-    def __init__(self, name: str, l1: float, l2: float) -> None:
+    known_only: with an inpainting mask, fit the masked image's latent on the known pixels only.
+    """
+
+    def __init__(self, name: str, l1: float, l2: float, known_only: bool) -> None:
         super().__init__()
         if l1 < 0 or l2 < 0 or l1 + l2 == 0:
             raise GloError(f"loss '{name}': weights must be >= 0 and not both 0 (l1={l1}, l2={l2})")
-        self.name, self.w1, self.w2 = name, l1, l2
+        self.name, self.w1, self.w2, self.known_only = name, l1, l2, known_only
 
-    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         loss = 0.0
         if self.w1:
-            loss = loss + self.w1 * l1(pred, target)
+            loss = loss + self.w1 * l1(pred, target, weight)
         if self.w2:
-            loss = loss + self.w2 * l2(pred, target)
+            loss = loss + self.w2 * l2(pred, target, weight)
         return loss

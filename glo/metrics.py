@@ -12,6 +12,8 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from glo.losses import weighted_mean
+
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # the standard five scales
 
 
@@ -43,3 +45,10 @@ def ms_ssim(pred: Tensor, target: Tensor) -> Tensor:
 def mae(pred: Tensor, target: Tensor) -> Tensor:
     """Mean absolute error in [0,1] units."""
     return (_unit(pred) - _unit(target)).abs().flatten(1).mean(1)
+
+
+@torch.no_grad()
+def known_psnr(pred: Tensor, target: Tensor, known: Tensor) -> Tensor:
+    """PSNR in dB over the pixels where known (B,1,H,W) > 0: the region an inpainting pass must keep."""
+    mse = weighted_mean((_unit(pred) - _unit(target)).square(), known)
+    return 10 * torch.log10(1 / mse)

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from omegaconf import DictConfig
 from torch import Tensor
 
 from glo.engine import optimize
 from glo.losses import PixelLoss
-from glo.metrics import psnr, ssim
+from glo.masks import batch_holes, latent_mask
+from glo.metrics import known_psnr, psnr, ssim
 from glo.vae import FrozenVAE
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the decoder's autocast dtype
@@ -26,14 +29,27 @@ def engine_settings(vae: FrozenVAE, optim: str, lr: float, betas: tuple[float, f
                 encode=vae.encode if optim == "gradfree" else None)
 
 
+def config_settings(vae: FrozenVAE, module: DictConfig) -> dict:
+    """engine_settings from a composed glo.run config's `module` block, for tools that skip Lightning."""
+    m = module
+    return engine_settings(vae, m.optim, m.lr, m.betas, m.schedule, m.warmup_steps, m.max_steps, m.rel_tol, m.window,
+                           m.precision)
+
+
 class GLOModule(pl.LightningModule):
-    """Each batch's latents become parameters for its own Adam run; the VAE stays frozen throughout."""
+    """Each batch's latents become parameters for its own Adam run; the VAE stays frozen throughout.
+
+    With a mask source, each image also gets the inpainting conditioning: the latent of the masked
+    image (hole set to 0, i.e. grey, as diffusers does) is optimized in the same engine run, on the
+    known pixels only if `loss.known_only`, and exported with the mask at latent resolution.
+    """
 
     def __init__(self, vae: FrozenVAE, loss: PixelLoss, optim: str, lr: float, betas: tuple[float, float],
                  schedule: str, warmup_steps: int, max_steps: int, rel_tol: float, window: int, precision: str,
-                 image_every_n_batches: int) -> None:
+                 image_every_n_batches: int, masks: Callable[[str, tuple[int, int], int], np.ndarray] | None = None
+                 ) -> None:
         super().__init__()
-        self.vae, self.loss = vae, loss
+        self.vae, self.loss, self.masks = vae, loss, masks
         self.settings = engine_settings(vae, optim, lr, betas, schedule, warmup_steps, max_steps, rel_tol, window,
                                         precision)
         self.image_every = image_every_n_batches
@@ -43,31 +59,48 @@ class GLOModule(pl.LightningModule):
     def predict_step(self, batch: tuple[Tensor, dict], batch_idx: int) -> dict[str, np.ndarray]:
         images, meta = batch
         x = images.permute(0, 3, 1, 2).contiguous()  # datasets yield HWC
-        start = time.perf_counter()
-        z0 = self.vae.encode(x)
+        n, start = len(x), time.perf_counter()
+        target, weight = x, None
+        if self.masks:
+            hole = batch_holes(self.masks, meta, x.shape[-1]).to(x)
+            known = 1 - hole
+            target = torch.cat([x, x * known])  # full image, then the masked image
+            weight = torch.cat([torch.ones_like(known), known if self.loss.known_only else torch.ones_like(known)])
+        z0 = self.vae.encode(target)
         with torch.enable_grad():  # Lightning predicts under no_grad; the latents need gradients
-            r = optimize(self.vae.decode, z0, x, self.loss, **self.settings, on_step=self._on_step)
-        with torch.no_grad():
-            x0, x1 = self.vae.decode(z0), self.vae.decode(r.latents)
-        seconds = time.perf_counter() - start
+            r = optimize(self.vae.decode, z0, target, self.loss, weight=weight, **self.settings, on_step=self._on_step)
+        with torch.no_grad():  # the whole batch at once: initial then optimized, full images then masked ones
+            decoded0, decoded1 = self.vae.decode(z0), self.vae.decode(r.latents)
+        seconds = (time.perf_counter() - start) / n
+        x0, x1 = decoded0[:n], decoded1[:n]
         out = {
             "ids": np.array(meta["id"], dtype=str),
             "sources": np.array(meta["source"], dtype=str),
             "original_size": torch.stack([meta["height"], meta["width"]], 1).cpu().numpy(),
-            "latents": r.latents.float().cpu().numpy(),
-            "initial_latents": z0.float().cpu().numpy(),
-            "steps": r.steps.numpy(),
-            "initial_loss": r.initial_loss.numpy(),
-            "final_loss": r.final_loss.numpy(),
+            "latents": r.latents[:n].float().cpu().numpy(),
+            "initial_latents": z0[:n].float().cpu().numpy(),
+            "steps": r.steps[:n].numpy(),
+            "initial_loss": r.initial_loss[:n].numpy(),
+            "final_loss": r.final_loss[:n].numpy(),
             "psnr_initial": psnr(x0, x).cpu().numpy(),
             "psnr_final": psnr(x1, x).cpu().numpy(),
             "ssim_initial": ssim(x0, x).cpu().numpy(),
             "ssim_final": ssim(x1, x).cpu().numpy(),
-            "converged": r.converged.numpy(),
-            "nonfinite": r.nonfinite.numpy(),
-            "loss_curves": r.loss_curves.numpy(),
-            "seconds": np.full(len(x), seconds / len(x)),
+            "converged": r.converged[:n].numpy(),
+            "nonfinite": r.nonfinite[:n].numpy(),
+            "loss_curves": r.loss_curves[:n].numpy(),
         }
+        if self.masks:
+            out.update({
+                "masks": hole[:, 0].bool().cpu().numpy(),
+                "latent_masks": latent_mask(hole).float().cpu().numpy(),
+                "masked_latents": r.latents[n:].float().cpu().numpy(),
+                "initial_masked_latents": z0[n:].float().cpu().numpy(),
+                "masked_steps": r.steps[n:].numpy(),
+                "psnr_known_initial": known_psnr(decoded0[n:], x, known).cpu().numpy(),
+                "psnr_known_final": known_psnr(decoded1[n:], x, known).cpu().numpy(),
+            })
+        out["seconds"] = np.full(n, seconds)
         self._log_images(out, x, x0, x1, batch_idx)
         return out
 

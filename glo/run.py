@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
@@ -48,6 +49,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.precision in PRECISIONS, f"precision={cfg.precision}: must be one of {', '.join(PRECISIONS)}"),
         (cfg.schedule in SCHEDULES, f"schedule={cfg.schedule}: must be one of {', '.join(SCHEDULES)}"),
         (cfg.tile_size >= 0 and cfg.tile_size % 8 == 0, f"tile_size={cfg.tile_size}: must be 0 or a multiple of 8"),
+        (not (cfg.optim == "gradfree" and cfg.loss.known_only),
+         "optim=gradfree has no pixel loss to restrict: use optim=adam with loss.known_only=true"),
     ]
     for ok, message in checks:
         if not ok:
@@ -67,7 +70,9 @@ def environment() -> dict[str, str | None]:
 
 def hparams(cfg: DictConfig) -> dict[str, str | float | int]:
     """The knobs a sweep turns, flat, for TensorBoard's HParams tab."""
-    return {"vae": cfg.vae.name, "loss": cfg.loss.name, "data_size": cfg.data.size,
+    return {"vae": cfg.vae.name, "loss": cfg.loss.name, "known_only": cfg.loss.known_only,
+            "mask": HydraConfig.get().runtime.choices.mask,
+            "data_size": cfg.data.size,
             **{k: cfg[k] for k in ("optim", "lr", "schedule", "max_steps", "rel_tol", "window", "batch_size",
                                    "precision", "seed")}}
 
@@ -76,6 +81,9 @@ def run(cfg: DictConfig) -> float:
     validate(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     dataset = instantiate(cfg.data)
+    masks = instantiate(cfg.mask)
+    if masks:
+        masks.check(dataset.ids)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     exporter = next(c for c in callbacks if isinstance(c, LatentExporter))
     done = exporter.done_ids()
@@ -83,7 +91,7 @@ def run(cfg: DictConfig) -> float:
     if done:
         log.info("resuming: %d images already exported, %d to go", len(dataset.ids) - len(todo), len(todo))
     vae = instantiate(cfg.vae).set_speed(cfg.channels_last, cfg.checkpointing, cfg.tile_size)
-    module = instantiate(cfg.module, vae=vae, loss=instantiate(cfg.loss))
+    module = instantiate(cfg.module, vae=vae, loss=instantiate(cfg.loss), masks=masks)
     exporter.metadata.update(config=OmegaConf.to_container(cfg, resolve=True), vae=vae.info(),
                              image_size=dataset.size, environment=environment(),
                              skipped=getattr(dataset, "skipped", []))
@@ -103,6 +111,9 @@ def run(cfg: DictConfig) -> float:
     print(f"glo: {s['num_images']} images, PSNR {s['psnr_initial_mean']:.2f} -> {s['psnr_final_mean']:.2f} dB "
           f"(gain {s['psnr_gain_mean']:+.2f} dB, {s['images_improved']} improved), {s['steps_mean']:.1f} steps, "
           f"{s['images_per_second']:.3f} images/s -> {exporter.out}")
+    if "psnr_known_final_mean" in s:
+        print(f"glo: masked-image latents, known-region PSNR {s['psnr_known_initial_mean']:.2f} -> "
+              f"{s['psnr_known_final_mean']:.2f} dB ({s['known_images_improved']} improved)")
     return s["psnr_gain_mean"]
 
 

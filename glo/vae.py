@@ -13,6 +13,15 @@ from torch import Tensor, nn
 from glo import GloError
 
 
+def pick_device(name: str) -> torch.device:
+    """`auto` = CUDA, else Apple's MPS, else CPU; any other name is taken as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
 class FrozenVAE(nn.Module):
     """An AutoencoderKL whose weights never train; latents are scaled as Stable Diffusion scales them."""
 

@@ -9,7 +9,7 @@ from glo.losses import PixelLoss
 from glo.metrics import psnr
 from tests.conftest import photos
 
-L2 = PixelLoss("l2", l1=0.0, l2=1.0)
+L2 = PixelLoss("l2", l1=0.0, l2=1.0, known_only=False)
 
 
 def test_latent_gradient_is_nonzero(tiny_vae):
