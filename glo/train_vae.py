@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from glo import one_line_errors
+from glo import GloError, one_line_errors
 from glo.data import FolderDataset, check_size, to_array
 from glo.engine import lr_factor
 from glo.metrics import psnr, ssim
@@ -59,13 +59,24 @@ class RandomCrops(Dataset):
 
 
 class VAETraining(pl.LightningModule):
-    """L1 reconstruction + kl_weight * KL per pixel, AdamW with warm-up and cosine decay."""
+    """L1 reconstruction + kl_weight * KL per pixel, AdamW with warm-up and cosine decay.
+
+    fresh_encoder: keep init_from's decoder frozen and train a newly initialized encoder against it, so
+    the encoder's training budget alone sets how far its latents are from what the decoder can do.
+    """
 
     def __init__(self, vae: dict, lr: float, weight_decay: float, kl_weight: float, warmup_steps: int,
-                 init_from: str | None = None) -> None:
+                 init_from: str | None, fresh_encoder: bool) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if fresh_encoder and not init_from:
+            raise GloError("fresh_encoder=true trains a new encoder for an existing decoder: set init_from=DIR")
         self.model = AutoencoderKL.from_pretrained(init_from).train() if init_from else AutoencoderKL(**vae)
+        if fresh_encoder:
+            new = AutoencoderKL(**self.model.config)
+            self.model.encoder, self.model.quant_conv = new.encoder, new.quant_conv
+            self.model.decoder.requires_grad_(False)
+            self.model.post_quant_conv.requires_grad_(False)
 
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
         posterior = self.model.encode(x).latent_dist
@@ -85,7 +96,7 @@ class VAETraining(pl.LightningModule):
                                              comparison_grid([x, rec, error_map(rec, x)]), self.global_step)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total, warm = self.trainer.max_steps, self.hparams.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, "cosine", warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -113,7 +124,7 @@ def train(cfg: DictConfig) -> Path:
     crops = RandomCrops(cfg.data.train, cfg.crop, cfg.crops_per_epoch, tuple(cfg.scale), cfg.seed)
     val = instantiate(cfg.val_data)
     module = VAETraining(OmegaConf.to_container(cfg.vae, resolve=True), cfg.lr, cfg.weight_decay, cfg.kl_weight,
-                         cfg.warmup_steps, cfg.init_from)
+                         cfg.warmup_steps, cfg.init_from, cfg.fresh_encoder)
     last = out / "checkpoints" / "last.ckpt"
     trainer = instantiate(cfg.trainer, default_root_dir=str(out),
                           logger=pl.loggers.TensorBoardLogger(str(out), name="", version=""),

@@ -1,5 +1,6 @@
 """glo.train_vae: a few steps on tiny crops resume and export a loadable VAE; bad input fails before any model."""
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -48,3 +49,18 @@ def test_bad_input_fails_in_one_line_before_any_model(tmp_path, override, messag
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and message in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_fresh_encoder_trains_a_new_encoder_against_the_frozen_decoder(tmp_path):
+    data = image_folder(tmp_path / "train")
+    base = [*TINY, f"data.train={data}", f"val_data.path={data}"]
+    first = run_glo(*base, "trainer.max_steps=2", f"run_dir={tmp_path / 'a'}", module="glo.train_vae")
+    assert first.returncode == 0, first.stderr[-3000:]
+    p = run_glo(*base, "trainer.max_steps=2", f"init_from={tmp_path / 'a' / 'standin_vae'}", "fresh_encoder=true",
+                f"run_dir={tmp_path / 'b'}", module="glo.train_vae")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (load_vae(n, path=str(tmp_path / n / "standin_vae")).model for n in "ab")
+    for name, w in a.decoder.state_dict().items():
+        assert torch.equal(w, b.decoder.state_dict()[name]), name  # the decoder is untouched
+    assert not torch.equal(a.encoder.conv_in.weight, b.encoder.conv_in.weight)
