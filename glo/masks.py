@@ -73,8 +73,9 @@ class RandomMasks:
             if c <= self.hi:  # a shape that overshoots the range is dropped, a smaller one comes next
                 mask, covered = candidate, c
             if covered >= target:
-                break
-        return (np.asarray(mask) > 127).astype(np.float32)
+                return (np.asarray(mask) > 127).astype(np.float32)
+        raise GloError(f"mask.coverage=[{self.lo}, {self.hi}]: no {self.kind} mask in range for image '{image_id}' "
+                       f"after {MAX_SHAPES} shapes; widen the range")
 
     @staticmethod
     def _box(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> None:

@@ -167,3 +167,8 @@ def test_roundtrip_end_to_end(tmp_path):
     first = result["rows"][0]
     assert first["glo_known_psnr"] > first["plain_known_psnr"]  # one optimized trip beats the plain one
     assert "| 3 |" in (tmp_path / "roundtrip.md").read_text() and (tmp_path / "roundtrip.png").stat().st_size > 0
+
+
+def test_an_impossible_coverage_range_is_one_clear_error():
+    with pytest.raises(GloError, match="widen the range"):
+        RandomMasks("boxes", (0.3, 0.3), seed=0)("astronaut", (64, 64), 16)  # 76.8 of 256 px
