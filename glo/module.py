@@ -29,9 +29,8 @@ def engine_settings(vae: FrozenVAE, optim: str, lr: float, betas: tuple[float, f
                 encode=vae.encode if optim == "gradfree" else None)
 
 
-def config_settings(vae: FrozenVAE, module: DictConfig) -> dict:
+def config_settings(vae: FrozenVAE, m: DictConfig) -> dict:
     """engine_settings from a composed glo.run config's `module` block, for tools that skip Lightning."""
-    m = module
     return engine_settings(vae, m.optim, m.lr, m.betas, m.schedule, m.warmup_steps, m.max_steps, m.rel_tol, m.window,
                            m.precision)
 
