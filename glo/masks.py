@@ -23,6 +23,7 @@ from glo import GloError
 from glo.data import IMAGE_SUFFIXES, open_image, resize_center_crop
 
 MAX_SHAPES = 1000
+MaskSource = Callable[[str, tuple[int, int], int], np.ndarray]  # (id, original (h, w), size) -> (size, size)
 
 
 def no_mask() -> None:
@@ -39,7 +40,7 @@ def latent_mask(mask: Tensor, factor: int = 8) -> Tensor:
     return torch.nn.functional.max_pool2d(mask, factor)
 
 
-def batch_holes(masks: Callable[[str, tuple[int, int], int], np.ndarray], meta: dict, size: int) -> Tensor:
+def batch_holes(masks: MaskSource, meta: dict, size: int) -> Tensor:
     """(B,1,size,size) hole masks for a collated batch's meta (ids and original heights and widths)."""
     return torch.stack([torch.from_numpy(masks(i, (int(h), int(w)), size))
                         for i, h, w in zip(meta["id"], meta["height"], meta["width"])])[:, None]

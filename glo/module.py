@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import lightning.pytorch as pl
 import numpy as np
@@ -13,7 +12,7 @@ from torch import Tensor
 
 from glo.engine import optimize
 from glo.losses import PixelLoss
-from glo.masks import batch_holes, latent_mask
+from glo.masks import MaskSource, batch_holes, latent_mask
 from glo.metrics import known_psnr, psnr, ssim
 from glo.vae import FrozenVAE
 
@@ -45,8 +44,7 @@ class GLOModule(pl.LightningModule):
 
     def __init__(self, vae: FrozenVAE, loss: PixelLoss, optim: str, lr: float, betas: tuple[float, float],
                  schedule: str, warmup_steps: int, max_steps: int, rel_tol: float, window: int, precision: str,
-                 image_every_n_batches: int, masks: Callable[[str, tuple[int, int], int], np.ndarray] | None = None
-                 ) -> None:
+                 image_every_n_batches: int, masks: MaskSource | None = None) -> None:
         super().__init__()
         self.vae, self.loss, self.masks = vae, loss, masks
         self.settings = engine_settings(vae, optim, lr, betas, schedule, warmup_steps, max_steps, rel_tol, window,
@@ -64,7 +62,8 @@ class GLOModule(pl.LightningModule):
             hole = batch_holes(self.masks, meta, x.shape[-1]).to(x)
             known = 1 - hole
             target = torch.cat([x, x * known])  # full image, then the masked image
-            weight = torch.cat([torch.ones_like(known), known if self.loss.known_only else torch.ones_like(known)])
+            if self.loss.known_only:  # the full image keeps every pixel; the masked image only its known ones
+                weight = torch.cat([torch.ones_like(known), known])
         z0 = self.vae.encode(target)
         with torch.enable_grad():  # Lightning predicts under no_grad; the latents need gradients
             r = optimize(self.vae.decode, z0, target, self.loss, weight=weight, **self.settings, on_step=self._on_step)
