@@ -7,8 +7,6 @@ what `python -m glo.run` does. Writes bench.json and bench.md into the run direc
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from glo.engine import optimize
+from glo.hardware import describe, machine, resolve_precision
 from glo.metrics import psnr
 from glo.module import config_settings
 from glo.report import markdown_table
@@ -42,7 +41,8 @@ def glo_config(overrides: list[str]) -> DictConfig:
 
 
 def reference_loop(vae, x: torch.Tensor, loss, lr: float, steps: int) -> tuple[torch.Tensor, np.ndarray]:
-    """The published prototype, kept deliberately plain: one image at a time, Adam, fixed budget, fp32."""
+    """Returns the latents and each image's decoder passes (one forward + backward per step)."""
+    # The published prototype, kept deliberately plain: one image at a time, Adam, fixed budget, fp32.
     out = []
     for i in range(len(x)):
         z = vae.encode(x[i : i + 1]).clone().requires_grad_(True)
@@ -56,15 +56,16 @@ def reference_loop(vae, x: torch.Tensor, loss, lr: float, steps: int) -> tuple[t
 
 
 def glo_method(cfg: DictConfig, vae, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """What glo.run does for these images, minus Lightning and export: batches through the engine."""
-    loss, latents, steps = instantiate(cfg.loss), [], []
+    """What glo.run does for these images, minus Lightning and export: batches through the engine.
+    Returns the latents and each image's decoder passes."""
+    loss, latents, passes = instantiate(cfg.loss), [], []
     settings = config_settings(vae, cfg.module)
     for start in range(0, len(x), cfg.batch_size):
         xb = x[start : start + cfg.batch_size]
         r = optimize(vae.decode, vae.encode(xb), xb, loss, **settings)
         latents.append(r.latents)
-        steps.append(r.steps.numpy())
-    return torch.cat(latents), np.concatenate(steps)
+        passes.append(r.passes.numpy())
+    return torch.cat(latents), np.concatenate(passes)
 
 
 def measure(name: str, common: list[str], overrides: list[str], reference: dict | None) -> dict:
@@ -80,9 +81,9 @@ def measure(name: str, common: list[str], overrides: list[str], reference: dict 
     start = time.perf_counter()
     with torch.enable_grad():
         if reference:
-            latents, steps = reference_loop(vae, x, instantiate(cfg.loss), reference["lr"], reference["steps"])
+            latents, passes = reference_loop(vae, x, instantiate(cfg.loss), reference["lr"], reference["steps"])
         else:
-            latents, steps = glo_method(cfg, vae, x)
+            latents, passes = glo_method(cfg, vae, x)
     seconds = time.perf_counter() - start
     peak_mb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
@@ -92,7 +93,8 @@ def measure(name: str, common: list[str], overrides: list[str], reference: dict 
                           for i in range(len(x))]).cpu().numpy()
     return {"method": name, "overrides": " ".join(overrides), "images": len(x), "images_per_second": len(x) / seconds,
             "seconds_per_image": seconds / len(x), "peak_memory_mb": peak_mb, "psnr_gain_mean": float(gain.mean()),
-            "improved_fraction": float((gain > 0).mean()), "steps_mean": float(steps.mean())}
+            "improved_fraction": float((gain > 0).mean()), "passes_mean": float(passes.mean()),
+            "precision": "fp32" if reference else resolve_precision(cfg.precision, device)[0]}
 
 
 def decode_backward_seconds(vae_overrides: list[str], size: int, repeats: int = 5) -> float:
@@ -140,18 +142,13 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     return result
 
 
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
 def render(result: dict) -> str:
     cols = ("method", "images_per_second", "seconds_per_image", "speedup", "psnr_gain_mean", "gain_vs_reference_db",
-            "improved_fraction", "steps_mean", "peak_memory_mb", "overrides")
+            "improved_fraction", "passes_mean", "precision", "peak_memory_mb", "overrides")
     c = result["config"]
     text = [f"# glo.bench — {result['date'][:10]}", "",
-            f"Machine: {result['machine']}", "",
+            f"Machine: {describe(result['machine'])}; {result['machine']['platform']}, torch {result['machine']['torch']}.",
+            "",
             f"VAE `{c['vae']}`, {c['data']['limit']} images from `{c['data']['path']}` at {c['data']['size']} px; "
             f"reference: per-image Adam, {c['reference']['steps']} steps, lr {c['reference']['lr']}, fp32, batch 1.", "",
             f"One fp32 decode + backward, batch 1, at {c['data']['size']} px: {result['decode_backward_seconds']:.3f} s "

@@ -24,6 +24,7 @@ class Result:
     initial_loss: Tensor  # (B,) loss of the starting latent
     final_loss: Tensor    # (B,) loss of the returned latent
     steps: Tensor         # (B,) Adam updates taken before the sample stopped
+    passes: Tensor        # (B,) decoder passes spent: forward + backward = 1, a forward alone (scoring) = 0.5
     converged: Tensor     # (B,) bool: stopped by the rel_tol rule rather than the budget
     nonfinite: Tensor     # (B,) bool: met a non-finite loss and was reverted to its best latent
     loss_curves: Tensor   # (B,max_steps) loss before each update; NaN once the sample stopped
@@ -65,6 +66,7 @@ def optimize(
     best_loss = torch.full((n,), float("inf"))
     curves = torch.full((n, max_steps), float("nan"))
     steps = torch.zeros(n, dtype=torch.long)
+    passes = torch.zeros(n)
     converged = torch.zeros(n, dtype=torch.bool)
     nonfinite = torch.zeros(n, dtype=torch.bool)
     active = list(range(n))
@@ -78,6 +80,7 @@ def optimize(
             with low_precision:
                 decoded = decode(torch.stack([zs[i] for i in active]))
             pred = decoded.float()
+            passes[active] += 0.5
             losses = loss_fn(pred, target[active]) if weight is None else loss_fn(pred, target[active], weight[active])
         values = losses.detach().float().cpu()
         going = []  # positions in `active` that take another update
@@ -100,6 +103,7 @@ def optimize(
             going.append(j)
         steps[active] = t
         if going:
+            passes[[active[j] for j in going]] += 0.5  # the backward, or gradient-free's encoder forward
             if encode is None:
                 losses[going].sum().backward()
                 for j in set(range(len(active))) - set(going):
@@ -115,7 +119,7 @@ def optimize(
         if on_step and t < max_steps:
             finite = values[torch.isfinite(values)]
             on_step(t, len(active), float(finite.mean()) if len(finite) else float("nan"))
-    return Result(best, curves[:, 0].clone(), best_loss, steps, converged, nonfinite, curves)
+    return Result(best, curves[:, 0].clone(), best_loss, steps, passes, converged, nonfinite, curves)
 
 
 def lr_factor(step: int, max_steps: int, schedule: str, warmup_steps: int) -> float:

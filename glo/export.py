@@ -149,7 +149,8 @@ class LatentDataset(Dataset):
 
 
 FORMATS = ("npz", "hdf5")
-SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "converged", "nonfinite",
+SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "passes", "converged",
+                "nonfinite",
                 "seconds", "psnr_known_initial", "psnr_known_final")  # the last two only with a mask
 
 
@@ -166,6 +167,7 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
         "ssim_final_mean": float(a["ssim_final"].mean()),
         "images_improved": int((gain > 0).sum()),
         "steps_mean": float(a["steps"].mean()),
+        **({"passes_mean": float(a["passes"].mean())} if "passes" in a else {}),
         "converged": int(a["converged"].sum()),
         "nonfinite": int(a["nonfinite"].sum()),
         "seconds_total": seconds,

@@ -11,12 +11,12 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from glo.engine import optimize
+from glo.hardware import PRECISIONS, resolve_precision
 from glo.losses import PixelLoss
 from glo.masks import MaskSource, batch_holes, latent_mask
 from glo.metrics import known_psnr, psnr, ssim
 from glo.vae import FrozenVAE
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the decoder's autocast dtype
 OPTIMS = ("adam", "gradfree")
 
 
@@ -29,9 +29,11 @@ def engine_settings(vae: FrozenVAE, optim: str, lr: float, betas: tuple[float, f
 
 
 def config_settings(vae: FrozenVAE, m: DictConfig) -> dict:
-    """engine_settings from a composed glo.run config's `module` block, for tools that skip Lightning."""
+    """engine_settings from a composed glo.run config's `module` block, for tools that skip Lightning;
+    `precision=auto` is resolved for the device the VAE is on."""
+    precision, _ = resolve_precision(m.precision, next(vae.parameters()).device)
     return engine_settings(vae, m.optim, m.lr, m.betas, m.schedule, m.warmup_steps, m.max_steps, m.rel_tol, m.window,
-                           m.precision)
+                           precision)
 
 
 class GLOModule(pl.LightningModule):
@@ -78,6 +80,7 @@ class GLOModule(pl.LightningModule):
             "latents": r.latents[:n].float().cpu().numpy(),
             "initial_latents": z0[:n].float().cpu().numpy(),
             "steps": r.steps[:n].numpy(),
+            "passes": r.passes[:n].numpy(),
             "initial_loss": r.initial_loss[:n].numpy(),
             "final_loss": r.final_loss[:n].numpy(),
             "psnr_initial": psnr(x0, x).cpu().numpy(),
@@ -95,6 +98,7 @@ class GLOModule(pl.LightningModule):
                 "masked_latents": r.latents[n:].float().cpu().numpy(),
                 "initial_masked_latents": z0[n:].float().cpu().numpy(),
                 "masked_steps": r.steps[n:].numpy(),
+                "masked_passes": r.passes[n:].numpy(),
                 "psnr_known_initial": known_psnr(decoded0[n:], x, known).cpu().numpy(),
                 "psnr_known_final": known_psnr(decoded1[n:], x, known).cpu().numpy(),
             })

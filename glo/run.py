@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader, Subset
 from glo import GloError, one_line_errors
 from glo.evaluate import evaluate
 from glo.export import LatentExporter
-from glo.module import OPTIMS, PRECISIONS
+from glo.hardware import PRECISIONS, machine, resolve_precision
+from glo.module import OPTIMS
+from glo.vae import pick_device
 
 log = logging.getLogger("glo")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -46,7 +48,7 @@ def validate(cfg: DictConfig) -> None:
         (cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1"),
         (cfg.device in DEVICES, f"device={cfg.device}: must be one of {', '.join(DEVICES)}"),
         (cfg.optim in OPTIMS, f"optim={cfg.optim}: must be one of {', '.join(OPTIMS)}"),
-        (cfg.precision in PRECISIONS, f"precision={cfg.precision}: must be one of {', '.join(PRECISIONS)}"),
+        (cfg.precision in ("auto", *PRECISIONS), f"precision={cfg.precision}: must be one of auto, {', '.join(PRECISIONS)}"),
         (cfg.schedule in SCHEDULES, f"schedule={cfg.schedule}: must be one of {', '.join(SCHEDULES)}"),
         (cfg.tile_size >= 0 and cfg.tile_size % 8 == 0, f"tile_size={cfg.tile_size}: must be 0 or a multiple of 8"),
         (not (cfg.optim == "gradfree" and cfg.loss.known_only),
@@ -91,8 +93,12 @@ def run(cfg: DictConfig) -> float:
     if done:
         log.info("resuming: %d images already exported, %d to go", len(dataset.ids) - len(todo), len(todo))
     vae = instantiate(cfg.vae).set_speed(cfg.channels_last, cfg.checkpointing, cfg.tile_size)
-    module = instantiate(cfg.module, vae=vae, loss=instantiate(cfg.loss), masks=masks)
+    precision, reason = resolve_precision(cfg.precision, pick_device(cfg.device))
+    log.info("precision %s (%s)", precision, reason)
+    module = instantiate(cfg.module, vae=vae, loss=instantiate(cfg.loss), masks=masks, precision=precision)
     exporter.metadata.update(config=OmegaConf.to_container(cfg, resolve=True), vae=vae.info(),
+                             precision={"requested": cfg.precision, "used": precision, "reason": reason},
+                             machine=machine(),
                              image_size=dataset.size, environment=environment(),
                              skipped=getattr(dataset, "skipped", []))
     trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks)

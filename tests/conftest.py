@@ -35,7 +35,8 @@ def run_glo(*overrides: str, module: str = "glo.run", timeout: int = 600) -> sub
                           text=True, timeout=timeout)
 
 
-FAST = ["vae=tiny_random", "data.limit=3", "data.size=64", "max_steps=8", "batch_size=2"]
+# fp32 pinned: the default (auto) would follow this CPU, and tests must not depend on it
+FAST = ["vae=tiny_random", "data.limit=3", "data.size=64", "max_steps=8", "batch_size=2", "precision=fp32"]
 
 
 @pytest.fixture(scope="session")

@@ -133,3 +133,13 @@ def test_cosine_schedule_with_warmup():
     assert [lr_factor(t, 10, "constant", 0) for t in (0, 9)] == [1.0, 1.0]
     with pytest.raises(ValueError, match="schedule"):
         lr_factor(0, 10, "step", 0)
+
+
+def test_passes_count_forward_and_backward_as_one_and_scoring_as_half():
+    decode = CountingDecoder()
+    z0 = torch.randn(3, 4, 8, 8)
+    target = decode(z0).detach()
+    target[1:] += torch.randn_like(target[1:])  # sample 0 starts at its optimum and converges at step 3
+    r = optimize(decode, z0, target, L2, lr=0.05, max_steps=6, rel_tol=1e-6, window=3)
+    assert r.passes.tolist() == [3.5, 6.5, 6.5]  # a fixed budget of N steps costs N + 0.5 passes
+    assert torch.equal(r.passes, r.steps + 0.5)

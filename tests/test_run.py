@@ -31,6 +31,9 @@ def test_run_writes_the_dataset_and_resumes_without_redoing(finished_run):
     assert meta["config"]["lr"] == 0.1 and meta["vae"]["scaling_factor"] == pytest.approx(0.18215)
     assert meta["image_size"] == 64 and meta["environment"]["torch"].startswith("2.13.0")
     assert {"start_time", "end_time"} <= meta.keys()
+    assert meta["precision"] == {"requested": "fp32", "used": "fp32", "reason": "forced by precision=fp32"}
+    assert meta["machine"]["cpu_capability"] and "cpu_native_bf16" in meta["machine"]
+    assert np.array_equal(a["passes"], a["steps"] + 0.5) and summary["passes_mean"] == pytest.approx(8.5)
     assert list(out.glob("events.out.tfevents.*"))
     shards = sorted((out / "shards").glob("*.npz"))
     assert len(shards) == 2
@@ -43,7 +46,8 @@ def test_run_writes_the_dataset_and_resumes_without_redoing(finished_run):
 
 
 def test_sigkill_then_resume_exports_each_image_once_and_identically(tmp_path):
-    args = ["vae=tiny_random", "data.limit=4", "data.size=64", "max_steps=40", "rel_tol=0", "batch_size=2", "report=false"]
+    args = ["vae=tiny_random", "data.limit=4", "data.size=64", "max_steps=40", "rel_tol=0", "batch_size=2", "report=false",
+            "precision=fp32"]
     reference = tmp_path / "reference"
     assert run_glo(*args, f"hydra.run.dir={reference}").returncode == 0
     killed = tmp_path / "killed"
@@ -71,7 +75,7 @@ def test_sigkill_then_resume_exports_each_image_once_and_identically(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_exports_every_image_exactly_once(tmp_path):
     p = run_glo("vae=tiny_random", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.limit=5",
-                "data.size=64", "max_steps=3", "batch_size=2", "report=false", f"hydra.run.dir={tmp_path}")
+                "data.size=64", "max_steps=3", "batch_size=2", "report=false", "precision=fp32", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     ids = list(np.load(tmp_path / "latents.npz")["ids"])
     assert sorted(ids) == sorted(["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"])
@@ -88,7 +92,7 @@ def test_same_seed_and_config_give_bitwise_identical_latents(finished_run, tmp_p
 
 
 def test_multirun_gives_each_job_its_own_directory_and_compare_ranks_them(tmp_path):
-    p = run_glo("--multirun", "vae=tiny_random", "lr=0.001,0.1", "data.limit=1", "data.size=64", "max_steps=4", "report=false",
+    p = run_glo("--multirun", "vae=tiny_random", "lr=0.001,0.1", "data.limit=1", "data.size=64", "max_steps=4", "report=false", "precision=fp32",
                 f"hydra.sweep.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     lrs = [json.loads((tmp_path / str(k) / "metadata.json").read_text())["config"]["lr"] for k in (0, 1)]
@@ -117,7 +121,7 @@ def bad_folder(tmp_path, kind):
     (["max_steps=0"], "max_steps=0: must be >= 1"),
     (["max_steps=2.5"], "max_steps=2.5: must be an integer"),
     (["rel_tol=-1"], "rel_tol=-1: must be >= 0"),
-    (["precision=fp8"], "precision=fp8: must be one of fp32, bf16, fp16"),
+    (["precision=fp8"], "precision=fp8: must be one of auto, fp32, bf16, fp16"),
     (["lr=-0.1"], "lr=-0.1: must be > 0"),
     (["data.size=60"], "data.size=60: must be a positive multiple of 8"),
     (["data=folder", "data.path=MISSING"], "no such directory"),
@@ -138,7 +142,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, message):
 
 def test_skip_mode_runs_on_and_lists_the_bad_files(tmp_path):
     folder = bad_folder(tmp_path, "corrupt")
-    p = run_glo("data=folder", f"data.path={folder}", "data.on_error=skip", "data.size=64", "max_steps=2",
+    p = run_glo("data=folder", f"data.path={folder}", "data.on_error=skip", "data.size=64", "max_steps=2", "precision=fp32",
                 "report=false", f"hydra.run.dir={tmp_path / 'run'}")
     assert p.returncode == 0, p.stderr[-2000:]
     meta = json.loads((tmp_path / "run" / "metadata.json").read_text())

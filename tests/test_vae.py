@@ -47,7 +47,7 @@ def test_sd_architecture_directory_runs_end_to_end(tmp_path):
         sample_size=512, scaling_factor=0.18215,
     ).save_pretrained(tmp_path / "sd15" / "vae")
     out = tmp_path / "run"
-    p = run_glo("vae=sd15", f"vae.path={tmp_path / 'sd15'}", "data.size=64", "data.limit=1", "max_steps=2",
+    p = run_glo("vae=sd15", f"vae.path={tmp_path / 'sd15'}", "data.size=64", "data.limit=1", "max_steps=2", "precision=fp32",
                 f"hydra.run.dir={out}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert '"scaling_factor": 0.18215' in (out / "metadata.json").read_text()

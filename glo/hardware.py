@@ -1,0 +1,63 @@
+"""What this machine is, and which decoder precision it runs natively.
+
+Reduced precision is only a speed-up where the hardware computes in it: on a CPU without native bf16
+(AVX2 only) autocast emulates bf16 and one decode + backward gets over 100x slower. So `precision=auto`
+decides from the hardware's capability, never from one machine's benchmark, and every figure says
+which machine it was measured on.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the decoder's autocast dtype
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX), not by emulation."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """`auto` -> the fastest precision this device runs natively, with the reason; anything else is forced."""
+    if requested != "auto":
+        return requested, "forced by precision=" + requested
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16"
+        return "fp16", f"auto: {torch.cuda.get_device_name(device)} has no bf16, fp16 instead"
+    if device.type == "cpu":
+        capability = torch.backends.cpu.get_cpu_capability()
+        if cpu_native_bf16():
+            return "bf16", f"auto: {cpu_model()} ({capability}) has native bf16"
+        return "fp32", f"auto: {cpu_model()} ({capability}) has no native bf16 (it would be emulated, far slower)"
+    return "fp32", f"auto: no reduced precision chosen for {device.type}"
+
+
+def machine() -> dict:
+    """The machine a figure was measured on: CPU model and capability, threads, GPU if any."""
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16": cpu_native_bf16(), "cpus": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def describe(m: dict) -> str:
+    """One line for a figure's caption."""
+    gpu = f", GPU {m['cuda']}" if m.get("cuda") else ""
+    bf16 = "native bf16" if m["cpu_native_bf16"] else "no native bf16"
+    return f"{m['cpu']} ({m['cpu_capability']}, {bf16}), {m['cpus']} CPUs, {m['torch_threads']} torch threads{gpu}"

@@ -1,0 +1,41 @@
+"""precision=auto follows the hardware's capability, and reduced precision really changes the arithmetic."""
+import pytest
+import torch
+
+from glo import hardware
+from glo.engine import optimize
+from glo.losses import PixelLoss
+from tests.conftest import photos
+
+L2 = PixelLoss("l2", l1=0.0, l2=1.0, known_only=False)
+
+
+@pytest.mark.parametrize("native,expected", [(False, "fp32"), (True, "bf16")])
+def test_auto_picks_bf16_only_where_the_cpu_has_it_natively(monkeypatch, native, expected):
+    monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: native)
+    used, reason = hardware.resolve_precision("auto", torch.device("cpu"))
+    assert used == expected and reason.startswith("auto:") and ("no native bf16" in reason) == (not native)
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16", "fp16"])
+def test_an_explicit_precision_is_never_overridden(monkeypatch, forced):
+    monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: forced != "bf16")
+    assert hardware.resolve_precision(forced, torch.device("cpu")) == (forced, f"forced by precision={forced}")
+
+
+def test_machine_names_cpu_and_capability():
+    m = hardware.machine()
+    assert m["cpu"] and m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert m["cpu_capability"] in hardware.describe(m)
+
+
+def test_bf16_decoder_is_close_to_fp32_but_not_equal(tiny_vae):
+    """Catches autocast being silently ignored (results would be bitwise fp32) or misapplied (far off)."""
+    x = photos(2, size=32)
+    z0 = tiny_vae.encode(x)
+    kw = dict(lr=0.1, max_steps=3, rel_tol=0.0, window=5)
+    full = optimize(tiny_vae.decode, z0, x, L2, **kw)
+    half = optimize(tiny_vae.decode, z0, x, L2, autocast=torch.bfloat16, **kw)
+    assert not torch.equal(full.loss_curves, half.loss_curves)
+    assert torch.allclose(full.loss_curves, half.loss_curves, rtol=0.03)  # Adam's normalization lets single
+    assert (half.final_loss < half.initial_loss).all()                      # elements differ; the losses stay close
