@@ -1,7 +1,9 @@
 """glo: Generative Latent Optimization for Stable Diffusion VAE latents."""
 from __future__ import annotations
 
+import errno
 import sys
+import threading
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,6 +11,9 @@ from typing import Any, Iterator
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+
+USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class GloError(Exception):
@@ -19,10 +24,19 @@ class GloError(Exception):
 def one_line_errors(prog: str) -> Iterator[None]:
     """Print a GloError (also when Hydra's instantiate wrapped it) as one line and exit 1.
 
-    Anything else is a bug and keeps its traceback.
+    A full disk, a read-only or immutable directory is the user's to fix, not a bug: one line too (every
+    file is written atomically, so nothing half-written is left). Anything else is a bug and keeps its traceback.
     """
+    threading.excepthook = _main_thread_reports
     try:
         yield
+    except OSError as e:
+        if e.errno not in USER_FIXABLE:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"{prog}: error: cannot write{where}: {e.strerror}; nothing half-written is left, "
+              "finished work is kept: fix that and run the same command again", file=sys.stderr)
+        sys.exit(1)
     except Exception as e:
         cause: BaseException | None = e
         while cause is not None and not isinstance(cause, GloError):
@@ -30,7 +44,14 @@ def one_line_errors(prog: str) -> Iterator[None]:
         if cause is None:
             raise
         print(f"{prog}: error: {cause}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(cause, "exit_code", 1))
+
+
+def _main_thread_reports(args: threading.ExceptHookArgs) -> None:
+    """A writer thread (TensorBoard's) that hits a full disk stays quiet: the main thread meets the same error
+    at its next write and reports it in one line."""
+    if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in USER_FIXABLE):
+        threading.__excepthook__(args)
 
 
 class WritableOutputDir(Callback):

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from glo.engine import optimize
-from glo.hardware import describe, machine, resolve_precision
+from glo.hardware import cpu_native_bf16, describe, machine, resolve_precision
 from glo.metrics import psnr
 from glo.module import config_settings
 from glo.report import markdown_table
@@ -73,6 +73,11 @@ def measure(name: str, common: list[str], overrides: list[str], reference: dict 
     cfg = glo_config(common + overrides)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
+    precision = "fp32" if reference else resolve_precision(cfg.precision, device)[0]
+    if precision != "fp32" and device.type == "cpu" and not cpu_native_bf16():
+        return {"method": name, "overrides": " ".join(overrides), "precision": precision,
+                "skipped": "not measured: this CPU has no native bf16, so reduced precision is emulated (over 100x "
+                           "slower per pass)"}
     dataset = instantiate(cfg.data)
     x = torch.stack([torch.from_numpy(dataset[i][0]).permute(2, 0, 1) for i in range(len(dataset))]).to(device)
     vae = instantiate(cfg.vae).set_speed(cfg.channels_last, cfg.checkpointing, cfg.tile_size).to(device)
@@ -94,7 +99,7 @@ def measure(name: str, common: list[str], overrides: list[str], reference: dict 
     return {"method": name, "overrides": " ".join(overrides), "images": len(x), "images_per_second": len(x) / seconds,
             "seconds_per_image": seconds / len(x), "peak_memory_mb": peak_mb, "psnr_gain_mean": float(gain.mean()),
             "improved_fraction": float((gain > 0).mean()), "passes_mean": float(passes.mean()),
-            "precision": "fp32" if reference else resolve_precision(cfg.precision, device)[0]}
+            "precision": precision, "skipped": ""}
 
 
 def decode_backward_seconds(vae_overrides: list[str], size: int, repeats: int = 5) -> float:
@@ -122,15 +127,16 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     print(markdown_table(rows), flush=True)
     for name, overrides in cfg.methods.items():
         rows.append(run_isolated(name, common, list(overrides)))
-        print(markdown_table(rows[-1:]), flush=True)
+        print(f"{name}: {rows[-1]['skipped'] or 'measured'}", flush=True)
     ref = rows[0]
     for r in rows:
-        r["speedup"] = r["images_per_second"] / ref["images_per_second"]
-        r["gain_vs_reference_db"] = r["psnr_gain_mean"] - ref["psnr_gain_mean"]
+        if not r["skipped"]:
+            r["speedup"] = r["images_per_second"] / ref["images_per_second"]
+            r["gain_vs_reference_db"] = r["psnr_gain_mean"] - ref["psnr_gain_mean"]
     memory = []
     if cfg.memory.enabled:
         base = [f"vae={cfg.memory.vae}", "data=folder", f"data.path={cfg.data.path}", "data.limit=1",
-                f"data.size={cfg.memory.size}", f"max_steps={cfg.memory.steps}", "rel_tol=0", "batch_size=1"]
+                f"data.size={cfg.memory.size}", f"max_steps={cfg.memory.steps}", "rel_tol=0", "batch_size=1", "precision=fp32"]
         memory = [run_isolated(name, base, list(o)) for name, o in cfg.memory.methods.items()]
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         unit = pool.submit(decode_backward_seconds, [o for o in common if o.startswith("vae")], cfg.data.size).result()
@@ -153,7 +159,10 @@ def render(result: dict) -> str:
             f"reference: per-image Adam, {c['reference']['steps']} steps, lr {c['reference']['lr']}, fp32, batch 1.", "",
             f"One fp32 decode + backward, batch 1, at {c['data']['size']} px: {result['decode_backward_seconds']:.3f} s "
             "(median of 5).", "",
-            markdown_table([{k: r[k] for k in cols} for r in result["methods"]]), ""]
+            markdown_table([{k: r.get(k, "—") for k in cols} for r in result["methods"]]), ""]
+    skipped = [r for r in result["methods"] if r["skipped"]]
+    if skipped:
+        text += [f"Not measured on this machine: {', '.join(r['method'] for r in skipped)} ({skipped[0]['skipped']}).", ""]
     if result["memory"]:
         text += ["## Peak memory", "", markdown_table([{k: r[k] for k in ("method", "peak_memory_mb", "seconds_per_image",
                                                                          "overrides")} for r in result["memory"]]), ""]

@@ -11,13 +11,14 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from glo import GloError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 log = logging.getLogger("glo")
+ORIENTATION = 0x0112  # the EXIF tag
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
@@ -49,11 +50,13 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
 
 
-def open_image(path: Path, size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def open_image(path: Path, size: int | None = None) -> tuple[Image.Image, tuple[int, int], int]:
     """Decode fully now, so a truncated or non-image file fails here with its name.
 
     With `size`, JPEGs decode at the smallest built-in scale that still covers it: a huge photo is
-    never held at full resolution just to be shrunk. Returns the image and its original (width, height).
+    never held at full resolution just to be shrunk. Phone photos store pixels sideways with an EXIF
+    orientation: the image is turned upright. Returns it, its original (width, height) upright, and the
+    EXIF orientation it had (1 = none).
     """
     try:
         with Image.open(path) as img:
@@ -63,7 +66,9 @@ def open_image(path: Path, size: int | None = None) -> tuple[Image.Image, tuple[
             if size and img.format == "JPEG":
                 img.draft("RGB", (size, size))
             img.load()
-            return to_rgb(img), original
+            orientation = int(img.getexif().get(ORIENTATION, 1))
+            upright = ImageOps.exif_transpose(img)
+            return to_rgb(upright), original if upright.size == img.size else original[::-1], orientation
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise GloError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
@@ -95,7 +100,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, dict]:
         img, meta = self.image(i)
-        return to_array(img), meta
+        return to_array(img), {**meta, "index": i}  # the position names the export shard
 
 
 class SampleDataset(ImageDataset):
@@ -121,11 +126,13 @@ class FileDataset(ImageDataset):
         if on_error not in ("fail", "skip"):
             raise GloError(f"data.on_error={on_error}: must be fail or skip")
         self.skipped: list[dict[str, str]] = []
+        self.turned: list[str] = []  # turned upright by their EXIF orientation (recorded in metadata.json)
         self.files = []
         ids = self._truncate([f.stem for f in files])  # unique, and at most `limit`
         for f in files[: len(ids)]:
             try:
-                self.read(f)
+                if self.read(f)[1].get("exif_orientation", 1) != 1:
+                    self.turned.append(str(f))
                 self.files.append(f)
             except GloError as e:
                 if on_error == "fail":
@@ -149,14 +156,16 @@ class FolderDataset(FileDataset):
         root = Path(path)
         if not root.is_dir():
             raise GloError(f"data.path={path}: no such directory")
-        files = sorted(f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        # a dangling link is kept, so that it fails (or is skipped and listed) like any unreadable file
+        files = sorted(f for f in root.iterdir() if (f.is_file() or f.is_symlink()) and f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise GloError(f"data.path={path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         super().__init__(files, size, limit, on_error)
 
     def read(self, path: Path) -> tuple[Image.Image, dict]:
-        img, (width, height) = open_image(path, self.size)
-        return img, {"id": path.stem, "source": str(path), "height": height, "width": width}
+        img, (width, height), orientation = open_image(path, self.size)
+        return img, {"id": path.stem, "source": str(path), "height": height, "width": width,
+                     "exif_orientation": orientation}
 
 
 class BSDS500Dataset(FileDataset):

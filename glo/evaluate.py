@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from glo import GloError, one_line_errors
 from glo.data import ImageDataset
-from glo.export import find_latents, load_latents, save_json, summarize
+from glo.atomic import atomic_write, save_json
+from glo.export import find_latents, load_latents, summarize
 from glo.metrics import mae, ms_ssim, psnr, ssim
 from glo.report import grid_figure, save_figure, write_plots, write_report
 from glo.vae import FrozenVAE
@@ -90,12 +92,13 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
                            "initial": _unit_hwc(x0[j]), "optimized": _unit_hwc(x1[j])}
     values = {k: torch.cat(v).numpy().astype(np.float64) for k, v in scores.items()}
 
-    with open(run / "metrics.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", *[f"{m}_{w}" for m in metrics for w in ("initial", "final", "gain")]])
-        for i, name in enumerate(arrays["ids"]):
-            writer.writerow([name, *[f"{v:.6g}" for m in metrics for v in (
-                values[f"{m}_initial"][i], values[f"{m}_final"][i], values[f"{m}_final"][i] - values[f"{m}_initial"][i])]])
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["id", *[f"{m}_{w}" for m in metrics for w in ("initial", "final", "gain")]])
+    for i, name in enumerate(arrays["ids"]):
+        writer.writerow([name, *[f"{v:.6g}" for m in metrics for v in (
+            values[f"{m}_initial"][i], values[f"{m}_final"][i], values[f"{m}_final"][i] - values[f"{m}_initial"][i])]])
+    atomic_write(run / "metrics.csv", lambda f: f.write(table.getvalue().encode()))
 
     summary = summarize(arrays)
     for m in metrics:

@@ -5,14 +5,14 @@ are the resume state: a run started again in the same directory skips the ids th
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import logging
 import struct
 import zipfile
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import Any
 
 import h5py
 import lightning.pytorch as pl
@@ -21,29 +21,9 @@ import torch
 from torch.utils.data import Dataset
 
 from glo import GloError
+from glo.atomic import atomic_path, save_json, save_npz
 
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path`, renamed to it only if the block finishes: no half-written files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+log = logging.getLogger("glo")
 
 
 def append_h5(f: h5py.File, arrays: dict[str, np.ndarray]) -> None:
@@ -58,10 +38,6 @@ def append_h5(f: h5py.File, arrays: dict[str, np.ndarray]) -> None:
         d = f[key]
         d.resize(d.shape[0] + len(a), axis=0)
         d[-len(a):] = a
-
-
-def save_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
 def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
@@ -82,6 +58,10 @@ def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
         return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=f.tell(), order="F" if fortran else "C")
 
 
+REQUIRED = ("ids", "latents")  # what every reader needs; LatentDataset also reads initial_latents
+INPAINTING = ("latent_masks", "masked_latents")
+
+
 def open_latents(path: str | Path) -> dict[str, Any]:
     """Every array of a latents.npz / latents.h5 (or a shard), read lazily: NPZ members are memory-mapped,
     HDF5 datasets are read chunk by chunk as they are indexed. One-line error for a missing or damaged file."""
@@ -89,13 +69,29 @@ def open_latents(path: str | Path) -> dict[str, Any]:
     try:
         if path.suffix == ".h5":
             f = h5py.File(path, "r")
-            return {k: f[k] for k in f}
-        with zipfile.ZipFile(path) as z:
-            return {name[:-4]: _npz_member(path, z, name[:-4]) for name in z.namelist() if name.endswith(".npy")}
+            groups = [k for k in f if not isinstance(f[k], h5py.Dataset)]
+            if groups:
+                raise GloError(f"{path}: '{groups[0]}' is an HDF5 group; a latents file holds only arrays")
+            arrays = {k: f[k] for k in f}
+        else:
+            with zipfile.ZipFile(path) as z:
+                arrays = {n[:-4]: _npz_member(path, z, n[:-4]) for n in z.namelist() if n.endswith(".npy")}
+        return require(path, arrays, REQUIRED)
     except FileNotFoundError:
         raise GloError(f"{path}: no such file") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
         raise GloError(f"{path}: not a readable latents file ({e})") from None
+
+
+def require(path: Path, arrays: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """One line naming the first required array that is missing or has another number of rows than `ids`."""
+    for k in keys:
+        if k not in arrays:
+            raise GloError(f"{path}: no '{k}' array (a glo latents file has {', '.join(keys)}; it has "
+                           f"{', '.join(sorted(arrays)) or 'none'})")
+        if len(arrays[k]) != len(arrays[keys[0]]):
+            raise GloError(f"{path}: '{k}' has {len(arrays[k])} rows, '{keys[0]}' has {len(arrays[keys[0]])}")
+    return arrays
 
 
 def find_latents(run_dir: str | Path) -> Path:
@@ -132,6 +128,7 @@ class LatentDataset(Dataset):
         arrays = open_latents(self.path)
         if inpainting and "masked_latents" not in arrays:
             raise GloError(f"{self.path}: exported without a mask; run glo.run with mask=boxes|strokes|folder")
+        require(self.path, arrays, (*REQUIRED, "initial_latents", *(INPAINTING if inpainting else ())))
         self.ids = [str(i) for i in _in_memory(arrays["ids"])]
         self._arrays: dict[str, Any] | None = None  # opened on first use, so DataLoader workers each open their own
 
@@ -150,8 +147,7 @@ class LatentDataset(Dataset):
 
 FORMATS = ("npz", "hdf5")
 SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "passes", "converged",
-                "nonfinite",
-                "seconds", "psnr_known_initial", "psnr_known_final")  # the last two only with a mask
+                "nonfinite", "seconds", "psnr_known_initial", "psnr_known_final")  # the last two only with a mask
 
 
 def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
@@ -179,6 +175,36 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
     }
 
 
+def read_manifest(path: Path) -> dict[str, list[str]]:
+    """A rank's manifest: shard name -> the ids it holds."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise GloError(f"{path}: damaged ({e}); use resume=restart to start this directory over") from None
+
+
+def shard_problem(path: Path, ids: list[str]) -> str | None:
+    """Why a shard cannot be trusted (missing, damaged, other ids than listed), or None."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # every member's CRC: a truncated or corrupted file fails here
+        if bad:
+            return f"damaged ({bad} fails its checksum)"
+        with np.load(path) as f:
+            found = [str(i) for i in f["ids"]]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        return f"damaged ({e})"
+    return None if found == ids else "holds other images than its manifest lists"
+
+
+class Stopped(GloError):
+    """A run stopped on request (SIGTERM) with everything finished so far intact."""
+
+    exit_code = 143  # 128 + SIGTERM, what shells and schedulers expect
+
+
 class LatentExporter(pl.Callback):
     """Shards each predicted batch, then merges them into latents.npz, metadata.json and summary.json."""
 
@@ -194,15 +220,34 @@ class LatentExporter(pl.Callback):
         """Completed shards and their ids, from every rank's manifest (a shard is listed only once written)."""
         done: dict[str, list[str]] = {}
         for m in sorted(self.shards.glob("manifest-*.json")):
-            done.update(json.loads(m.read_text()))
+            done.update(read_manifest(m))
         return done
-
-    def _shard_files(self) -> list[Path]:
-        return [self.shards / name for name in sorted(self._manifests())]
 
     def done_ids(self) -> set[str]:
         """Ids already in complete shards: a resumed run skips them."""
         return {i for ids in self._manifests().values() for i in ids}
+
+    def verify(self) -> None:
+        """Before a resume: every listed shard must read back whole and hold exactly the ids its manifest lists.
+        A damaged or missing one is unlisted and deleted, so its images are computed again."""
+        seen: dict[str, str] = {}
+        for m in sorted(self.shards.glob("manifest-*.json")):
+            manifest = read_manifest(m)
+            good = {}
+            for name, ids in manifest.items():
+                problem = shard_problem(self.shards / name, ids)
+                if problem:
+                    log.warning("%s: %s; its %d image(s) will be computed again", self.shards / name, problem, len(ids))
+                    (self.shards / name).unlink(missing_ok=True)
+                    continue
+                twice = [i for i in ids if i in seen]
+                if twice:
+                    raise GloError(f"{self.shards / name}: image '{twice[0]}' is also in {seen[twice[0]]}; "
+                                   "use resume=restart to start this directory over")
+                seen.update(dict.fromkeys(ids, name))
+                good[name] = ids
+            if good != manifest:
+                save_json(m, good)
 
     def on_predict_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.metadata["start_time"] = datetime.now(timezone.utc).isoformat()
@@ -211,11 +256,17 @@ class LatentExporter(pl.Callback):
                              batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         rank = trainer.global_rank
         manifest_file = self.shards / f"manifest-{rank}.json"
-        manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
-        name = f"shard-{rank}-{len(manifest):06d}.npz"
+        manifest = read_manifest(manifest_file) if manifest_file.is_file() else {}
+        ids = [str(i) for i in outputs["ids"]]
+        # Named by the dataset position of its first image (so names sort in dataset order) and a hash of its
+        # ids: two shards with different images can never share a name.
+        name = f"shard-{int(batch[1]['index'][0]):08d}-{hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:8]}.npz"
         save_npz(self.shards / name, outputs)
-        manifest[name] = [str(i) for i in outputs["ids"]]
+        manifest[name] = ids
         save_json(manifest_file, manifest)  # the shard counts as done only from here on
+        if getattr(trainer, "received_sigterm", False):
+            raise Stopped(f"stopped by SIGTERM after the current batch; {len(self.done_ids())} image(s) are safe in "
+                          f"{self.shards}: run the same command again to resume")
 
     def on_predict_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         trainer.strategy.barrier("glo-export")  # every rank's shards are on disk before rank 0 merges them
@@ -224,10 +275,12 @@ class LatentExporter(pl.Callback):
 
     def merge(self) -> None:
         """Shards -> latents.npz (all in memory) or latents.h5 (streamed shard by shard), then the JSON files."""
-        files = self._shard_files()
+        files = [self.shards / name for name in sorted(self._manifests())]
         if not files:
             raise GloError(f"{self.shards}: no finished batches to export")
         columns: dict[str, list[np.ndarray]] = {}
+        stale = self.out / ("latents.npz" if self.format == "hdf5" else "latents.h5")
+        stale.unlink(missing_ok=True)  # another format's file from an earlier run would be read instead
         if self.format == "hdf5":
             with atomic_path(self.out / "latents.h5") as tmp, h5py.File(tmp, "w") as f:
                 for shard in files:

@@ -13,7 +13,7 @@ import numpy as np
 
 from glo import GloError, one_line_errors
 from glo.data import FolderDataset
-from glo.export import save_json, save_npz
+from glo.atomic import save_json, save_npz
 
 
 def prepare(src: str, out: str, split: str, size: int) -> dict:

@@ -29,7 +29,7 @@ from glo.masks import batch_holes
 from glo.metrics import known_psnr, psnr
 from glo.module import config_settings
 from glo.report import markdown_table, save_figure
-from glo.run import validate
+from glo.run import absolute_paths, validate
 from glo.vae import FrozenVAE, pick_device
 
 SCORES = ("plain_known", "glo_known", "plain_whole", "glo_whole")
@@ -60,6 +60,7 @@ def chains(vae: FrozenVAE, loss: PixelLoss, settings: dict, x: Tensor, known: Te
 
 def roundtrip(cfg: DictConfig, out: Path) -> dict:
     validate(cfg)
+    absolute_paths(cfg)
     if cfg.trips < 1 or not all(1 <= k <= cfg.trips for k in cfg.report_at):
         raise GloError(f"trips={cfg.trips}, report_at={list(cfg.report_at)}: need trips >= 1 and 1 <= k <= trips")
     torch.manual_seed(cfg.seed)

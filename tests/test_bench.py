@@ -6,6 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from glo.hardware import cpu_native_bf16, describe
 from tests.conftest import ROOT, run_glo
 
 
@@ -24,15 +25,22 @@ def test_bench_writes_json_and_markdown_with_every_method(tmp_path):
     result = json.loads((out / "bench.json").read_text())
     methods = OmegaConf.load(ROOT / "conf/bench.yaml").methods
     assert [r["method"] for r in result["methods"]] == ["reference", *methods]
+    native = cpu_native_bf16()
     for r in result["methods"]:
+        if r["skipped"]:  # reduced precision is only measured where the CPU runs it natively
+            assert not native and r["precision"] in ("bf16", "fp16") and "no native bf16" in r["skipped"]
+            continue
         assert r["images"] == 2 and r["images_per_second"] > 0 and r["peak_memory_mb"] > 0
         assert np.isfinite(r["psnr_gain_mean"]) and np.isfinite(r["speedup"])
+        assert r["passes_mean"] > 0 and r["precision"] in ("fp32", "bf16", "fp16")
     by_name = {r["method"]: r for r in result["methods"]}
-    assert by_name["reference"]["psnr_gain_mean"] > 0 and by_name["bf16"]["psnr_gain_mean"] > 0
+    assert by_name["reference"]["psnr_gain_mean"] > 0 and by_name["reference"]["passes_mean"] == 5
+    assert by_name["bf16"]["skipped"] or by_name["bf16"]["psnr_gain_mean"] > 0
     assert by_name["reference"]["speedup"] == 1.0 and result["decode_backward_seconds"] > 0
     assert [r["method"] for r in result["memory"]] == ["plain", "checkpointing", "checkpointing_tiled"]
     md = (out / "bench.md").read_text()
     assert all(f"| {name} |" in md for name in by_name) and "Peak memory" in md
+    assert describe(result["machine"]) in md.splitlines()[2]  # the CPU and its capability head every table
 
 
 @pytest.mark.slow

@@ -48,6 +48,39 @@ def test_resize_keeps_shorter_side_and_centre_crops(tmp_path):
     assert image.shape == (96, 96, 3) and image[:, 2:-2].min() > 0.95
 
 
+def test_a_portrait_image_is_cropped_at_its_centre_too(tmp_path):
+    img = np.zeros((300, 100, 3), np.uint8)
+    img[100:200] = 255  # the middle third of a tall image is white
+    Image.fromarray(img).save(tmp_path / "tall.png")
+    image, meta = FolderDataset(str(tmp_path), size=96)[0]
+    assert image.shape == (96, 96, 3) and image[2:-2].min() > 0.95
+    assert (int(meta["height"]), int(meta["width"])) == (300, 100)
+
+
+def test_exif_orientation_is_applied_and_recorded(tmp_path):
+    img = np.zeros((32, 64, 3), np.uint8)  # stored landscape, left half white
+    img[:, :32] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view": the photo is a portrait
+    Image.fromarray(img).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    ds = FolderDataset(str(tmp_path), size=32)
+    image, meta = ds[0]
+    assert (meta["height"], meta["width"]) == (64, 32) and ds.turned == [str(tmp_path / "phone.jpg")]
+    assert image[:8].mean() > 0.9 and image[-8:].mean() < -0.9  # upright, the white half is on top
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_a_dangling_symlink_is_named_not_dropped(tmp_path, on_error):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "good.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    if on_error == "fail":
+        with pytest.raises(GloError, match=r"gone\.png: not a readable image"):
+            FolderDataset(str(tmp_path), size=32)
+    else:
+        ds = FolderDataset(str(tmp_path), size=32, on_error="skip")
+        assert ds.ids == ["good"] and [s["source"] for s in ds.skipped] == [str(tmp_path / "gone.png")]
+
+
 def test_samples_are_offline_photos():
     ds = SampleDataset(size=64, limit=2)
     assert len(ds) == 2 and ds[0][1]["source"] == "skimage.data.astronaut"

@@ -143,3 +143,39 @@ def test_passes_count_forward_and_backward_as_one_and_scoring_as_half():
     r = optimize(decode, z0, target, L2, lr=0.05, max_steps=6, rel_tol=1e-6, window=3)
     assert r.passes.tolist() == [3.5, 6.5, 6.5]  # a fixed budget of N steps costs N + 0.5 passes
     assert torch.equal(r.passes, r.steps + 0.5)
+
+
+def rank_one_decoder() -> callable:
+    """A linear decoder that reaches only a 1-D colour subspace: losses plateau, so samples converge."""
+    torch.manual_seed(0)
+    weight = (torch.randn(3, 1) @ torch.randn(1, 4)).reshape(3, 4, 1, 1)
+    return lambda z: torch.nn.functional.conv2d(z, weight)
+
+
+def test_samples_stopping_at_different_steps_get_what_they_would_get_alone():
+    """After one sample stops, the others must still be fitted against their own targets."""
+    decode = rank_one_decoder()
+    torch.manual_seed(1)
+    z0 = torch.randn(3, 4, 8, 8)
+    target = decode(z0) + torch.randn(3, 3, 8, 8) * torch.tensor([0.2, 1.0, 3.0])[:, None, None, None]
+    kw = dict(lr=0.05, max_steps=60, rel_tol=1e-2, window=3)
+    together = optimize(decode, z0, target, L2, **kw)
+    assert together.converged.all() and len(set(together.steps.tolist())) == 3, "needs different stopping steps"
+    for i in range(3):
+        alone = optimize(decode, z0[i : i + 1], target[i : i + 1], L2, **kw)
+        assert together.steps[i] == alone.steps[0]
+        assert torch.allclose(together.latents[i], alone.latents[0], atol=1e-6)
+        assert torch.allclose(together.final_loss[i], alone.final_loss[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_the_stopping_rule_is_relative_so_scaling_the_problem_does_not_move_it(scale):
+    decode = rank_one_decoder()
+    torch.manual_seed(2)
+    z0 = torch.randn(2, 4, 8, 8)
+    target = decode(z0) + torch.randn(2, 3, 8, 8)
+    kw = dict(lr=0.05, max_steps=60, rel_tol=1e-2, window=3)
+    base = optimize(decode, z0, target, L2, **kw)
+    scaled = optimize(decode, z0, target, lambda pred, tgt: scale * L2(pred, tgt), **kw)  # loss values x scale
+    assert base.converged.all(), "the base problem must converge for this test"
+    assert torch.equal(scaled.steps, base.steps)

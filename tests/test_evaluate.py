@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from glo.evaluate import main as evaluate_main
-from glo.metrics import mae, ms_ssim, psnr, ssim
+from glo.metrics import known_psnr, mae, ms_ssim, psnr, ssim
 
 
 def test_identical_images_score_perfectly():
@@ -76,3 +76,14 @@ def test_tensorboard_gets_losses_report_images_and_hparams(finished_run):
     assert {"loss/batch_mean", "image/psnr_gain", "hparams/psnr_gain_mean"} <= scalars
     assert {"report/grids", "report/loss_curves", "grid/input|initial|optimized|error"} <= images
     assert "_hparams_/session_start_info" in hparams
+
+
+def test_known_psnr_is_the_noise_on_the_known_pixels_whatever_the_hole_holds():
+    torch.manual_seed(0)
+    target = torch.zeros(2, 3, 64, 64)
+    known = torch.ones(2, 1, 64, 64)
+    known[:, :, 16:48, 16:48] = 0
+    sign = torch.randint(0, 2, target.shape).float() * 2 - 1
+    pred = target + 0.02 * sign  # exactly 0.01 off in [0,1] units on every pixel -> 40 dB
+    pred = torch.where(known > 0, pred, torch.rand_like(pred) * 2 - 1)  # garbage in the hole
+    assert known_psnr(pred, target, known) == pytest.approx(torch.full((2,), 40.0), abs=1e-3)

@@ -29,8 +29,10 @@ def batch(ids, seed):
 def export(out, batches, format="npz"):
     exporter = LatentExporter(str(out), format)
     trainer = SimpleNamespace(global_rank=0)
+    start = 0
     for b in batches:
-        exporter.on_predict_batch_end(trainer, None, b, None, 0)
+        exporter.on_predict_batch_end(trainer, None, b, (None, {"index": [start]}), 0)  # (images, meta) as collated
+        start += len(b["ids"])
     exporter.merge()
     return exporter
 
@@ -78,7 +80,7 @@ def test_a_failed_write_leaves_no_file_that_looks_complete(tmp_path, monkeypatch
 
     monkeypatch.setattr(np, "savez", broken_savez)
     with pytest.raises(OSError, match="disk full"):
-        exporter.on_predict_batch_end(SimpleNamespace(global_rank=0), None, batch(["a"], 0), None, 0)
+        exporter.on_predict_batch_end(SimpleNamespace(global_rank=0), None, batch(["a"], 0), (None, {"index": [0]}), 0)
     assert list(tmp_path.rglob("*")) == [tmp_path / "shards"]
 
 

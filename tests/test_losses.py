@@ -29,3 +29,16 @@ def test_per_sample_loss_does_not_depend_on_batch():
 def test_bad_weights_are_rejected(w1, w2):
     with pytest.raises(GloError, match="weights"):
         PixelLoss("bad", l1=w1, l2=w2, known_only=False)
+
+
+def test_a_weighted_loss_is_reduced_per_sample():
+    """Changing one sample's prediction must leave every other sample's loss bit for bit unchanged."""
+    torch.manual_seed(0)
+    pred, target = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    weight = (torch.rand(3, 1, 8, 8) > 0.3).float()
+    for loss in (l1, l2):
+        before = loss(pred, target, weight)
+        changed = pred.clone()
+        changed[1] += 5
+        after = loss(changed, target, weight)
+        assert after[1] != before[1] and torch.equal(after[[0, 2]], before[[0, 2]])

@@ -15,6 +15,7 @@ from glo.engine import optimize
 from glo.export import LatentDataset, load_latents
 from glo.losses import PixelLoss
 from glo.masks import FolderMasks, RandomMasks, latent_mask
+from glo.metrics import psnr
 
 IDS = ["astronaut", "coffee", "chelsea", "0001", "a/b"]
 
@@ -172,3 +173,16 @@ def test_roundtrip_end_to_end(tmp_path):
 def test_an_impossible_coverage_range_is_one_clear_error():
     with pytest.raises(GloError, match="widen the range"):
         RandomMasks("boxes", (0.3, 0.3), seed=0)("astronaut", (64, 64), 16)  # 76.8 of 256 px
+
+
+def test_masked_export_means_what_its_names_say(masked_run, tiny_vae):
+    """latents fit the whole image, masked_latents the image with its hole at 0, both in SD units."""
+    a = load_latents(masked_run / "latents.npz")
+    x = photos(len(a["ids"]))
+    hole = torch.from_numpy(a["masks"][:, None].astype(np.float32))
+    assert torch.allclose(torch.from_numpy(a["initial_latents"]), tiny_vae.encode(x), atol=1e-5)
+    assert torch.allclose(torch.from_numpy(a["initial_masked_latents"]), tiny_vae.encode(x * (1 - hole)), atol=1e-5)
+    with torch.no_grad():
+        whole = psnr(tiny_vae.decode(torch.from_numpy(a["latents"])), x)
+        masked = psnr(tiny_vae.decode(torch.from_numpy(a["masked_latents"])), x)
+    assert (whole > masked).all()

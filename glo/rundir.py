@@ -1,0 +1,131 @@
+"""A run directory that protects what it holds.
+
+A latent dataset is only worth something if every row is what its metadata says. So the directory
+records, at its first write, a fingerprint of every setting that changes a row's values; a rerun
+with other settings stops before any model loads, naming what differs. A process working in it
+holds an OS file lock (released by the kernel however the process ends), so two runs never write
+the same directory. Settings that do not change results (report, logging, workers, batch size,
+device, export format) are left out of the fingerprint and may differ between resumes.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import IO, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from glo import GloError
+from glo.atomic import save_json
+
+log = logging.getLogger("glo")
+FINGERPRINT = "fingerprint.json"
+RESUME = ("auto", "restart")
+OPTIMIZER = ("optim", "lr", "betas", "schedule", "warmup_steps", "max_steps", "rel_tol", "window", "tile_size", "seed")
+NOT_RESULTS = {"data": ("on_error", "cache_in_memory", "limit"), "vae": ("path",)}  # ids and weights cover them
+RESULTS = ("shards", "latents.npz", "latents.h5", "metadata.json", "summary.json", "metrics.csv", "report.md",
+           "grids.png", "loss_curves.png", "psnr_scatter.png", "psnr_gain.png", "steps.png", "events.out.tfevents.*")
+WEIGHT_FILES = ("*.json", "*.safetensors", "*.bin")
+
+
+def weights_sha256(folder: Path | None) -> str | None:
+    """Hash of a diffusers model directory's config and weights (the VAE's own `vae/` inside a pipeline)."""
+    if folder is None or not folder.is_dir():
+        return None
+    if not (folder / "config.json").is_file() and (folder / "vae").is_dir():
+        folder = folder / "vae"
+    h = hashlib.sha256()
+    for f in sorted(p for pattern in WEIGHT_FILES for p in folder.glob(pattern)):
+        h.update(f.name.encode())
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def vae_folder(vae: DictConfig) -> Path | None:
+    """Where a VAE config's weights are on disk before it loads: vae.path, the shipped asset, or the hub cache."""
+    if vae.get("path"):
+        return Path(vae.path)
+    if vae.get("asset"):
+        return Path(__file__).parent / "assets" / vae.asset
+    if vae.get("pretrained"):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(vae.pretrained, "config.json", subfolder=vae.get("subfolder"))
+        return Path(cached).parent if isinstance(cached, str) else None
+    return None  # random weights: the config and seed are the identity
+
+
+def fingerprint(cfg: DictConfig, ids: list[str], precision: str) -> dict[str, Any]:
+    """Every setting that changes a row's values, flat with dotted keys (as the CLI spells them)."""
+    groups = {name: {k: v for k, v in OmegaConf.to_container(cfg[name], resolve=True).items()
+                     if k not in NOT_RESULTS.get(name, ()) and not k.startswith("_")}
+              for name in ("data", "vae", "loss")}
+    groups["vae"]["weights_sha256"] = weights_sha256(vae_folder(cfg.vae))
+    mask = OmegaConf.to_container(cfg.mask, resolve=True)
+    return {
+        **flatten(groups),
+        "data.ids": f"{len(ids)} images, sha256 {hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]}",
+        **flatten({"mask": mask}),
+        **{k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_list(cfg[k]) else cfg[k] for k in OPTIMIZER},
+        "precision": precision,
+    }
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def lock(run_dir: Path) -> IO[str]:
+    """An exclusive OS lock on the directory for as long as the returned file stays open (the process lives)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise GloError(f"{run_dir}: another glo process is working in this directory; wait for it to end, "
+                       "or use another hydra.run.dir") from None
+    return f
+
+
+def claim(run_dir: Path, expected: dict[str, Any], resume: str) -> None:
+    """Make the directory this run's: refuse one made with other settings, unless resume=restart clears it."""
+    stored = run_dir / FINGERPRINT
+    fix = "use a new hydra.run.dir, or resume=restart to delete this directory's results and start over"
+    if resume == "restart":
+        clear(run_dir)
+    elif stored.is_file():
+        try:
+            found = json.loads(stored.read_text())
+        except (OSError, ValueError) as e:
+            raise GloError(f"{stored}: unreadable ({e}); {fix}") from None
+        differ = [k for k in sorted(expected.keys() | found.keys()) if expected.get(k) != found.get(k)]
+        if differ:
+            shown = "; ".join(f"{k}: {found.get(k)!r} -> {expected.get(k)!r}" for k in differ[:4])
+            more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+            raise GloError(f"{run_dir}: made with other settings ({shown}{more}); {fix}")
+        return
+    elif any(any(run_dir.glob(name)) for name in ("shards/manifest-*.json", "latents.npz", "latents.h5")):
+        raise GloError(f"{run_dir}: holds results but no {FINGERPRINT} (an older glo made them); {fix}")
+    save_json(stored, expected)
+
+
+def clear(run_dir: Path) -> None:
+    """resume=restart: remove every result of an earlier run (Hydra's and the lock file stay)."""
+    removed = [p for name in (*RESULTS, FINGERPRINT) for p in run_dir.glob(name)]
+    for p in removed:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if removed:
+        log.info("resume=restart: removed %d earlier results from %s", len(removed), run_dir)

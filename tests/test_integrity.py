@@ -1,0 +1,284 @@
+"""A run directory that protects itself: nothing lost, mixed or duplicated, whatever the user or the machine does.
+
+Each CLI case runs `python -m glo.run` as a subprocess and asserts the one-line message, the exit code
+and the state the directory is left in.
+"""
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from glo import GloError
+from glo.export import LatentDataset, load_latents
+from tests.conftest import FAST, ROOT, run_glo
+
+RUN = [*FAST, "loss=l2", "lr=0.1"]  # what the session's finished_run was made with
+
+
+def one_error(p: subprocess.CompletedProcess, prog: str = "glo") -> str:
+    errors = [line for line in p.stderr.splitlines() if line.startswith(f"{prog}: error:")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    return errors[0]
+
+
+def files(run: Path) -> dict[str, bytes]:
+    """Every result file's bytes (TensorBoard and Hydra's own files aside)."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and ".hydra" not in p.parts and "events.out" not in p.name and p.name != ".lock"}
+
+
+@pytest.fixture
+def copy_of(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    return run
+
+
+def fingerprint_of(*overrides: str, precision: str = "fp32") -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from glo.rundir import fingerprint
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=[*RUN, *overrides])
+    return fingerprint(cfg, ["a", "b", "c"][: cfg.data.limit], precision)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("lr=0.05", "lr"), ("max_steps=9", "max_steps"), ("data.size=32", "data.size"), ("data.limit=2", "data.ids"),
+    ("mask=boxes", "mask._target_"), ("seed=1", "seed"), ("loss=l1", "loss.l1"), ("betas=[0.5,0.9]", "betas"),
+    ("vae=standin", "vae.weights_sha256"), ("tile_size=32", "tile_size"), ("rel_tol=0.01", "rel_tol"),
+])
+def test_every_setting_that_changes_results_is_in_the_fingerprint(override, key):
+    base, other = fingerprint_of(), fingerprint_of(override)
+    assert base.get(key) != other.get(key)
+
+
+@pytest.mark.parametrize("override", ["report=false", "batch_size=1", "num_workers=1", "export.format=hdf5",
+                                      "image_every_n_batches=0", "device=cpu", "resume=restart", "channels_last=true"])
+def test_settings_that_do_not_change_results_are_not_in_the_fingerprint(override):
+    assert fingerprint_of() == fingerprint_of(override)
+
+
+def test_the_precision_used_is_in_the_fingerprint():
+    assert fingerprint_of()["precision"] == "fp32" and fingerprint_of(precision="bf16")["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("override,named", [
+    ("lr=0.05", "lr: 0.1 -> 0.05"),
+    ("max_steps=9", "max_steps: 8 -> 9"),
+    ("data.size=32", "data.size: 64 -> 32"),
+])
+def test_rerun_with_other_settings_is_refused_and_changes_nothing(copy_of, override, named):
+    before = files(copy_of)
+    p = run_glo(*RUN, override, f"hydra.run.dir={copy_of}")
+    assert p.returncode == 1
+    line = one_error(p)
+    assert "made with other settings" in line and named in line and "resume=restart" in line, line
+    assert files(copy_of) == before
+    if override in ("max_steps=9", "data.size=32"):  # these once broke the directory for good
+        again = run_glo(*RUN, "report=false", f"hydra.run.dir={copy_of}")
+        assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_another_data_folder_is_refused(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (64, 64), "red" if name == "a" else "blue").save(tmp_path / name / "x.png")
+    run = tmp_path / "run"
+    args = ["vae=tiny_random", "data=folder", "data.size=64", "max_steps=2", "precision=fp32", "report=false",
+            f"hydra.run.dir={run}"]
+    assert run_glo(*args, f"data.path={tmp_path / 'a'}").returncode == 0
+    p = run_glo(*args, f"data.path={tmp_path / 'b'}")
+    assert p.returncode == 1 and f"data.path: '{tmp_path / 'a'}' -> '{tmp_path / 'b'}'" in one_error(p)
+    assert list(load_latents(run / "latents.npz")["sources"]) == [str(tmp_path / "a" / "x.png")]
+
+
+def test_resume_restart_starts_over_with_the_new_settings(copy_of):
+    old = load_latents(copy_of / "latents.npz")
+    p = run_glo(*RUN, "lr=0.05", "resume=restart", "report=false", f"hydra.run.dir={copy_of}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    new = load_latents(copy_of / "latents.npz")
+    assert list(new["ids"]) == list(old["ids"]) and not np.array_equal(new["latents"], old["latents"])
+    assert json.loads((copy_of / "metadata.json").read_text())["config"]["lr"] == 0.05
+    assert json.loads((copy_of / "fingerprint.json").read_text())["lr"] == 0.05
+    assert not (copy_of / "metrics.csv").exists()  # the old report went with the old results
+
+
+def test_results_without_a_fingerprint_are_refused(copy_of):
+    (copy_of / "fingerprint.json").unlink()
+    p = run_glo(*RUN, f"hydra.run.dir={copy_of}")
+    assert p.returncode == 1 and "no fingerprint.json" in one_error(p)
+
+
+def test_a_second_process_on_the_same_directory_stops_at_once(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running glo.run holds it
+        p = run_glo(*RUN, f"hydra.run.dir={run}")
+    assert p.returncode == 1 and "another glo process is working in this directory" in one_error(p)
+    assert not (run / "shards").exists() and not (run / "fingerprint.json").exists()
+    assert run_glo(*RUN, "report=false", f"hydra.run.dir={run}").returncode == 0  # released with the holder
+
+
+@pytest.mark.parametrize("damage", ["lost", "truncated"])
+def test_a_lost_or_damaged_shard_is_recomputed_and_the_result_is_identical(copy_of, damage):
+    reference = load_latents(copy_of / "latents.npz")
+    shards = sorted((copy_of / "shards").glob("shard-*.npz"))
+    assert len(shards) == 2
+    if damage == "lost":
+        shards[0].unlink()
+    else:
+        shards[0].write_bytes(shards[0].read_bytes()[:300])
+    p = run_glo(*RUN, "report=false", f"hydra.run.dir={copy_of}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    log = p.stdout + p.stderr
+    assert f"{shards[0].name}: {'missing' if damage == 'lost' else 'damaged'}" in log
+    assert "computed again" in log and "resuming: 1 images already exported, 2 to go" in log
+    again = load_latents(copy_of / "latents.npz")
+    assert list(again["ids"]) == list(reference["ids"])  # every image exactly once, in dataset order
+    for key in ("latents", "initial_latents", "steps", "final_loss"):
+        assert np.array_equal(again[key], reference[key]), key
+    manifest = json.loads((copy_of / "shards" / "manifest-0.json").read_text())
+    assert sorted(i for ids in manifest.values() for i in ids) == sorted(reference["ids"])
+    assert sorted(p.name for p in (copy_of / "shards").glob("shard-*.npz")) == sorted(manifest)
+
+
+def test_changing_the_export_format_removes_the_other_format(copy_of):
+    npz = load_latents(copy_of / "latents.npz")
+    p = run_glo(*RUN, "export.format=hdf5", f"hydra.run.dir={copy_of}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not (copy_of / "latents.npz").exists()
+    h5 = load_latents(copy_of / "latents.h5")
+    assert np.array_equal(h5["latents"], npz["latents"]) and list(h5["ids"]) == list(npz["ids"])
+
+
+ARGS = ["vae=tiny_random", "data.limit=6", "data.size=64", "max_steps=40", "rel_tol=0", "batch_size=2", "report=false",
+        "precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    p = run_glo(*ARGS, f"hydra.run.dir={out}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_or_terminated_run_resumes_to_bitwise_the_same_dataset(uninterrupted, tmp_path, sig):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "glo.run", *ARGS, f"hydra.run.dir={killed}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    manifest = killed / "shards" / "manifest-0.json"
+    deadline = time.time() + 300
+    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    done = json.loads(manifest.read_text())
+    safe = sum(len(ids) for ids in done.values())
+    assert 1 <= safe < 6, "the signal came too late to test anything"
+    if sig == signal.SIGTERM:  # the batch in flight is finished and written, then one line
+        assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+        assert [ln for ln in stderr.splitlines() if ln.startswith("glo: error:")] == [
+            f"glo: error: stopped by SIGTERM after the current batch; {safe} image(s) are safe in {killed / 'shards'}: "
+            "run the same command again to resume"]
+        assert safe == 4  # the first batch's manifest started the signal; the second batch was still finished
+    assert not (killed / "latents.npz").exists() and not (killed / "summary.json").exists()
+
+    p = run_glo(*ARGS, f"hydra.run.dir={killed}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "already exported" in p.stdout + p.stderr
+    a, b = np.load(uninterrupted / "latents.npz"), np.load(killed / "latents.npz")
+    assert list(b["ids"]) == list(a["ids"])  # every image exactly once, in order
+    for key in ("latents", "initial_latents", "steps", "final_loss"):
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill a disk")
+    try:
+        p = run_glo(*RUN, "data.limit=6", "batch_size=1", f"hydra.run.dir={disk}/run")
+        assert p.returncode == 1
+        assert "No space left on device" in one_error(p)
+        for shard in (disk / "run" / "shards").glob("*.npz"):  # whatever exists is whole
+            load_latents(shard)
+        assert not list(disk.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_an_immutable_shards_directory_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    (run / "shards").mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(run / "shards")], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (needs root and a supporting filesystem)")
+    try:
+        p = run_glo(*RUN, f"hydra.run.dir={run}")
+        assert p.returncode == 1
+        line = one_error(p)
+        assert str(run / "shards") in line and "Operation not permitted" in line
+    finally:
+        subprocess.run(["chattr", "-i", str(run / "shards")])
+
+
+def test_paths_are_stored_absolute_and_evaluate_works_from_anywhere(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "photos" / "x.png")
+    relative = os.path.relpath(tmp_path / "photos", ROOT)
+    run = tmp_path / "run"
+    p = run_glo("vae=tiny_random", "data=folder", f"data.path={relative}", "data.size=64", "max_steps=2",
+                "precision=fp32", "report=false", f"hydra.run.dir={run}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["config"]["data"]["path"] == str(tmp_path / "photos")
+    assert list(load_latents(run / "latents.npz")["sources"]) == [str(tmp_path / "photos" / "x.png")]
+    e = subprocess.run([sys.executable, "-m", "glo.evaluate", str(run)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert (run / "metrics.csv").is_file()
+
+
+def test_home_in_a_path_is_expanded(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from glo.run import absolute_paths
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = OmegaConf.create({"data": {"path": "~/photos"}, "mask": {"path": None}, "vae": {"path": "rel"}})
+    absolute_paths(cfg)
+    assert cfg.data.path == str(tmp_path / "photos") and cfg.vae.path == os.path.abspath("rel")
+
+
+def test_foreign_latents_files_name_the_missing_array(tmp_path):
+    np.savez(tmp_path / "other.npz", latents=np.zeros((2, 4, 8, 8), np.float32))
+    with pytest.raises(GloError, match=r"other\.npz: no 'ids' array .* it has latents"):
+        load_latents(tmp_path / "other.npz")
+    np.savez(tmp_path / "short.npz", ids=np.array(["a", "b"]), latents=np.zeros((2, 4, 8, 8), np.float32))
+    with pytest.raises(GloError, match=r"short\.npz: no 'initial_latents' array"):
+        LatentDataset(tmp_path / "short.npz")
+    np.savez(tmp_path / "rows.npz", ids=np.array(["a", "b"]), latents=np.zeros((3, 4, 8, 8), np.float32))
+    with pytest.raises(GloError, match=r"rows\.npz: 'latents' has 3 rows, 'ids' has 2"):
+        load_latents(tmp_path / "rows.npz")
+    with h5py.File(tmp_path / "grouped.h5", "w") as f:
+        f.create_group("latents").create_dataset("z", data=np.zeros(3))
+    with pytest.raises(GloError, match=r"grouped\.h5: 'latents' is an HDF5 group"):
+        LatentDataset(tmp_path / "grouped.h5")
