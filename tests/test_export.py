@@ -1,4 +1,5 @@
 """The dataset on disk: exact round trip, atomic files, one-line errors for damaged ones."""
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from glo import GloError
-from glo.export import LatentDataset, LatentExporter, load_latents, open_latents
+from glo.export import LatentDataset, LatentExporter, load_latents, open_latents, summarize
 
 
 def batch(ids, seed):
@@ -102,3 +103,44 @@ def test_hdf5_holds_the_same_arrays_as_npz_and_reads_lazily(tmp_path):
 def test_unknown_export_format_is_rejected(tmp_path):
     with pytest.raises(GloError, match="export.format=zarr"):
         LatentExporter(str(tmp_path), "zarr")
+
+
+def test_summary_is_every_headline_figure_computed_by_hand():
+    a = {"ids": np.array(["a", "b", "c", "d"]), "psnr_initial": np.array([20.0, 21, 22, 23]),
+         "psnr_final": np.array([21.0, 21, 25, 22]), "ssim_initial": np.array([0.1, 0.2, 0.3, 0.4]),
+         "ssim_final": np.array([0.5, 0.5, 0.5, 0.9]), "steps": np.array([1, 2, 3, 6]),
+         "passes": np.array([1.5, 2.5, 3.5, 6.5]), "converged": np.array([True, False, True, True]),
+         "nonfinite": np.array([False, True, False, False]), "seconds": np.array([0.5, 0.5, 1.0, 2.0]),
+         "psnr_known_initial": np.array([10.0, 12, 14, 16]), "psnr_known_final": np.array([11.0, 12, 13, 20])}
+    assert summarize(a) == {
+        "num_images": 4, "psnr_initial_mean": 21.5, "psnr_final_mean": 22.25, "psnr_gain_mean": 0.75,
+        "ssim_initial_mean": pytest.approx(0.25), "ssim_final_mean": pytest.approx(0.6), "images_improved": 2,
+        "steps_mean": 3.0, "passes_mean": 3.5, "converged": 3, "nonfinite": 1, "seconds_total": 4.0,
+        "images_per_second": 1.0, "psnr_known_initial_mean": 13.0, "psnr_known_final_mean": 14.0,
+        "known_images_improved": 2}
+    a["seconds"] = np.zeros(4)
+    assert np.isnan(summarize(a)["images_per_second"])
+
+
+def test_inpainting_items_are_the_exported_conditioning(tmp_path):
+    b = batch(["a", "b"], 0)
+    rng = np.random.default_rng(5)
+    b.update(latent_masks=(rng.random((2, 1, 8, 8)) > 0.5).astype(np.float32),
+             masked_latents=rng.standard_normal((2, 4, 8, 8)).astype(np.float32))
+    for fmt, name in (("npz", "latents.npz"), ("hdf5", "latents.h5")):
+        export(tmp_path / fmt, [b], format=fmt)
+        item = LatentDataset(tmp_path / fmt / name, inpainting=True)[1]
+        assert set(item) == {"id", "latent", "initial_latent", "mask", "masked_latent"} and item["id"] == "b"
+        for key, array in (("latent", "latents"), ("initial_latent", "initial_latents"), ("mask", "latent_masks"),
+                           ("masked_latent", "masked_latents")):
+            assert item[key].dtype == torch.float32 and torch.equal(item[key], torch.from_numpy(b[array][1])), key
+
+
+def test_merging_in_another_format_removes_the_first_and_records_the_end(tmp_path):
+    export(tmp_path, [batch(["a"], 0)])
+    exporter = export(tmp_path, [], format="hdf5")
+    assert not (tmp_path / "latents.npz").exists() and list(load_latents(tmp_path / "latents.h5")["ids"]) == ["a"]
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert meta["end_time"] == exporter.metadata["end_time"] and meta["end_time"].endswith("+00:00")
+    export(tmp_path, [], format="npz")
+    assert not (tmp_path / "latents.h5").exists() and (tmp_path / "latents.npz").is_file()

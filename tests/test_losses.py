@@ -42,3 +42,6 @@ def test_a_weighted_loss_is_reduced_per_sample():
         changed[1] += 5
         after = loss(changed, target, weight)
         assert after[1] != before[1] and torch.equal(after[[0, 2]], before[[0, 2]])
+    err = (pred - target).square()  # each sample's mean over its own known pixels, whatever the others hold
+    by_hand = torch.stack([err[i][weight[i].expand_as(err[i]) > 0].mean() for i in range(3)])
+    assert torch.allclose(l2(pred, target, weight), by_hand)
