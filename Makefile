@@ -6,8 +6,10 @@ PY := .venv/bin/python
 run: venv
 	$(PY) -m glo.run
 
+# Two workers, one thread each: the suite is mostly subprocesses, and two 2-thread torch processes on
+# 2 cores would oversubscribe them.
 test: venv
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 venv: .venv/.installed
 

@@ -56,7 +56,8 @@ def vae_folder(vae: DictConfig) -> Path | None:
     if vae.get("pretrained"):
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(vae.pretrained, "config.json", subfolder=vae.get("subfolder"))
+        name = f"{vae.subfolder}/config.json" if vae.get("subfolder") else "config.json"
+        cached = try_to_load_from_cache(vae.pretrained, name)
         return Path(cached).parent if isinstance(cached, str) else None
     return None  # random weights: the config and seed are the identity
 
