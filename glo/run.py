@@ -15,10 +15,9 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
-
-from lightning.pytorch.utilities import rank_zero_only
 
 from glo import GloError, one_line_errors, rundir
 from glo.evaluate import evaluate

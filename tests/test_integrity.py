@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from glo import GloError
 from glo.export import LatentDataset, load_latents
@@ -91,8 +92,6 @@ def test_rerun_with_other_settings_is_refused_and_changes_nothing(copy_of, overr
 
 
 def test_another_data_folder_is_refused(tmp_path):
-    from PIL import Image
-
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         Image.new("RGB", (64, 64), "red" if name == "a" else "blue").save(tmp_path / name / "x.png")
@@ -239,8 +238,6 @@ def test_an_immutable_shards_directory_is_one_line(tmp_path):
 
 
 def test_paths_are_stored_absolute_and_evaluate_works_from_anywhere(tmp_path):
-    from PIL import Image
-
     (tmp_path / "photos").mkdir()
     Image.new("RGB", (64, 64), "red").save(tmp_path / "photos" / "x.png")
     relative = os.path.relpath(tmp_path / "photos", ROOT)
