@@ -23,11 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from glo.engine import optimize
+from glo.engine import Settings
+from glo.fit import fit_batch
 from glo.hardware import cpu_native_bf16, describe, machine, resolve_precision
 from glo.metrics import psnr
-from glo.module import config_settings
 from glo.report import markdown_table
+from glo.run import load_model
 from glo.vae import pick_device
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -42,7 +43,8 @@ def glo_config(overrides: list[str]) -> DictConfig:
 
 def reference_loop(vae, x: torch.Tensor, loss, lr: float, steps: int) -> tuple[torch.Tensor, np.ndarray]:
     """Returns the latents and each image's decoder passes (one forward + backward per step)."""
-    # The published prototype, kept deliberately plain: one image at a time, Adam, fixed budget, fp32.
+    # The published prototype, kept deliberately plain: one image at a time, Adam with torch's defaults,
+    # fixed budget, fp32. Its budget comes from conf/experiment/prototype.yaml.
     out = []
     for i in range(len(x)):
         z = vae.encode(x[i : i + 1]).clone().requires_grad_(True)
@@ -55,40 +57,38 @@ def reference_loop(vae, x: torch.Tensor, loss, lr: float, steps: int) -> tuple[t
     return torch.cat(out), np.full(len(x), steps)
 
 
-def glo_method(cfg: DictConfig, vae, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """What glo.run does for these images, minus Lightning and export: batches through the engine.
+def glo_method(cfg: DictConfig, settings: Settings, vae, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """What glo.run does for these images, minus Lightning and export: `fit_batch` batch by batch.
     Returns the latents and each image's decoder passes."""
-    loss, latents, passes = instantiate(cfg.loss), [], []
-    settings = config_settings(vae, cfg.module)
-    for start in range(0, len(x), cfg.batch_size):
-        xb = x[start : start + cfg.batch_size]
-        r = optimize(vae.decode, vae.encode(xb), xb, loss, **settings)
-        latents.append(r.latents)
-        passes.append(r.passes.numpy())
-    return torch.cat(latents), np.concatenate(passes)
+    loss = instantiate(cfg.loss)
+    fitted = [fit_batch(vae, x[i : i + cfg.batch_size], settings, loss).arrays for i in range(0, len(x), cfg.batch_size)]
+    return (torch.from_numpy(np.concatenate([f["latents"] for f in fitted])).to(x.device),
+            np.concatenate([f["passes"] for f in fitted]))
 
 
-def measure(name: str, common: list[str], overrides: list[str], reference: dict | None) -> dict:
-    """One method in this (fresh) process: time, peak memory, quality."""
+def measure(name: str, common: list[str], overrides: list[str], reference: bool) -> dict:
+    """One method in this (fresh) process: time, peak memory, quality. The reference runs the plain loop
+    with the lr and max_steps its overrides compose (experiment=prototype)."""
     cfg = glo_config(common + overrides)
+    settings, speed = instantiate(cfg.engine), instantiate(cfg.speed)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    precision = "fp32" if reference else resolve_precision(cfg.precision, device)[0]
+    precision = resolve_precision(cfg.precision, device)[0]
     if precision != "fp32" and device.type == "cpu" and not cpu_native_bf16():
         return {"method": name, "overrides": " ".join(overrides), "precision": precision,
                 "skipped": "not measured: this CPU has no native bf16, so reduced precision is emulated (over 100x "
                            "slower per pass)"}
     dataset = instantiate(cfg.data)
-    x = torch.stack([torch.from_numpy(dataset[i][0]).permute(2, 0, 1) for i in range(len(dataset))]).to(device)
-    vae = instantiate(cfg.vae).set_speed(cfg.channels_last, cfg.checkpointing, cfg.tile_size).to(device)
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
+    vae = load_model(cfg, speed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with torch.enable_grad():
         if reference:
-            latents, passes = reference_loop(vae, x, instantiate(cfg.loss), reference["lr"], reference["steps"])
+            latents, passes = reference_loop(vae, x, instantiate(cfg.loss), cfg.lr, cfg.max_steps)
         else:
-            latents, passes = glo_method(cfg, vae, x)
+            latents, passes = glo_method(cfg, settings, vae, x)
     seconds = time.perf_counter() - start
     peak_mb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
@@ -115,7 +115,7 @@ def decode_backward_seconds(vae_overrides: list[str], size: int, repeats: int = 
     return float(np.median(times[1:]))
 
 
-def run_isolated(name: str, common: list[str], overrides: list[str], reference: dict | None = None) -> dict:
+def run_isolated(name: str, common: list[str], overrides: list[str], reference: bool = False) -> dict:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(measure, name, common, overrides, reference).result()
 
@@ -123,7 +123,7 @@ def run_isolated(name: str, common: list[str], overrides: list[str], reference: 
 def bench(cfg: DictConfig, out: Path) -> dict:
     common = [f"vae={cfg.vae.name}", "data=folder", f"data.path={cfg.data.path}", f"data.limit={cfg.data.limit}",
               f"data.size={cfg.data.size}", f"loss={cfg.loss.name}"] + ([f"vae.path={cfg.vae.path}"] if cfg.vae.get("path") else [])
-    rows = [run_isolated("reference", common, [], dict(cfg.reference))]
+    rows = [run_isolated("reference", common, list(cfg.reference), reference=True)]
     print(markdown_table(rows), flush=True)
     for name, overrides in cfg.methods.items():
         rows.append(run_isolated(name, common, list(overrides)))
@@ -140,9 +140,11 @@ def bench(cfg: DictConfig, out: Path) -> dict:
         memory = [run_isolated(name, base, list(o)) for name, o in cfg.memory.methods.items()]
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         unit = pool.submit(decode_backward_seconds, [o for o in common if o.startswith("vae")], cfg.data.size).result()
+    prototype = glo_config(common + list(cfg.reference))
     result = {"date": datetime.now(timezone.utc).isoformat(), "machine": machine(), "decode_backward_seconds": unit,
               "config": {
-        "vae": cfg.vae.name, "loss": cfg.loss.name, "data": dict(cfg.data), "reference": dict(cfg.reference)}, "methods": rows, "memory": memory}
+        "vae": cfg.vae.name, "loss": cfg.loss.name, "data": dict(cfg.data),
+        "reference": {k: prototype[k] for k in ("lr", "max_steps")}}, "methods": rows, "memory": memory}
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(render(result))
     return result
@@ -156,7 +158,8 @@ def render(result: dict) -> str:
             f"Machine: {describe(result['machine'])}; {result['machine']['platform']}, torch {result['machine']['torch']}.",
             "",
             f"VAE `{c['vae']}`, {c['data']['limit']} images from `{c['data']['path']}` at {c['data']['size']} px; "
-            f"reference: per-image Adam, {c['reference']['steps']} steps, lr {c['reference']['lr']}, fp32, batch 1.", "",
+            f"reference: per-image Adam, {c['reference']['max_steps']} steps, lr {c['reference']['lr']}, fp32, batch 1 "
+            "(experiment=prototype).", "",
             f"One fp32 decode + backward, batch 1, at {c['data']['size']} px: {result['decode_backward_seconds']:.3f} s "
             "(median of 5).", "",
             markdown_table([{k: r.get(k, "—") for k in cols} for r in result["methods"]]), ""]

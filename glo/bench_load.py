@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from glo.export import find_latents, load_latents
+from glo.latents import find_latents, load_latents
 from glo.report import markdown_table
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from glo import one_line_errors
+from glo.cli import one_line_errors
 from glo.report import compare, markdown_table
 
 

@@ -1,4 +1,4 @@
-"""Images in, (H,W,3) float32 arrays in [-1,1] out, all through one loading path with one-line errors.
+"""Images in, (3,H,W) float32 tensors in [-1,1] out, all through one loading path with one-line errors.
 
 Every dataset yields `(image, meta)` with meta = {id, source, height, width} (the original size).
 Images are resized so the shorter side is `size`, then centre-cropped to size x size, so a batch
@@ -11,7 +11,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from glo import GloError
@@ -46,8 +48,9 @@ def resize_center_crop(img: Image.Image, size: int,
     return img.crop((left, top, left + size, top + size))
 
 
-def to_array(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+def to_tensor(img: Image.Image) -> Tensor:
+    """(3,H,W) float32 in [-1,1]: what the VAE takes."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
 def open_image(path: Path, size: int | None = None) -> tuple[Image.Image, tuple[int, int], int]:
@@ -98,9 +101,9 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, dict]:
+    def __getitem__(self, i: int) -> tuple[Tensor, dict]:
         img, meta = self.image(i)
-        return to_array(img), {**meta, "index": i}  # the position names the export shard
+        return to_tensor(img), {**meta, "index": i}  # the position names the export shard
 
 
 class SampleDataset(ImageDataset):

@@ -17,6 +17,55 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from glo import GloError
+from glo.hardware import PRECISIONS, resolve_precision
+
+OPTIMS = ("adam", "gradfree")
+SCHEDULES = ("constant", "cosine")
+
+
+def _number(value: object, kind: type) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the method, checked once, passed whole. Built by Hydra from `engine:` in conf/run.yaml,
+    which holds every default: no knob has a second default here."""
+
+    optim: str                  # adam (back-propagate the pixel loss) | gradfree (follow E(D(z)) - E(x))
+    lr: float
+    betas: tuple[float, float]  # Adam's
+    schedule: str               # constant | cosine (to 0 at max_steps)
+    warmup_steps: int
+    max_steps: int              # update budget per image
+    rel_tol: float              # a sample stops when its loss changed by at most rel_tol (relative) ...
+    window: int                 # ... over the last `window` steps
+    precision: str              # the decoder's autocast dtype: auto | fp32 | bf16 | fp16
+
+    def __post_init__(self) -> None:
+        betas = self.betas
+        ok = isinstance(betas, (list, tuple))
+        if not (ok and len(betas) == 2 and all(_number(b, float) and 0 <= b < 1 for b in betas)):
+            raise GloError(f"betas={list(betas) if ok else betas}: must be two numbers in [0, 1), e.g. 'betas=[0.9,0.999]'")
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+        for key, kind in (("lr", float), ("rel_tol", float), ("max_steps", int), ("window", int), ("warmup_steps", int)):
+            if not _number(getattr(self, key), kind):
+                raise GloError(f"{key}={getattr(self, key)!r}: must be {'a number' if kind is float else 'an integer'}")
+        for ok, message in (
+            (self.lr > 0, f"lr={self.lr}: must be > 0"),
+            (self.max_steps >= 1, f"max_steps={self.max_steps}: must be >= 1"),
+            (self.rel_tol >= 0, f"rel_tol={self.rel_tol}: must be >= 0"),
+            (self.window >= 1, f"window={self.window}: must be >= 1"),
+            (self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0"),
+            (self.optim in OPTIMS, f"optim={self.optim}: must be one of {', '.join(OPTIMS)}"),
+            (self.schedule in SCHEDULES, f"schedule={self.schedule}: must be one of {', '.join(SCHEDULES)}"),
+            (self.precision in ("auto", *PRECISIONS),
+             f"precision={self.precision}: must be one of auto, {', '.join(PRECISIONS)}"),
+        ):
+            if not ok:
+                raise GloError(message)
+
 
 @dataclass
 class Result:
@@ -35,32 +84,28 @@ def optimize(
     z0: Tensor,
     target: Tensor,
     loss_fn: Callable[..., Tensor],
+    s: Settings,
     *,
     weight: Tensor | None = None,
-    lr: float,
-    max_steps: int,
-    rel_tol: float,
-    window: int,
-    betas: tuple[float, float] = (0.9, 0.999),
-    schedule: str = "constant",
-    warmup_steps: int = 0,
-    autocast: torch.dtype | None = None,
     encode: Callable[[Tensor], Tensor] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> Result:
     """Optimize latents z (B,C,h,w) so that loss_fn(decode(z), target[, weight]) -> (B,) falls, sample by sample.
 
     weight: (B,1,H,W) per-pixel loss weights (e.g. an inpainting mask's known region), passed to loss_fn.
-
-    schedule: "constant" or "cosine" (decay to 0 at max_steps), after `warmup_steps` of linear warm-up.
-    autocast: run the decoder in this dtype (bf16/fp16); latents, Adam and the loss stay fp32.
-    encode: if given, go gradient-free (Hong et al., NeurIPS 2024): Adam follows E(D(z)) - E(x) instead
-    of the back-propagated gradient, so no backward pass runs; z0 must be E(x).
+    encode: the encoder, needed by optim=gradfree (Hong et al., NeurIPS 2024): Adam follows E(D(z)) - E(x)
+    instead of the back-propagated gradient, so no backward pass runs; z0 must be E(x).
+    The decoder runs in s.precision (auto: what this device runs natively); latents, Adam and the loss stay fp32.
     """
+    gradfree = s.optim == "gradfree"
+    if gradfree and encode is None:
+        raise ValueError("optim=gradfree needs the encoder")
+    max_steps, rel_tol, window = s.max_steps, s.rel_tol, s.window
     n = z0.shape[0]
-    zs = [z.detach().clone().requires_grad_(encode is None) for z in z0]
-    opt = torch.optim.Adam(zs, lr=lr, betas=tuple(betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, max_steps, schedule, warmup_steps))
+    zs = [z.detach().clone().requires_grad_(not gradfree) for z in z0]
+    opt = torch.optim.Adam(zs, lr=s.lr, betas=s.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, max_steps, s.schedule, s.warmup_steps))
+    autocast = PRECISIONS[resolve_precision(s.precision, z0.device)[0]]
     low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
     best = z0.detach().clone()
     best_loss = torch.full((n,), float("inf"))
@@ -76,7 +121,7 @@ def optimize(
         if not active:
             break
         opt.zero_grad(set_to_none=True)
-        with torch.set_grad_enabled(t < max_steps and encode is None):
+        with torch.set_grad_enabled(t < max_steps and not gradfree):
             with low_precision:
                 decoded = decode(torch.stack([zs[i] for i in active]))
             pred = decoded.float()
@@ -104,7 +149,7 @@ def optimize(
         steps[active] = t
         if going:
             passes[[active[j] for j in going]] += 0.5  # the backward, or gradient-free's encoder forward
-            if encode is None:
+            if not gradfree:
                 losses[going].sum().backward()
                 for j in set(range(len(active))) - set(going):
                     zs[active[j]].grad = None  # stopped samples must not take this update
@@ -129,4 +174,4 @@ def lr_factor(step: int, max_steps: int, schedule: str, warmup_steps: int) -> fl
         return warm
     if schedule == "cosine":
         return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, max_steps) / max_steps))
-    raise ValueError(f"schedule={schedule}: must be constant or cosine")
+    raise ValueError(f"schedule={schedule}: must be one of {', '.join(SCHEDULES)}")

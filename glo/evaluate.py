@@ -21,10 +21,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from glo import GloError, one_line_errors
-from glo.data import ImageDataset
+from glo import GloError
 from glo.atomic import atomic_write, save_json
-from glo.export import find_latents, load_latents, summarize
+from glo.cli import one_line_errors
+from glo.data import ImageDataset
+from glo.latents import find_latents, load_latents, summarize
 from glo.metrics import mae, ms_ssim, psnr, ssim
 from glo.report import grid_figure, save_figure, write_plots, write_report
 from glo.vae import FrozenVAE
@@ -77,7 +78,7 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
     device = next(vae.parameters()).device
     for start in range(0, len(arrays["ids"]), batch_size):
         part = slice(start, start + batch_size)
-        x = torch.stack([torch.from_numpy(dataset[index[str(i)]][0]).permute(2, 0, 1) for i in arrays["ids"][part]])
+        x = torch.stack([dataset[index[str(i)]][0] for i in arrays["ids"][part]])
         x = x.to(device)
         with torch.no_grad():
             x0 = vae.decode(torch.from_numpy(arrays["initial_latents"][part]).to(device))

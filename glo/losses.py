@@ -28,16 +28,13 @@ def l2(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
 
 
 class PixelLoss(nn.Module):
-    """A weighted sum of L1 and L2 on the raw decoder output (never clamped: clamping kills gradients).
+    """A weighted sum of L1 and L2 on the raw decoder output (never clamped: clamping kills gradients)."""
 
-    known_only: with an inpainting mask, fit the masked image's latent on the known pixels only.
-    """
-
-    def __init__(self, name: str, l1: float, l2: float, known_only: bool) -> None:
+    def __init__(self, name: str, l1: float, l2: float) -> None:
         super().__init__()
         if l1 < 0 or l2 < 0 or l1 + l2 == 0:
             raise GloError(f"loss '{name}': weights must be >= 0 and not both 0 (l1={l1}, l2={l2})")
-        self.name, self.w1, self.w2, self.known_only = name, l1, l2, known_only
+        self.name, self.w1, self.w2 = name, l1, l2
 
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         loss = 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,7 +23,17 @@ from glo import GloError
 from glo.data import IMAGE_SUFFIXES, open_image, resize_center_crop
 
 MAX_SHAPES = 1000
-MaskSource = Callable[[str, tuple[int, int], int], np.ndarray]  # (id, original (h, w), size) -> (size, size)
+
+
+class MaskSource(Protocol):
+    """(id, original (h, w), size) -> (size, size) hole mask; `known_only`: fit the masked image's latent on
+    the known pixels only (the hole is the inpainter's to fill)."""
+
+    known_only: bool
+
+    def check(self, ids: list[str]) -> None: ...
+
+    def __call__(self, image_id: str, original: tuple[int, int], size: int) -> np.ndarray: ...
 
 
 def no_mask() -> None:
@@ -51,13 +61,13 @@ class RandomMasks:
 
     KINDS = ("boxes", "strokes")
 
-    def __init__(self, kind: str, coverage: tuple[float, float], seed: int) -> None:
+    def __init__(self, kind: str, coverage: tuple[float, float], seed: int, known_only: bool) -> None:
         lo, hi = coverage
         if kind not in self.KINDS:
             raise GloError(f"mask.kind={kind}: must be one of {', '.join(self.KINDS)}")
         if not 0 < lo <= hi < 1:
             raise GloError(f"mask.coverage={list(coverage)}: need 0 < low <= high < 1")
-        self.kind, self.lo, self.hi, self.seed = kind, lo, hi, seed
+        self.kind, self.lo, self.hi, self.seed, self.known_only = kind, lo, hi, seed, known_only
 
     def check(self, ids: list[str]) -> None:
         """Every id gets a mask: nothing to check."""
@@ -102,14 +112,14 @@ class RandomMasks:
 class FolderMasks:
     """Mask images named like the image ids; white (above `threshold`) = hole."""
 
-    def __init__(self, path: str, threshold: float = 0.5) -> None:
+    def __init__(self, path: str, threshold: float, known_only: bool) -> None:
         root = Path(path)
         if not root.is_dir():
             raise GloError(f"mask.path={path}: no such directory")
         if not 0 < threshold < 1:
             raise GloError(f"mask.threshold={threshold}: must be in (0, 1)")
         self.files = {f.stem: f for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES}
-        self.path, self.threshold = root, threshold
+        self.path, self.threshold, self.known_only = root, threshold, known_only
 
     def check(self, ids: list[str]) -> None:
         """Fail before any model loads if an image has no mask."""

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from glo import GloError, one_line_errors
-from glo.data import FolderDataset
+from glo import GloError
 from glo.atomic import save_json, save_npz
+from glo.cli import one_line_errors
+from glo.data import FolderDataset
 
 
 def prepare(src: str, out: str, split: str, size: int) -> dict:

@@ -3,7 +3,7 @@
 Every inpainting pass re-encodes the whole image, so the region outside the mask goes through the
 lossy VAE again and again. Each trip here saves the decoded image as 8 bits (what the user's file
 holds) and encodes that again. The `plain` chain decodes the encoder's latent; the `glo` chain
-decodes a latent optimized with glo.run's settings (on the known pixels when `loss.known_only`).
+decodes a latent optimized with glo.run's settings (on the known pixels when `mask.known_only`).
 Both are scored against the original image after every trip, on the known region and on the whole
 image. Writes roundtrip.json, roundtrip.md and roundtrip.png into the run directory.
 """
@@ -22,15 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from glo import GloError, one_line_errors
-from glo.engine import optimize
+from glo import GloError
+from glo.cli import one_line_errors
+from glo.engine import Settings
+from glo.fit import fit
 from glo.losses import PixelLoss
 from glo.masks import batch_holes
 from glo.metrics import known_psnr, psnr
-from glo.module import config_settings
 from glo.report import markdown_table, save_figure
-from glo.run import absolute_paths, validate
-from glo.vae import FrozenVAE, pick_device
+from glo.run import absolute_paths, load_model, validate
+from glo.vae import FrozenVAE
 
 SCORES = ("plain_known", "glo_known", "plain_whole", "glo_whole")
 
@@ -40,18 +41,15 @@ def to_8bit(x: Tensor) -> Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
-def chains(vae: FrozenVAE, loss: PixelLoss, settings: dict, x: Tensor, known: Tensor, trips: int) -> dict[str, Tensor]:
+def chains(vae: FrozenVAE, loss: PixelLoss, settings: Settings, x: Tensor, known: Tensor, known_only: bool,
+           trips: int) -> dict[str, Tensor]:
     """(trips, B) PSNR after each trip, of the known region and of the whole image, for both chains."""
     plain, ours = x, x
-    weight = known if loss.known_only else None
     scores: dict[str, list[Tensor]] = {k: [] for k in SCORES}
     for _ in range(trips):
         with torch.no_grad():
             plain = to_8bit(vae.decode(vae.encode(plain)))
-        with torch.enable_grad():
-            z = optimize(vae.decode, vae.encode(ours), ours, loss, weight=weight, **settings).latents
-        with torch.no_grad():
-            ours = to_8bit(vae.decode(z))
+        ours = to_8bit(fit(vae, ours, settings, loss, weight=known if known_only else None)[3])
         for name, y in (("plain", plain), ("glo", ours)):
             scores[f"{name}_known"].append(known_psnr(y, x, known).cpu())
             scores[f"{name}_whole"].append(psnr(y, x).cpu())
@@ -59,7 +57,7 @@ def chains(vae: FrozenVAE, loss: PixelLoss, settings: dict, x: Tensor, known: Te
 
 
 def roundtrip(cfg: DictConfig, out: Path) -> dict:
-    validate(cfg)
+    settings, speed = validate(cfg)
     absolute_paths(cfg)
     if cfg.trips < 1 or not all(1 <= k <= cfg.trips for k in cfg.report_at):
         raise GloError(f"trips={cfg.trips}, report_at={list(cfg.report_at)}: need trips >= 1 and 1 <= k <= trips")
@@ -69,15 +67,13 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
     if masks is None:
         raise GloError("mask=none: the round trip needs a mask (mask=boxes|strokes|folder)")
     masks.check(dataset.ids)
-    device = pick_device(cfg.device)
-    vae = instantiate(cfg.vae).set_speed(cfg.channels_last, cfg.checkpointing, cfg.tile_size).to(device)
-    loss, settings = instantiate(cfg.loss), config_settings(vae, cfg.module)
+    vae, loss = load_model(cfg, speed), instantiate(cfg.loss)
     parts: dict[str, list[Tensor]] = {k: [] for k in SCORES}
     ids: list[str] = []
     for images, meta in DataLoader(dataset, batch_size=cfg.batch_size):
-        x = images.permute(0, 3, 1, 2).contiguous().to(device)
+        x = images.to(vae.device)
         known = 1 - batch_holes(masks, meta, x.shape[-1]).to(x)
-        for k, v in chains(vae, loss, settings, x, known, cfg.trips).items():
+        for k, v in chains(vae, loss, settings, x, known, masks.known_only, cfg.trips).items():
             parts[k].append(v)
         ids += list(meta["id"])
         print(f"glo.roundtrip: {len(ids)}/{len(dataset)} images", flush=True)
@@ -95,7 +91,7 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
         f"{cfg.data.size} px", "",
         "PSNR (dB) against the original after k encode -> decode trips, each saved as 8 bits. `known` = the pixels "
         "outside the mask; `plain` = the encoder's latent; `glo` = the optimized latent"
-        f"{' fitted to the known pixels only' if loss.known_only else ''} ({cfg.max_steps} steps max, lr {cfg.lr}).",
+        f"{' fitted to the known pixels only' if masks.known_only else ''} ({cfg.max_steps} steps max, lr {cfg.lr}).",
         "", markdown_table(rows), "", "![PSNR against round trips](roundtrip.png)", ""]))
     return result
 

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import subprocess
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -19,66 +20,52 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from glo import GloError, one_line_errors, rundir
+from glo import GloError, rundir
+from glo.cli import one_line_errors
+from glo.engine import Settings
 from glo.evaluate import evaluate
 from glo.export import LatentExporter
-from glo.hardware import PRECISIONS, machine, resolve_precision
-from glo.module import OPTIMS
-from glo.vae import pick_device
+from glo.hardware import machine, resolve_precision
+from glo.vae import FrozenVAE, Speed, pick_device
 
 log = logging.getLogger("glo")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-SCHEDULES = ("constant", "cosine")
 HPARAM_METRICS = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "steps_mean", "images_per_second")
-
-
-NUMBERS = {"lr": float, "rel_tol": float, "max_steps": int, "window": int, "batch_size": int, "warmup_steps": int,
-           "seed": int, "num_workers": int, "tile_size": int}
+INTEGERS = ("batch_size", "seed", "num_workers")
 PATHS = ("data.path", "data.processed_data_dir", "mask.path", "vae.path")  # stored absolute, with ~ expanded
 
 
-def _is_number(value: object, kind: type) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
-
-
-def validate(cfg: DictConfig) -> None:
-    """Reject impossible settings before anything slow is built (unknown keys are Hydra's to reject)."""
+def validate(cfg: DictConfig) -> tuple[Settings, Speed]:
+    """Reject impossible settings before anything slow is built (unknown keys are Hydra's to reject).
+    Returns the engine's settings and the decoder's speed switches, each checked by its own class."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise GloError(f"{missing[0]}: must be set (e.g. {missing[0]}=DIR)")
-    for key, kind in NUMBERS.items():
-        if not _is_number(cfg[key], kind):
-            raise GloError(f"{key}={cfg[key]!r}: must be {'a number' if kind is float else 'an integer'}")
-    betas = cfg.betas
-    if not (OmegaConf.is_list(betas) and len(betas) == 2 and all(_is_number(b, float) and 0 <= b < 1 for b in betas)):
-        raise GloError(f"betas={betas if not OmegaConf.is_list(betas) else list(betas)}: must be two numbers in [0, 1), "
-                       "e.g. 'betas=[0.9,0.999]'")
+    for key in INTEGERS:
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
+            raise GloError(f"{key}={cfg[key]!r}: must be an integer")
     limit = cfg.data.get("limit")
-    if limit is not None and not (_is_number(limit, int) and limit >= 1):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise GloError(f"data.limit={limit!r}: must be an integer >= 1, or null for every image")
-    for key in ("channels_last", "checkpointing", "report"):
-        if not isinstance(cfg[key], bool):
-            raise GloError(f"{key}={cfg[key]!r}: must be true or false")
     checks = [
-        (cfg.lr > 0, f"lr={cfg.lr}: must be > 0"),
-        (cfg.max_steps >= 1, f"max_steps={cfg.max_steps}: must be >= 1"),
-        (cfg.rel_tol >= 0, f"rel_tol={cfg.rel_tol}: must be >= 0"),
-        (cfg.window >= 1, f"window={cfg.window}: must be >= 1"),
+        (isinstance(cfg.report, bool), f"report={cfg.report!r}: must be true or false"),
         (cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1"),
         (cfg.num_workers >= 0, f"num_workers={cfg.num_workers}: must be >= 0"),
         (0 <= cfg.seed < 2**32, f"seed={cfg.seed}: must be in [0, 2**32)"),
         (cfg.resume in rundir.RESUME, f"resume={cfg.resume}: must be one of {', '.join(rundir.RESUME)}"),
         (cfg.device in DEVICES, f"device={cfg.device}: must be one of {', '.join(DEVICES)}"),
-        (cfg.optim in OPTIMS, f"optim={cfg.optim}: must be one of {', '.join(OPTIMS)}"),
-        (cfg.precision in ("auto", *PRECISIONS), f"precision={cfg.precision}: must be one of auto, {', '.join(PRECISIONS)}"),
-        (cfg.schedule in SCHEDULES, f"schedule={cfg.schedule}: must be one of {', '.join(SCHEDULES)}"),
-        (cfg.tile_size >= 0 and cfg.tile_size % 8 == 0, f"tile_size={cfg.tile_size}: must be 0 or a multiple of 8"),
-        (not (cfg.optim == "gradfree" and cfg.loss.known_only),
-         "optim=gradfree has no pixel loss to restrict: use optim=adam with loss.known_only=true"),
+        (not (cfg.optim == "gradfree" and cfg.mask.get("known_only")),
+         "optim=gradfree has no pixel loss to restrict: use optim=adam with mask.known_only=true"),
     ]
     for ok, message in checks:
         if not ok:
             raise GloError(message)
+    return instantiate(cfg.engine), instantiate(cfg.speed)
+
+
+def load_model(cfg: DictConfig, speed: Speed) -> FrozenVAE:
+    """The VAE the config names, with its speed switches, on the configured device."""
+    return instantiate(cfg.vae).set_speed(speed).to(pick_device(cfg.device))
 
 
 def absolute_paths(cfg: DictConfig) -> None:
@@ -103,7 +90,7 @@ def environment() -> dict[str, str | None]:
 
 def hparams(cfg: DictConfig) -> dict[str, str | float | int]:
     """The knobs a sweep turns, flat, for TensorBoard's HParams tab."""
-    return {"vae": cfg.vae.name, "loss": cfg.loss.name, "known_only": cfg.loss.known_only,
+    return {"vae": cfg.vae.name, "loss": cfg.loss.name, "known_only": bool(cfg.mask.get("known_only")),
             "mask": HydraConfig.get().runtime.choices.mask,
             "data_size": cfg.data.size,
             **{k: cfg[k] for k in ("optim", "lr", "schedule", "max_steps", "rel_tol", "window", "batch_size",
@@ -111,7 +98,7 @@ def hparams(cfg: DictConfig) -> dict[str, str | float | int]:
 
 
 def run(cfg: DictConfig) -> float:
-    validate(cfg)
+    settings, speed = validate(cfg)
     absolute_paths(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     dataset = instantiate(cfg.data)
@@ -132,8 +119,9 @@ def run(cfg: DictConfig) -> float:
     if done:
         log.info("resuming: %d images already exported, %d to go", len(dataset.ids) - len(todo), len(todo))
     log.info("precision %s (%s)", precision, reason)
-    vae = instantiate(cfg.vae).set_speed(cfg.channels_last, cfg.checkpointing, cfg.tile_size)
-    module = instantiate(cfg.module, vae=vae, loss=instantiate(cfg.loss), masks=masks, precision=precision)
+    vae = load_model(cfg, speed)
+    module = instantiate(cfg.module, vae=vae, loss=instantiate(cfg.loss), masks=masks,
+                         settings=replace(settings, precision=precision))
     exporter.metadata.update(config=OmegaConf.to_container(cfg, resolve=True), vae=vae.info(),
                              precision={"requested": cfg.precision, "used": precision, "reason": reason},
                              machine=machine(),

@@ -25,7 +25,7 @@ from glo.atomic import save_json
 log = logging.getLogger("glo")
 FINGERPRINT = "fingerprint.json"
 RESUME = ("auto", "restart")
-OPTIMIZER = ("optim", "lr", "betas", "schedule", "warmup_steps", "max_steps", "rel_tol", "window", "tile_size", "seed")
+OTHER_RESULTS = ("tile_size", "seed")  # besides the engine's settings (tiling blends seams; seed draws masks)
 NOT_RESULTS = {"data": ("on_error", "cache_in_memory", "limit"), "vae": ("path",)}  # ids and weights cover them
 RESULTS = ("shards", "latents.npz", "latents.h5", "metadata.json", "summary.json", "metrics.csv", "report.md",
            "grids.png", "loss_curves.png", "psnr_scatter.png", "psnr_gain.png", "steps.png", "events.out.tfevents.*")
@@ -73,8 +73,9 @@ def fingerprint(cfg: DictConfig, ids: list[str], precision: str) -> dict[str, An
         **flatten(groups),
         "data.ids": f"{len(ids)} images, sha256 {hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]}",
         **flatten({"mask": mask}),
-        **{k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_list(cfg[k]) else cfg[k] for k in OPTIMIZER},
-        "precision": precision,
+        **{k: v for k, v in OmegaConf.to_container(cfg.engine, resolve=True).items() if not k.startswith("_")},
+        **{k: cfg[k] for k in OTHER_RESULTS},
+        "precision": precision,  # the one used, not `auto`
     }
 
 

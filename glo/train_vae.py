@@ -23,8 +23,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from glo import GloError, one_line_errors
-from glo.data import FolderDataset, check_size, to_array
+from glo import GloError
+from glo.cli import one_line_errors
+from glo.data import FolderDataset, check_size, to_tensor
 from glo.engine import lr_factor
 from glo.metrics import psnr, ssim
 from glo.module import comparison_grid, error_map
@@ -45,7 +46,7 @@ class RandomCrops(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int) -> Tensor:
         rng = np.random.default_rng((self.seed, self.epoch, i))
         img = self.images[rng.integers(len(self.images))]
         s = max(rng.uniform(*self.scale), self.crop / min(img.size))
@@ -55,7 +56,7 @@ class RandomCrops(Dataset):
         img = img.crop((x, y, x + self.crop, y + self.crop))
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_array(img).transpose(2, 0, 1).copy()
+        return to_tensor(img)
 
 
 class VAETraining(pl.LightningModule):
@@ -88,7 +89,7 @@ class VAETraining(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, dict], batch_idx: int) -> None:
-        x = batch[0].permute(0, 3, 1, 2)
+        x = batch[0]
         rec = self.model.decode(self.model.encode(x).latent_dist.mean).sample
         self.log_dict({"val/psnr": psnr(rec, x).mean(), "val/ssim": ssim(rec, x).mean()}, prog_bar=True)
         if batch_idx == 0 and self.logger:
@@ -113,7 +114,7 @@ class NextEpoch(pl.Callback):
 def latent_std(model: AutoencoderKL, dataset: Dataset, batch_size: int) -> float:
     """Std of posterior samples over a dataset: the inverse of SD's scaling factor."""
     model.eval()
-    zs = [model.encode(batch[0].permute(0, 3, 1, 2)).latent_dist.sample()
+    zs = [model.encode(batch[0]).latent_dist.sample()
           for batch in DataLoader(dataset, batch_size=batch_size)]
     return float(torch.cat(zs).std())
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
+@dataclass(frozen=True)
+class Speed:
+    """The decoder's speed and memory switches (`speed:` in conf/run.yaml); none changes the result beyond
+    float rounding (tiling blends seams)."""
+
+    channels_last: bool  # NHWC memory layout
+    checkpointing: bool  # recompute decoder activations in backward instead of storing them
+    tile_size: int       # > 0: decode images larger than this many pixels in overlapping tiles
+
+    def __post_init__(self) -> None:
+        for key in ("channels_last", "checkpointing"):
+            if not isinstance(getattr(self, key), bool):
+                raise GloError(f"{key}={getattr(self, key)!r}: must be true or false")
+        t = self.tile_size
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t % 8:
+            raise GloError(f"tile_size={t!r}: must be 0 or a multiple of 8")
+
+
 class FrozenVAE(nn.Module):
     """An AutoencoderKL whose weights never train; latents are scaled as Stable Diffusion scales them."""
 
@@ -33,21 +52,20 @@ class FrozenVAE(nn.Module):
         self.shift_factor = float(model.config.shift_factor or 0.0)
         self.channels_last = False
 
-    def set_speed(self, channels_last: bool = False, checkpointing: bool = False, tile_size: int = 0) -> FrozenVAE:
-        """Speed and memory switches; none changes the result beyond float rounding (tiling blends seams).
-
-        checkpointing recomputes decoder activations in backward instead of storing them; tile_size > 0
-        decodes images larger than that many pixels in overlapping tiles.
-        """
-        self.channels_last = channels_last
-        if channels_last:
+    def set_speed(self, speed: Speed) -> FrozenVAE:
+        self.channels_last = speed.channels_last
+        if speed.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if checkpointing:
+        if speed.checkpointing:
             self.model.enable_gradient_checkpointing()
-        if tile_size:
+        if speed.tile_size:
             self.model.enable_tiling()
-            self.model.tile_sample_min_size, self.model.tile_latent_min_size = tile_size, tile_size // 8
+            self.model.tile_sample_min_size, self.model.tile_latent_min_size = speed.tile_size, speed.tile_size // 8
         return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:

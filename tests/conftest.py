@@ -4,14 +4,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
+from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from glo.data import SampleDataset
+from glo.engine import Settings
 from glo.vae import FrozenVAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +26,26 @@ def tiny_vae() -> FrozenVAE:
     return instantiate(OmegaConf.load(ROOT / "conf/vae/tiny_random.yaml"))
 
 
+def run_config(*overrides: str) -> DictConfig:
+    """conf/run.yaml composed as `python -m glo.run` composes it."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="run", overrides=list(overrides))
+
+
+@cache
+def _default_settings() -> Settings:
+    return instantiate(run_config().engine)
+
+
+def settings(**changes) -> Settings:
+    """The engine's settings with conf/run.yaml's defaults, fp32 pinned (auto would follow this CPU), changed."""
+    return replace(_default_settings(), **{"precision": "fp32", **changes})
+
+
 def photos(n: int, size: int = 64) -> torch.Tensor:
     """(n,3,size,size) in [-1,1] from the photos scikit-image ships."""
     ds = SampleDataset(size=size, limit=n)
-    return torch.stack([torch.from_numpy(ds[i][0]).permute(2, 0, 1) for i in range(n)])
+    return torch.stack([ds[i][0] for i in range(n)])
 
 
 def run_glo(*overrides: str, module: str = "glo.run", timeout: int = 600) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ def test_bench_writes_json_and_markdown_with_every_method(tmp_path):
         Image.fromarray(smooth).save(tmp_path / "images" / f"img{i}.png")
     out = tmp_path / "bench"
     p = run_glo("vae=tiny_random", f"data.path={tmp_path / 'images'}", "data.limit=2", "data.size=32",
-                "reference.steps=5", "memory.enabled=true", "memory.vae=tiny_random", "memory.size=64",
+                'reference=["experiment=prototype","max_steps=5"]', "memory.enabled=true", "memory.vae=tiny_random", "memory.size=64",
                 f"hydra.run.dir={out}", module="glo.bench")
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())

@@ -1,5 +1,6 @@
 """One loading path for every image kind, and one-line errors naming the file."""
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -30,14 +31,14 @@ def test_folder_loads_every_kind_as_rgb_in_range(tmp_path):
     assert ds.ids == ["alpha", "cmyk", "deep16", "grey", "landscape", "palette", "portrait"]
     for i in range(len(ds)):
         image, meta = ds[i]
-        assert image.shape == (64, 64, 3) and image.dtype == np.float32
+        assert image.shape == (3, 64, 64) and image.dtype == torch.float32
         assert -1.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.1
     _, meta = ds[ds.ids.index("portrait")]
     assert (meta["height"], meta["width"]) == (481, 321)
     (tmp_path / "eight").mkdir()
     Image.fromarray(rgb[:, :, 1]).save(tmp_path / "eight" / "deep8.png")
     eight = FolderDataset(str(tmp_path / "eight"), size=64)[0][0]
-    assert np.abs(ds[ds.ids.index("deep16")][0] - eight).max() <= 1 / 127.5  # 16-bit scaled, not clipped to white
+    assert (ds[ds.ids.index("deep16")][0] - eight).abs().max() <= 1 / 127.5  # 16-bit scaled, not clipped to white
 
 
 def test_resize_keeps_shorter_side_and_centre_crops(tmp_path):
@@ -45,7 +46,7 @@ def test_resize_keeps_shorter_side_and_centre_crops(tmp_path):
     img[:, 100:200] = 255  # the centre third is white: all a centre crop should see
     Image.fromarray(img).save(tmp_path / "a.png")
     image, _ = FolderDataset(str(tmp_path), size=96)[0]
-    assert image.shape == (96, 96, 3) and image[:, 2:-2].min() > 0.95
+    assert image.shape == (3, 96, 96) and image[:, :, 2:-2].min() > 0.95
 
 
 def test_a_portrait_image_is_cropped_at_its_centre_too(tmp_path):
@@ -53,7 +54,7 @@ def test_a_portrait_image_is_cropped_at_its_centre_too(tmp_path):
     img[100:200] = 255  # the middle third of a tall image is white
     Image.fromarray(img).save(tmp_path / "tall.png")
     image, meta = FolderDataset(str(tmp_path), size=96)[0]
-    assert image.shape == (96, 96, 3) and image[2:-2].min() > 0.95
+    assert image.shape == (3, 96, 96) and image[:, 2:-2].min() > 0.95
     assert (int(meta["height"]), int(meta["width"])) == (300, 100)
 
 
@@ -66,7 +67,7 @@ def test_exif_orientation_is_applied_and_recorded(tmp_path):
     ds = FolderDataset(str(tmp_path), size=32)
     image, meta = ds[0]
     assert (meta["height"], meta["width"]) == (64, 32) and ds.turned == [str(tmp_path / "phone.jpg")]
-    assert image[:8].mean() > 0.9 and image[-8:].mean() < -0.9  # upright, the white half is on top
+    assert image[:, :8].mean() > 0.9 and image[:, -8:].mean() < -0.9  # upright, the white half is on top
 
 
 @pytest.mark.parametrize("on_error", ["fail", "skip"])
@@ -116,7 +117,7 @@ def test_prepare_writes_npz_and_stats_that_bsds500dataset_reads(tmp_path):
     assert stats["original_sizes"] == {"321x481": 6, "481x321": 1}
     ds = BSDS500Dataset(str(tmp_path / "out"), "train", cache_in_memory=True, size=64)
     image, meta = ds[ds.ids.index("landscape")]
-    assert image.shape == (64, 64, 3) and meta["source"].endswith("landscape.jpg")
+    assert image.shape == (3, 64, 64) and meta["source"].endswith("landscape.jpg")
     assert (meta["height"], meta["width"]) == (321, 481)
     direct, _ = FolderDataset(str(tmp_path / "src" / "train"), 64)[4]
     assert np.array_equal(image, direct)  # one path: prepared and direct loading agree exactly
@@ -162,7 +163,7 @@ def write_bad_files(folder):
 def test_skip_leaves_bad_files_out_and_lists_them(tmp_path, caplog):
     bad = write_bad_files(tmp_path)
     ds = FolderDataset(str(tmp_path), size=32, on_error="skip")
-    assert ds.ids == ["good1", "good2"] and ds[1][0].shape == (32, 32, 3)
+    assert ds.ids == ["good1", "good2"] and ds[1][0].shape == (3, 32, 32)
     assert {s["source"].split("/")[-1].split(".")[0] for s in ds.skipped} == bad
     assert "smaller than 8 px" in " ".join(s["reason"] for s in ds.skipped)
     assert sum("skipping" in r.message for r in caplog.records) == len(bad)
@@ -182,7 +183,7 @@ def test_very_large_jpeg_is_resized_and_keeps_its_original_size(tmp_path):
     big = np.kron(np.random.default_rng(0).integers(0, 256, (60, 90, 3)), np.ones((50, 50, 1))).astype(np.uint8)
     Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)  # 4500 x 3000
     image, meta = FolderDataset(str(tmp_path), size=256)[0]
-    assert image.shape == (256, 256, 3) and (meta["width"], meta["height"]) == (4500, 3000)
+    assert image.shape == (3, 256, 256) and (meta["width"], meta["height"]) == (4500, 3000)
 
 
 def test_unknown_on_error_is_rejected(tmp_path):

@@ -7,9 +7,9 @@ import torch
 from glo.engine import optimize
 from glo.losses import PixelLoss
 from glo.metrics import psnr
-from tests.conftest import photos
+from tests.conftest import photos, settings
 
-L2 = PixelLoss("l2", l1=0.0, l2=1.0, known_only=False)
+L2 = PixelLoss("l2", l1=0.0, l2=1.0)
 
 
 def test_latent_gradient_is_nonzero(tiny_vae):
@@ -24,7 +24,7 @@ def test_latent_gradient_is_nonzero(tiny_vae):
 def test_every_sample_improves_and_psnr_rises(tiny_vae):
     x = photos(3)
     z0 = tiny_vae.encode(x)
-    r = optimize(tiny_vae.decode, z0, x, L2, lr=0.1, max_steps=20, rel_tol=0.0, window=5)
+    r = optimize(tiny_vae.decode, z0, x, L2, settings(lr=0.1, max_steps=20, rel_tol=0.0, window=5))
     assert (r.final_loss < r.initial_loss).all()
     with torch.no_grad():
         gain = psnr(tiny_vae.decode(r.latents), x) - psnr(tiny_vae.decode(z0), x)
@@ -37,7 +37,7 @@ def test_best_latent_is_kept_when_steps_overshoot(tiny_vae):
     """A huge learning rate makes later steps worse; the result must still be the best latent seen."""
     x = photos(2)
     z0 = tiny_vae.encode(x)
-    r = optimize(tiny_vae.decode, z0, x, L2, lr=50.0, max_steps=8, rel_tol=0.0, window=3)
+    r = optimize(tiny_vae.decode, z0, x, L2, settings(lr=50.0, max_steps=8, rel_tol=0.0, window=3))
     with torch.no_grad():
         achieved = L2(tiny_vae.decode(r.latents), x)
     assert torch.allclose(achieved, r.final_loss, rtol=1e-4)
@@ -65,7 +65,7 @@ def test_converged_samples_leave_the_active_set():
     target = decode(z0).detach()
     target[1:] += torch.randn_like(target[1:])  # sample 0 starts at its optimum: its loss stays 0
     decode.sizes.clear()
-    r = optimize(decode, z0, target, L2, lr=0.05, max_steps=30, rel_tol=1e-6, window=3)
+    r = optimize(decode, z0, target, L2, settings(lr=0.05, max_steps=30, rel_tol=1e-6, window=3))
     assert r.converged[0] and r.steps[0] == 3
     assert torch.equal(r.latents[0], z0[0])  # a converged sample is never updated again
     assert decode.sizes[:4] == [4, 4, 4, 4] and decode.sizes[4] == 3
@@ -86,7 +86,7 @@ def test_injected_nan_reverts_that_sample_and_the_batch_goes_on():
             out[1] = float("nan")
         return out
 
-    r = optimize(flaky, z0, target, L2, lr=0.05, max_steps=10, rel_tol=0.0, window=3)
+    r = optimize(flaky, z0, target, L2, settings(lr=0.05, max_steps=10, rel_tol=0.0, window=3))
     assert r.nonfinite.tolist() == [False, True, False]
     assert torch.isfinite(r.latents).all() and torch.isfinite(r.final_loss).all()
     assert r.steps[1] == 3 and (r.steps[[0, 2]] == 10).all()
@@ -99,15 +99,15 @@ def test_a_sample_gets_the_same_result_alone_or_in_a_batch(tiny_vae):
     x = photos(3)
     z0 = tiny_vae.encode(x)
     kw = dict(lr=0.1, max_steps=5, rel_tol=0.0, window=5)
-    together = optimize(tiny_vae.decode, z0, x, L2, **kw)
-    alone = optimize(tiny_vae.decode, z0[2:], x[2:], L2, **kw)
+    together = optimize(tiny_vae.decode, z0, x, L2, settings(**kw))
+    alone = optimize(tiny_vae.decode, z0[2:], x[2:], L2, settings(**kw))
     assert torch.allclose(together.latents[2], alone.latents[0], atol=1e-4)
 
 
 def test_bf16_decoder_stays_finite_and_gains(tiny_vae):
     x = photos(2)
     z0 = tiny_vae.encode(x)
-    r = optimize(tiny_vae.decode, z0, x, L2, lr=0.1, max_steps=10, rel_tol=0.0, window=5, autocast=torch.bfloat16)
+    r = optimize(tiny_vae.decode, z0, x, L2, settings(lr=0.1, max_steps=10, rel_tol=0.0, window=5, precision="bf16"))
     assert r.latents.dtype == torch.float32 and torch.isfinite(r.latents).all() and not r.nonfinite.any()
     assert (r.final_loss < r.initial_loss).all()
 
@@ -118,7 +118,7 @@ def test_gradient_free_inversion_lowers_the_latent_residual(tiny_vae):
     z0 = tiny_vae.encode(x)
     residual = lambda z: (tiny_vae.encode(tiny_vae.decode(z)) - z0).flatten(1).norm(dim=1)
     with torch.no_grad():
-        r = optimize(tiny_vae.decode, z0, x, L2, lr=0.01, max_steps=10, rel_tol=0.0, window=5,
+        r = optimize(tiny_vae.decode, z0, x, L2, settings(lr=0.01, max_steps=10, rel_tol=0.0, window=5, optim="gradfree"),
                      encode=tiny_vae.encode)
         assert (residual(r.latents) < residual(z0)).all()
     assert (r.final_loss < r.initial_loss).all()
@@ -140,7 +140,7 @@ def test_passes_count_forward_and_backward_as_one_and_scoring_as_half():
     z0 = torch.randn(3, 4, 8, 8)
     target = decode(z0).detach()
     target[1:] += torch.randn_like(target[1:])  # sample 0 starts at its optimum and converges at step 3
-    r = optimize(decode, z0, target, L2, lr=0.05, max_steps=6, rel_tol=1e-6, window=3)
+    r = optimize(decode, z0, target, L2, settings(lr=0.05, max_steps=6, rel_tol=1e-6, window=3))
     assert r.passes.tolist() == [3.5, 6.5, 6.5]  # a fixed budget of N steps costs N + 0.5 passes
     assert torch.equal(r.passes, r.steps + 0.5)
 
@@ -159,10 +159,10 @@ def test_samples_stopping_at_different_steps_get_what_they_would_get_alone():
     z0 = torch.randn(3, 4, 8, 8)
     target = decode(z0) + torch.randn(3, 3, 8, 8) * torch.tensor([0.2, 1.0, 3.0])[:, None, None, None]
     kw = dict(lr=0.05, max_steps=60, rel_tol=1e-2, window=3)
-    together = optimize(decode, z0, target, L2, **kw)
+    together = optimize(decode, z0, target, L2, settings(**kw))
     assert together.converged.all() and len(set(together.steps.tolist())) == 3, "needs different stopping steps"
     for i in range(3):
-        alone = optimize(decode, z0[i : i + 1], target[i : i + 1], L2, **kw)
+        alone = optimize(decode, z0[i : i + 1], target[i : i + 1], L2, settings(**kw))
         assert together.steps[i] == alone.steps[0]
         assert torch.allclose(together.latents[i], alone.latents[0], atol=1e-6)
         assert torch.allclose(together.final_loss[i], alone.final_loss[0], rtol=1e-5)
@@ -175,7 +175,7 @@ def test_the_stopping_rule_is_relative_so_scaling_the_problem_does_not_move_it(s
     z0 = torch.randn(2, 4, 8, 8)
     target = decode(z0) + torch.randn(2, 3, 8, 8)
     kw = dict(lr=0.05, max_steps=60, rel_tol=1e-2, window=3)
-    base = optimize(decode, z0, target, L2, **kw)
-    scaled = optimize(decode, z0, target, lambda pred, tgt: scale * L2(pred, tgt), **kw)  # loss values x scale
+    base = optimize(decode, z0, target, L2, settings(**kw))
+    scaled = optimize(decode, z0, target, lambda pred, tgt: scale * L2(pred, tgt), settings(**kw))  # loss values x scale
     assert base.converged.all(), "the base problem must converge for this test"
     assert torch.equal(scaled.steps, base.steps)

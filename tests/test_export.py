@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from glo import GloError
-from glo.export import LatentDataset, LatentExporter, load_latents, open_latents, summarize
+from glo.export import LatentExporter
+from glo.latents import LatentDataset, load_latents, open_latents, summarize
 
 
 def batch(ids, seed):

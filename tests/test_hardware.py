@@ -5,9 +5,9 @@ import torch
 from glo import hardware
 from glo.engine import optimize
 from glo.losses import PixelLoss
-from tests.conftest import photos
+from tests.conftest import photos, settings
 
-L2 = PixelLoss("l2", l1=0.0, l2=1.0, known_only=False)
+L2 = PixelLoss("l2", l1=0.0, l2=1.0)
 
 
 @pytest.mark.parametrize("native,expected", [(False, "fp32"), (True, "bf16")])
@@ -34,8 +34,8 @@ def test_bf16_decoder_is_close_to_fp32_but_not_equal(tiny_vae):
     x = photos(2, size=32)
     z0 = tiny_vae.encode(x)
     kw = dict(lr=0.1, max_steps=3, rel_tol=0.0, window=5)
-    full = optimize(tiny_vae.decode, z0, x, L2, **kw)
-    half = optimize(tiny_vae.decode, z0, x, L2, autocast=torch.bfloat16, **kw)
+    full = optimize(tiny_vae.decode, z0, x, L2, settings(**kw))
+    half = optimize(tiny_vae.decode, z0, x, L2, settings(**kw, precision="bf16"))
     assert not torch.equal(full.loss_curves, half.loss_curves)
     assert torch.allclose(full.loss_curves, half.loss_curves, rtol=0.03)  # Adam's normalization lets single
     assert (half.final_loss < half.initial_loss).all()                      # elements differ; the losses stay close

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from glo import GloError
-from glo.export import LatentDataset, load_latents
+from glo.latents import LatentDataset, load_latents
 from tests.conftest import FAST, ROOT, run_glo
 
 RUN = [*FAST, "loss=l2", "lr=0.1"]  # what the session's finished_run was made with

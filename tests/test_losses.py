@@ -14,21 +14,21 @@ def test_l1_l2_match_hand_computed_values():
 
 def test_weighted_sum_and_shape():
     pred, target = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
-    mixed = PixelLoss("l1_l2", l1=0.5, l2=2.0, known_only=False)(pred, target)
+    mixed = PixelLoss("l1_l2", l1=0.5, l2=2.0)(pred, target)
     assert mixed.shape == (3,)
     assert torch.allclose(mixed, 0.5 * l1(pred, target) + 2.0 * l2(pred, target))
 
 
 def test_per_sample_loss_does_not_depend_on_batch():
     pred, target = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
-    loss = PixelLoss("l2", l1=0.0, l2=1.0, known_only=False)
+    loss = PixelLoss("l2", l1=0.0, l2=1.0)
     assert torch.allclose(loss(pred, target)[1:2], loss(pred[1:2], target[1:2]))
 
 
 @pytest.mark.parametrize("w1,w2", [(0.0, 0.0), (-1.0, 1.0)])
 def test_bad_weights_are_rejected(w1, w2):
     with pytest.raises(GloError, match="weights"):
-        PixelLoss("bad", l1=w1, l2=w2, known_only=False)
+        PixelLoss("bad", l1=w1, l2=w2)
 
 
 def test_a_weighted_loss_is_reduced_per_sample():

@@ -9,10 +9,10 @@ import skimage.data
 import torch
 from PIL import Image
 
-from conftest import FAST, photos, run_glo
+from conftest import FAST, photos, run_glo, settings
 from glo import GloError
 from glo.engine import optimize
-from glo.export import LatentDataset, load_latents
+from glo.latents import LatentDataset, load_latents
 from glo.losses import PixelLoss
 from glo.masks import FolderMasks, RandomMasks, latent_mask
 from glo.metrics import psnr
@@ -22,10 +22,10 @@ IDS = ["astronaut", "coffee", "chelsea", "0001", "a/b"]
 
 @pytest.mark.parametrize("kind", RandomMasks.KINDS)
 def test_random_masks_are_seeded_binary_and_cover_the_configured_range(kind):
-    masks = RandomMasks(kind, (0.15, 0.35), seed=3)
+    masks = RandomMasks(kind, (0.15, 0.35), seed=3, known_only=False)
     first = [masks(i, (100, 100), 64) for i in IDS]
-    again = [RandomMasks(kind, (0.15, 0.35), seed=3)(i, (100, 100), 64) for i in IDS]
-    other_seed = [RandomMasks(kind, (0.15, 0.35), seed=4)(i, (100, 100), 64) for i in IDS]
+    again = [RandomMasks(kind, (0.15, 0.35), seed=3, known_only=False)(i, (100, 100), 64) for i in IDS]
+    other_seed = [RandomMasks(kind, (0.15, 0.35), seed=4, known_only=False)(i, (100, 100), 64) for i in IDS]
     for m, m2, m3 in zip(first, again, other_seed):
         assert m.shape == (64, 64) and m.dtype == np.float32 and set(np.unique(m)) <= {0.0, 1.0}
         assert 0.15 <= m.mean() <= 0.35, m.mean()
@@ -34,11 +34,11 @@ def test_random_masks_are_seeded_binary_and_cover_the_configured_range(kind):
     assert not np.array_equal(first[0], first[1])  # each id its own mask
 
 
-@pytest.mark.parametrize("loss", [PixelLoss("l1", 1.0, 0.0, True), PixelLoss("l2", 0.0, 1.0, True),
-                                  PixelLoss("l1_l2", 0.5, 0.5, True)])
+@pytest.mark.parametrize("loss", [PixelLoss("l1", 1.0, 0.0), PixelLoss("l2", 0.0, 1.0),
+                                  PixelLoss("l1_l2", 0.5, 0.5)])
 def test_known_only_loss_ignores_the_hole_exactly(loss, tiny_vae):
     x = photos(2)
-    hole = torch.from_numpy(np.stack([RandomMasks("boxes", (0.2, 0.4), 0)(i, (64, 64), 64) for i in "ab"]))[:, None]
+    hole = torch.from_numpy(np.stack([RandomMasks("boxes", (0.2, 0.4), seed=0, known_only=False)(i, (64, 64), 64) for i in "ab"]))[:, None]
     known = 1 - hole
     z = tiny_vae.encode(x).requires_grad_(True)
     pred = tiny_vae.decode(z)
@@ -72,18 +72,18 @@ def test_latent_mask_marks_every_cell_the_hole_touches():
 
 def test_masked_engine_run_improves_the_known_region(tiny_vae):
     x = photos(2)
-    known = 1 - torch.from_numpy(np.stack([RandomMasks("strokes", (0.2, 0.3), 0)(i, (64, 64), 64) for i in "ab"]))[:, None]
+    known = 1 - torch.from_numpy(np.stack([RandomMasks("strokes", (0.2, 0.3), seed=0, known_only=False)(i, (64, 64), 64) for i in "ab"]))[:, None]
     masked = x * known
     z0 = tiny_vae.encode(masked)
-    r = optimize(tiny_vae.decode, z0, masked, PixelLoss("l2", 0.0, 1.0, True), weight=known, lr=0.1, max_steps=15,
-                 rel_tol=0.0, window=5)
+    r = optimize(tiny_vae.decode, z0, masked, PixelLoss("l2", 0.0, 1.0), settings(lr=0.1, max_steps=15, rel_tol=0.0, window=5),
+                 weight=known)
     assert (r.final_loss < r.initial_loss).all()
 
 
 @pytest.fixture(scope="module")
 def masked_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("masked") / "run"
-    p = run_glo(*FAST, "mask=boxes", "loss.known_only=true", "report=false", f"hydra.run.dir={out}")
+    p = run_glo(*FAST, "mask=boxes", "mask.known_only=true", "report=false", f"hydra.run.dir={out}")
     assert p.returncode == 0, p.stderr[-3000:]
     return out
 
@@ -123,8 +123,8 @@ def write_masks(folder, ids, value=255, size=None):
 
 def test_folder_masks_binarize_at_the_documented_threshold(tmp_path):
     grey = write_masks(tmp_path / "grey", ["coffee"], value=140)  # 140/255 = 0.55
-    assert FolderMasks(str(grey), threshold=0.5)("coffee", (400, 600), 64).sum() > 0
-    assert FolderMasks(str(grey), threshold=0.6)("coffee", (400, 600), 64).sum() == 0
+    assert FolderMasks(str(grey), threshold=0.5, known_only=False)("coffee", (400, 600), 64).sum() > 0
+    assert FolderMasks(str(grey), threshold=0.6, known_only=False)("coffee", (400, 600), 64).sum() == 0
 
 
 @pytest.mark.parametrize("case,message", [
@@ -154,7 +154,7 @@ def test_folder_masks_run_end_to_end(tmp_path):
 
 
 def test_gradfree_cannot_be_known_only(tmp_path):
-    p = run_glo(*FAST, "optim=gradfree", "mask=boxes", "loss.known_only=true", f"hydra.run.dir={tmp_path}")
+    p = run_glo(*FAST, "optim=gradfree", "mask=boxes", "mask.known_only=true", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 1 and "optim=gradfree has no pixel loss" in p.stderr
 
 
@@ -172,7 +172,7 @@ def test_roundtrip_end_to_end(tmp_path):
 
 def test_an_impossible_coverage_range_is_one_clear_error():
     with pytest.raises(GloError, match="widen the range"):
-        RandomMasks("boxes", (0.3, 0.3), seed=0)("astronaut", (64, 64), 16)  # 76.8 of 256 px
+        RandomMasks("boxes", (0.3, 0.3), seed=0, known_only=False)("astronaut", (64, 64), 16)  # 76.8 of 256 px
 
 
 def test_masked_export_means_what_its_names_say(masked_run, tiny_vae):

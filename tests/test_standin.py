@@ -10,7 +10,7 @@ from glo.engine import optimize
 from glo.losses import PixelLoss
 from glo.metrics import psnr
 from glo.vae import ASSETS
-from tests.conftest import ROOT, photos
+from tests.conftest import ROOT, photos, settings
 
 CARD = ASSETS / "standin_vae" / "README.md"
 
@@ -45,7 +45,7 @@ def test_reconstruction_and_optimization_on_a_photo(standin):
     with torch.no_grad():
         before = float(psnr(standin.decode(z0), x))
     assert before > card_figure(r"astronaut reconstruction: ([\d.]+) dB") - 0.5
-    r = optimize(standin.decode, z0, x, PixelLoss("l2", l1=0.0, l2=1.0, known_only=False), lr=0.1, max_steps=20, rel_tol=0.0, window=5)
+    r = optimize(standin.decode, z0, x, PixelLoss("l2", l1=0.0, l2=1.0), settings(lr=0.1, max_steps=20, rel_tol=0.0, window=5))
     with torch.no_grad():
         after = float(psnr(standin.decode(r.latents), x))
     assert after - before > 0.5

@@ -1,0 +1,77 @@
+"""One batch, start to end, in plain PyTorch: encode, optimize through the frozen decoder, decode, score.
+
+glo.run's LightningModule, glo.bench and glo.roundtrip all call this, so they measure the same thing.
+With hole masks, each image also gets its inpainting twin: the latent of the masked image (hole set
+to 0, i.e. grey, as diffusers does), optimized in the same engine run (on the known pixels only if
+`known_only`) and exported with the mask at latent resolution.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from glo.engine import Result, Settings, optimize
+from glo.masks import latent_mask
+from glo.metrics import known_psnr, psnr, ssim
+from glo.vae import FrozenVAE
+
+
+def fit(vae: FrozenVAE, target: Tensor, s: Settings, loss: Callable[..., Tensor], weight: Tensor | None = None,
+        on_step: Callable[[int, int, float], None] | None = None) -> tuple[Tensor, Result, Tensor, Tensor]:
+    """The encoder's latents of `target`, the engine's result, and the decodes of both (the whole batch at once)."""
+    z0 = vae.encode(target)
+    with torch.enable_grad():  # Lightning predicts under no_grad; the latents need gradients
+        r = optimize(vae.decode, z0, target, loss, s, weight=weight, encode=vae.encode, on_step=on_step)
+    with torch.no_grad():
+        return z0, r, vae.decode(z0), vae.decode(r.latents)
+
+
+@dataclass
+class Fitted:
+    arrays: dict[str, np.ndarray]  # one row per image: everything glo exports about it
+    initial: Tensor                # (B,3,H,W) decode of the encoder's latent
+    final: Tensor                  # (B,3,H,W) decode of the optimized latent
+
+
+def fit_batch(vae: FrozenVAE, x: Tensor, s: Settings, loss: Callable[..., Tensor], holes: Tensor | None = None,
+              known_only: bool = False, on_step: Callable[[int, int, float], None] | None = None) -> Fitted:
+    """Images x (B,3,H,W) in [-1,1], optional holes (B,1,H,W) with 1 = hole -> latents and their metrics."""
+    n, target, weight = len(x), x, None
+    if holes is not None:
+        known = 1 - holes
+        target = torch.cat([x, x * known])  # full images, then the masked ones
+        if known_only:  # the full image keeps every pixel; the masked image only its known ones
+            weight = torch.cat([torch.ones_like(known), known])
+    z0, r, decoded0, decoded1 = fit(vae, target, s, loss, weight, on_step)
+    x0, x1 = decoded0[:n], decoded1[:n]
+    out = {
+        "latents": r.latents[:n].float().cpu().numpy(),
+        "initial_latents": z0[:n].float().cpu().numpy(),
+        "steps": r.steps[:n].numpy(),
+        "passes": r.passes[:n].numpy(),
+        "initial_loss": r.initial_loss[:n].numpy(),
+        "final_loss": r.final_loss[:n].numpy(),
+        "psnr_initial": psnr(x0, x).cpu().numpy(),
+        "psnr_final": psnr(x1, x).cpu().numpy(),
+        "ssim_initial": ssim(x0, x).cpu().numpy(),
+        "ssim_final": ssim(x1, x).cpu().numpy(),
+        "converged": r.converged[:n].numpy(),
+        "nonfinite": r.nonfinite[:n].numpy(),
+        "loss_curves": r.loss_curves[:n].numpy(),
+    }
+    if holes is not None:
+        out.update({
+            "masks": holes[:, 0].bool().cpu().numpy(),
+            "latent_masks": latent_mask(holes).float().cpu().numpy(),
+            "masked_latents": r.latents[n:].float().cpu().numpy(),
+            "initial_masked_latents": z0[n:].float().cpu().numpy(),
+            "masked_steps": r.steps[n:].numpy(),
+            "masked_passes": r.passes[n:].numpy(),
+            "psnr_known_initial": known_psnr(decoded0[n:], x, known).cpu().numpy(),
+            "psnr_known_final": known_psnr(decoded1[n:], x, known).cpu().numpy(),
+        })
+    return Fitted(out, x0, x1)

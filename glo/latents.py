@@ -1,0 +1,151 @@
+"""The latents file format, for readers: latents.npz / latents.h5 and LatentDataset for downstream training.
+
+Plain PyTorch and NumPy: a training script that reads glo's latents imports neither Lightning nor Hydra.
+"""
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from glo import GloError
+
+
+def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
+    """A numeric member of an uncompressed .npz (what np.savez writes), memory-mapped rather than read."""
+    info = z.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size == 0:
+        return np.load(z.open(info))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject or dtype.kind == "U":
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            return np.lib.format.read_array(f)
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=f.tell(), order="F" if fortran else "C")
+
+
+REQUIRED = ("ids", "latents")  # what every reader needs; LatentDataset also reads initial_latents
+INPAINTING = ("latent_masks", "masked_latents")
+
+
+def open_latents(path: str | Path) -> dict[str, Any]:
+    """Every array of a latents.npz / latents.h5 (or a shard), read lazily: NPZ members are memory-mapped,
+    HDF5 datasets are read chunk by chunk as they are indexed. One-line error for a missing or damaged file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".h5":
+            f = h5py.File(path, "r")
+            groups = [k for k in f if not isinstance(f[k], h5py.Dataset)]
+            if groups:
+                raise GloError(f"{path}: '{groups[0]}' is an HDF5 group; a latents file holds only arrays")
+            arrays = {k: f[k] for k in f}
+        else:
+            with zipfile.ZipFile(path) as z:
+                arrays = {n[:-4]: _npz_member(path, z, n[:-4]) for n in z.namelist() if n.endswith(".npy")}
+        return require(path, arrays, REQUIRED)
+    except FileNotFoundError:
+        raise GloError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
+        raise GloError(f"{path}: not a readable latents file ({e})") from None
+
+
+def require(path: Path, arrays: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """One line naming the first required array that is missing or has another number of rows than `ids`."""
+    for k in keys:
+        if k not in arrays:
+            raise GloError(f"{path}: no '{k}' array (a glo latents file has {', '.join(keys)}; it has "
+                           f"{', '.join(sorted(arrays)) or 'none'})")
+        if len(arrays[k]) != len(arrays[keys[0]]):
+            raise GloError(f"{path}: '{k}' has {len(arrays[k])} rows, '{keys[0]}' has {len(arrays[keys[0]])}")
+    return arrays
+
+
+def find_latents(run_dir: str | Path) -> Path:
+    """The latents file of a run directory, whichever format it was exported in."""
+    run = Path(run_dir)
+    for name in ("latents.npz", "latents.h5"):
+        if (run / name).is_file():
+            return run / name
+    raise GloError(f"{run / 'latents.npz'}: no such file (nor latents.h5)")
+
+
+def _in_memory(v: Any) -> np.ndarray:
+    """A writable copy of a lazy array; HDF5 strings (objects) become str."""
+    a = np.array(v[()])
+    return a.astype(str) if a.dtype == object else a
+
+
+def load_latents(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of a latents file, in memory."""
+    return {k: _in_memory(v) for k, v in open_latents(path).items()}
+
+
+class LatentDataset(Dataset):
+    """Optimized latents for downstream training: item = {id, latent, initial_latent} as float32 tensors.
+
+    inpainting=True adds what Stable Diffusion's inpainting UNet is conditioned on: `mask` (1,h,w), 1 = hole,
+    and `masked_latent` (4,h,w), the optimized latent of the masked image. diffusers' pipeline builds its
+    9-channel input as torch.cat([noisy_latent, mask, masked_latent], dim=1); `latent` is the clean target.
+    Reads lazily from either format, so a dataset larger than memory still trains.
+    """
+
+    def __init__(self, path: str | Path, inpainting: bool = False) -> None:
+        self.path, self.inpainting = Path(path), inpainting
+        arrays = open_latents(self.path)
+        if inpainting and "masked_latents" not in arrays:
+            raise GloError(f"{self.path}: exported without a mask; run glo.run with mask=boxes|strokes|folder")
+        require(self.path, arrays, (*REQUIRED, "initial_latents", *(INPAINTING if inpainting else ())))
+        self.ids = [str(i) for i in _in_memory(arrays["ids"])]
+        self._arrays: dict[str, Any] | None = None  # opened on first use, so DataLoader workers each open their own
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self._arrays is None:
+            self._arrays = open_latents(self.path)
+        keys = {"latent": "latents", "initial_latent": "initial_latents"}
+        if self.inpainting:
+            keys.update(mask="latent_masks", masked_latent="masked_latents")
+        return {"id": self.ids[i],
+                **{k: torch.from_numpy(np.array(self._arrays[a][i], dtype=np.float32)) for k, a in keys.items()}}
+
+
+SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "passes", "converged",
+                "nonfinite", "seconds", "psnr_known_initial", "psnr_known_final")  # the last two only with a mask
+
+
+def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
+    """The headline figures of a latent dataset, from its arrays alone."""
+    gain = a["psnr_final"] - a["psnr_initial"]
+    seconds = float(a["seconds"].sum())
+    return {
+        "num_images": int(len(a["ids"])),
+        "psnr_initial_mean": float(a["psnr_initial"].mean()),
+        "psnr_final_mean": float(a["psnr_final"].mean()),
+        "psnr_gain_mean": float(gain.mean()),
+        "ssim_initial_mean": float(a["ssim_initial"].mean()),
+        "ssim_final_mean": float(a["ssim_final"].mean()),
+        "images_improved": int((gain > 0).sum()),
+        "steps_mean": float(a["steps"].mean()),
+        **({"passes_mean": float(a["passes"].mean())} if "passes" in a else {}),
+        "converged": int(a["converged"].sum()),
+        "nonfinite": int(a["nonfinite"].sum()),
+        "seconds_total": seconds,
+        "images_per_second": len(a["ids"]) / seconds if seconds > 0 else float("nan"),
+        **({"psnr_known_initial_mean": float(a["psnr_known_initial"].mean()),
+            "psnr_known_final_mean": float(a["psnr_known_final"].mean()),
+            "known_images_improved": int((a["psnr_known_final"] > a["psnr_known_initial"]).sum())}
+           if "psnr_known_final" in a else {}),
+    }

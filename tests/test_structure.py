@@ -1,0 +1,83 @@
+"""The structure a newcomer relies on: one source of defaults, one settings object, a light library."""
+import re
+import subprocess
+import sys
+from dataclasses import MISSING, fields
+
+import pytest
+from hydra.utils import instantiate
+
+from glo import GloError
+from glo.engine import Settings
+from glo.vae import Speed
+from tests.conftest import ROOT, run_config
+
+
+@pytest.mark.parametrize("module", ["glo", "glo.latents", "glo.engine", "glo.fit"])
+def test_the_library_imports_neither_lightning_nor_hydra(module):
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'hydra', 'omegaconf')))"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
+
+
+def test_a_default_lives_in_the_yaml_only():
+    """No setting has a Python default that could drift from conf/run.yaml."""
+    for cls in (Settings, Speed):
+        assert all(f.default is MISSING and f.default_factory is MISSING for f in fields(cls)), cls
+
+
+@pytest.mark.parametrize("key, value", [("lr", 0.123), ("max_steps", 7), ("rel_tol", 0.02), ("window", 2),
+                                        ("betas", [0.5, 0.9]), ("optim", "gradfree"), ("precision", "bf16")])
+def test_a_top_level_knob_reaches_the_engine(key, value):
+    """Changing a default is one line of YAML (or one override): the engine receives exactly that value."""
+    s = instantiate(run_config(f"{key}={value}").engine)
+    assert getattr(s, key) == (tuple(value) if isinstance(value, list) else value)
+
+
+def test_every_engine_setting_is_wired_from_the_config():
+    cfg = run_config()
+    assert {k for k in cfg.engine if not k.startswith("_")} == {f.name for f in fields(Settings)}
+    assert {k for k in cfg.speed if not k.startswith("_")} == {f.name for f in fields(Speed)}
+    s = instantiate(cfg.engine)
+    assert all(getattr(s, f.name) == (tuple(cfg[f.name]) if f.name == "betas" else cfg[f.name]) for f in fields(Settings))
+
+
+def test_the_prototype_experiment_is_the_published_budget():
+    cfg = run_config("experiment=prototype")
+    s = instantiate(cfg.engine)
+    assert (s.lr, s.betas, s.max_steps, s.rel_tol, s.precision, cfg.batch_size) == (0.1, (0.9, 0.999), 50, 0, "fp32", 1)
+    assert instantiate(run_config("experiment=prototype", "lr=0.2").engine).lr == 0.2  # the command line still wins
+
+
+@pytest.mark.parametrize("override, message", [
+    ("betas=[0.9]", "betas=[0.9]: must be two numbers in [0, 1)"),
+    ("betas=[0.9,1.0]", "betas=[0.9, 1.0]: must be two numbers in [0, 1)"),
+    ("lr=0", "lr=0: must be > 0"),
+    ("lr=true", "lr=True: must be a number"),
+    ("max_steps=1.5", "max_steps=1.5: must be an integer"),
+    ("window=0", "window=0: must be >= 1"),
+    ("schedule=linear", "schedule=linear: must be one of constant, cosine"),
+    ("precision=fp8", "precision=fp8: must be one of auto, fp32, bf16, fp16"),
+])
+def test_settings_check_themselves(override, message):
+    with pytest.raises(GloError, match=re.escape(message)):
+        Settings(**_fields(run_config(override)))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("channels_last=1", "channels_last=1: must be true or false"),
+    ("checkpointing=yes", "checkpointing='yes': must be true or false"),
+    ("tile_size=100", "tile_size=100: must be 0 or a multiple of 8"),
+])
+def test_speed_switches_check_themselves(override, message):
+    with pytest.raises(Exception) as e:
+        instantiate(run_config(override).speed)
+    cause = e.value
+    while cause is not None and not isinstance(cause, GloError):
+        cause = cause.__cause__
+    assert cause is not None and str(cause) == message
+
+
+def _fields(cfg) -> dict:
+    return {f.name: (list(cfg[f.name]) if f.name == "betas" else cfg[f.name]) for f in fields(Settings)}
