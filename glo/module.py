@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import Tensor
 
 from glo.engine import Settings
@@ -46,8 +57,8 @@ class GLOModule(pl.LightningModule):
             self.logger.experiment.add_scalar("loss/active_samples", active, self.steps_logged)
         self.steps_logged += 1
         bar = self.trainer.progress_bar_callback
-        if isinstance(bar, TQDMProgressBar) and bar.predict_progress_bar is not None:
-            bar.predict_progress_bar.set_postfix(step=step, active=active, loss=f"{loss:.4g}")
+        if isinstance(bar, ImageProgressBar):
+            bar.show_step(step, active, loss)
 
     def _log_images(self, out: dict[str, np.ndarray], x: Tensor, x0: Tensor, x1: Tensor, batch_idx: int) -> None:
         if not self.logger:
@@ -59,6 +70,9 @@ class GLOModule(pl.LightningModule):
             tb.add_scalar("image/psnr_final", out["psnr_final"][i], k)
             tb.add_scalar("image/psnr_gain", out["psnr_final"][i] - out["psnr_initial"][i], k)
             tb.add_scalar("image/steps", out["steps"][i], k)
+            tb.add_scalar("drift/distance", out["drift_distance"][i], k)
+            tb.add_scalar("drift/hf_share", out["hf_share_final"][i], k)
+            tb.add_scalar("drift/reencode_error", out["reencode_error_final"][i], k)
         self.images_logged += len(x)
         if self.image_every and batch_idx % self.image_every == 0:
             tb.add_image("grid/input|initial|optimized|error", comparison_grid([x, x0, x1, error_map(x1, x)]), batch_idx)
@@ -73,3 +87,47 @@ def comparison_grid(panels: list[Tensor], rows: int = 4) -> Tensor:
     """(3,H*rows,W*len(panels)) in [0,1]: the first `rows` images of each panel side by side, one row each."""
     grid = torch.cat([p[:rows].detach().float().clamp(-1, 1).cpu() for p in panels], dim=3)
     return (torch.cat(list(grid), dim=1) + 1) / 2
+
+
+class ImageProgressBar(ProgressBar):
+    """Lightning's progress bar slot, counting images rather than batches: done/total, images/s, time left,
+    and the current batch's optimizer step (rich draws it; on a non-terminal it prints only the end state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_predict_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        self.progress = Progress(TextColumn("glo"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("left"),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[step]}"), console=Console(stderr=True))
+        loaders = trainer.predict_dataloaders
+        total = sum(len(d.sampler) for d in (loaders if isinstance(loaders, list) else [loaders]))  # this rank's
+        self.task = self.progress.add_task("", total=total, rate="", step="")
+        self.progress.start()
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: dict, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, len(outputs["ids"]))
+            speed = self.progress.tasks[0].speed
+            self.progress.update(self.task, rate=f"{speed:.3f} images/s" if speed else "", step="")
+
+    def on_predict_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def show_step(self, step: int, active: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, step=f"step {step}, {active} active, loss {loss:.4g}")

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import subprocess
+import warnings
 from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
@@ -28,7 +29,6 @@ from glo.export import LatentExporter
 from glo.hardware import machine, resolve_precision
 from glo.vae import FrozenVAE, Speed, pick_device
 
-log = logging.getLogger("glo")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 HPARAM_METRICS = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "steps_mean", "images_per_second")
 INTEGERS = ("batch_size", "seed", "num_workers")
@@ -61,6 +61,13 @@ def validate(cfg: DictConfig) -> tuple[Settings, Speed]:
         if not ok:
             raise GloError(message)
     return instantiate(cfg.engine), instantiate(cfg.speed)
+
+
+def quiet_third_parties() -> None:
+    """Lightning's hardware lines and product tip, and a deprecation inside Lightning itself, tell a glo user
+    nothing they can act on; glo's own warnings and Lightning's warnings stay."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def load_model(cfg: DictConfig, speed: Speed) -> FrozenVAE:
@@ -116,10 +123,11 @@ def run(cfg: DictConfig) -> float:
         exporter.verify()
     done = exporter.done_ids()
     todo = [i for i, name in enumerate(dataset.ids) if name not in done]
-    if done:
-        log.info("resuming: %d images already exported, %d to go", len(dataset.ids) - len(todo), len(todo))
-    log.info("precision %s (%s)", precision, reason)
     vae = load_model(cfg, speed)
+    resumed = f" ({len(dataset.ids) - len(todo)} already exported)" if done else ""
+    if rank_zero_only.rank == 0:
+        print(f"glo: VAE {vae.name} ({vae.source}) on {vae.device}, precision {precision} ({reason}); "
+              f"{len(todo)} of {len(dataset.ids)} images to do{resumed} -> {exporter.out}", flush=True)
     module = instantiate(cfg.module, vae=vae, loss=instantiate(cfg.loss), masks=masks,
                          settings=replace(settings, precision=precision))
     exporter.metadata.update(config=OmegaConf.to_container(cfg, resolve=True), vae=vae.info(),
@@ -127,6 +135,7 @@ def run(cfg: DictConfig) -> float:
                              machine=machine(),
                              image_size=dataset.size, environment=environment(),
                              skipped=getattr(dataset, "skipped", []), exif_turned=getattr(dataset, "turned", []))
+    quiet_third_parties()
     trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks)
     if todo:
         loader = DataLoader(Subset(dataset, todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers)

@@ -1,12 +1,13 @@
 """One loading path for every image kind, and one-line errors naming the file."""
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from glo import GloError
 from glo.data import BSDS500Dataset, FolderDataset, SampleDataset
-from glo.prepare import main as prepare_main, prepare
+from glo.prepare import main as prepare_main
+from glo.prepare import prepare
 
 
 def make_folder(root):

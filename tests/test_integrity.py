@@ -145,7 +145,7 @@ def test_a_lost_or_damaged_shard_is_recomputed_and_the_result_is_identical(copy_
     assert p.returncode == 0, p.stderr[-2000:]
     log = p.stdout + p.stderr
     assert f"{shards[0].name}: {'missing' if damage == 'lost' else 'damaged'}" in log
-    assert "computed again" in log and "resuming: 1 images already exported, 2 to go" in log
+    assert "computed again" in log and "2 of 3 images to do (1 already exported)" in log
     again = load_latents(copy_of / "latents.npz")
     assert list(again["ids"]) == list(reference["ids"])  # every image exactly once, in dataset order
     for key in ("latents", "initial_latents", "steps", "final_loss"):
