@@ -23,6 +23,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from glo import GloError
+from glo.cli import one_line_errors
+from glo.drift import drift, pooled_channel_stats
 from glo.engine import Settings
 from glo.fit import fit_batch
 from glo.hardware import cpu_native_bf16, describe, machine, resolve_precision
@@ -96,10 +99,15 @@ def measure(name: str, common: list[str], overrides: list[str], reference: bool)
         z0 = torch.cat([vae.encode(x[i : i + 1]) for i in range(len(x))])
         gain = torch.cat([psnr(vae.decode(latents[i : i + 1]), x[i : i + 1]) - psnr(vae.decode(z0[i : i + 1]), x[i : i + 1])
                           for i in range(len(x))]).cpu().numpy()
+        before, after = (drift(z, z0, z) for z in (z0, latents))  # no re-encode here: it costs encoder passes
+    std_ratio = (pooled_channel_stats(after["channel_mean"].cpu().numpy(), after["channel_std"].cpu().numpy())[1]
+                 / pooled_channel_stats(before["channel_mean"].cpu().numpy(), before["channel_std"].cpu().numpy())[1])
     return {"method": name, "overrides": " ".join(overrides), "images": len(x), "images_per_second": len(x) / seconds,
             "seconds_per_image": seconds / len(x), "peak_memory_mb": peak_mb, "psnr_gain_mean": float(gain.mean()),
             "improved_fraction": float((gain > 0).mean()), "passes_mean": float(passes.mean()),
-            "precision": precision, "skipped": ""}
+            "drift_distance": float(after["drift_distance"].mean()), "hf_share": float(after["hf_share"].mean()),
+            "hf_share_encoder": float(before["hf_share"].mean()), "channel_std_ratio_max": float(std_ratio.max()),
+            "channel_std_ratios": std_ratio.tolist(), "precision": precision, "skipped": ""}
 
 
 def decode_backward_seconds(vae_overrides: list[str], size: int, repeats: int = 5) -> float:
@@ -123,9 +131,14 @@ def run_isolated(name: str, common: list[str], overrides: list[str], reference: 
 def bench(cfg: DictConfig, out: Path) -> dict:
     common = [f"vae={cfg.vae.name}", "data=folder", f"data.path={cfg.data.path}", f"data.limit={cfg.data.limit}",
               f"data.size={cfg.data.size}", f"loss={cfg.loss.name}"] + ([f"vae.path={cfg.vae.path}"] if cfg.vae.get("path") else [])
+    unknown = sorted(set(cfg.only or ()) - set(cfg.methods))
+    if unknown:
+        raise GloError(f"only={list(cfg.only)}: no method named {unknown[0]} in conf/bench.yaml")
     rows = [run_isolated("reference", common, list(cfg.reference), reference=True)]
     print(markdown_table(rows), flush=True)
     for name, overrides in cfg.methods.items():
+        if cfg.only and name not in cfg.only:
+            continue
         rows.append(run_isolated(name, common, list(overrides)))
         print(f"{name}: {rows[-1]['skipped'] or 'measured'}", flush=True)
     ref = rows[0]
@@ -152,7 +165,8 @@ def bench(cfg: DictConfig, out: Path) -> dict:
 
 def render(result: dict) -> str:
     cols = ("method", "images_per_second", "seconds_per_image", "speedup", "psnr_gain_mean", "gain_vs_reference_db",
-            "improved_fraction", "passes_mean", "precision", "peak_memory_mb", "overrides")
+            "improved_fraction", "passes_mean", "drift_distance", "hf_share", "hf_share_encoder", "channel_std_ratio_max",
+            "precision", "peak_memory_mb", "overrides")
     c = result["config"]
     text = [f"# glo.bench — {result['date'][:10]}", "",
             f"Machine: {describe(result['machine'])}; {result['machine']['platform']}, torch {result['machine']['torch']}.",
@@ -174,9 +188,10 @@ def render(result: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    out = Path(HydraConfig.get().runtime.output_dir)
-    result = bench(cfg, out)
-    print(f"glo.bench: {len(result['methods'])} methods -> {out / 'bench.md'}")
+    with one_line_errors("glo.bench"):
+        out = Path(HydraConfig.get().runtime.output_dir)
+        result = bench(cfg, out)
+        print(f"glo.bench: {len(result['methods'])} methods -> {out / 'bench.md'}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ class Settings:
     optim: str                  # adam (back-propagate the pixel loss) | gradfree (follow E(D(z)) - E(x))
     lr: float
     betas: tuple[float, float]  # Adam's
+    eps: float                  # Adam's, per latent element of the sample (so image size does not change it): larger
+                                # moves the elements the loss barely responds to by less than lr per step
+    anchor: float               # weight of mean((z - z0)^2) added to each sample's loss: pulls toward the encoder's
     schedule: str               # constant | cosine (to 0 at max_steps)
     warmup_steps: int
     max_steps: int              # update budget per image
@@ -49,7 +52,8 @@ class Settings:
         if not (ok and len(betas) == 2 and all(_number(b, float) and 0 <= b < 1 for b in betas)):
             raise GloError(f"betas={list(betas) if ok else betas}: must be two numbers in [0, 1), e.g. 'betas=[0.9,0.999]'")
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
-        for key, kind in (("lr", float), ("rel_tol", float), ("max_steps", int), ("window", int), ("warmup_steps", int)):
+        for key, kind in (("lr", float), ("eps", float), ("anchor", float), ("rel_tol", float), ("max_steps", int),
+                          ("window", int), ("warmup_steps", int)):
             if not _number(getattr(self, key), kind):
                 raise GloError(f"{key}={getattr(self, key)!r}: must be {'a number' if kind is float else 'an integer'}")
         for ok, message in (
@@ -58,6 +62,9 @@ class Settings:
             (self.rel_tol >= 0, f"rel_tol={self.rel_tol}: must be >= 0"),
             (self.window >= 1, f"window={self.window}: must be >= 1"),
             (self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0"),
+            (self.eps > 0, f"eps={self.eps}: must be > 0"),
+            (self.anchor >= 0, f"anchor={self.anchor}: must be >= 0"),
+            (self.anchor == 0 or self.optim == "adam", f"anchor={self.anchor}: needs optim=adam (gradfree has no loss)"),
             (self.optim in OPTIMS, f"optim={self.optim}: must be one of {', '.join(OPTIMS)}"),
             (self.schedule in SCHEDULES, f"schedule={self.schedule}: must be one of {', '.join(SCHEDULES)}"),
             (self.precision in ("auto", *PRECISIONS),
@@ -103,7 +110,9 @@ def optimize(
     max_steps, rel_tol, window = s.max_steps, s.rel_tol, s.window
     n = z0.shape[0]
     zs = [z.detach().clone().requires_grad_(not gradfree) for z in z0]
-    opt = torch.optim.Adam(zs, lr=s.lr, betas=s.betas)
+    # A sample's loss is a mean over its pixels, so each element's gradient shrinks with the image: eps is divided
+    # by the elements of a latent to mean the same at every size (Adam(k*g, eps) == Adam(g, eps/k)).
+    opt = torch.optim.Adam(zs, lr=s.lr, betas=s.betas, eps=s.eps / z0[0].numel())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, max_steps, s.schedule, s.warmup_steps))
     autocast = PRECISIONS[resolve_precision(s.precision, z0.device)[0]]
     low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
@@ -123,10 +132,13 @@ def optimize(
         opt.zero_grad(set_to_none=True)
         with torch.set_grad_enabled(t < max_steps and not gradfree):
             with low_precision:
-                decoded = decode(torch.stack([zs[i] for i in active]))
+                z = torch.stack([zs[i] for i in active])
+                decoded = decode(z)
             pred = decoded.float()
             passes[active] += 0.5
             losses = loss_fn(pred, target[active]) if weight is None else loss_fn(pred, target[active], weight[active])
+            if s.anchor:
+                losses = losses + s.anchor * (z - z0[active]).square().mean((1, 2, 3))
         values = losses.detach().float().cpu()
         going = []  # positions in `active` that take another update
         for j, i in enumerate(active):

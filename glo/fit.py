@@ -3,7 +3,8 @@
 glo.run's LightningModule, glo.bench and glo.roundtrip all call this, so they measure the same thing.
 With hole masks, each image also gets its inpainting twin: the latent of the masked image (hole set
 to 0, i.e. grey, as diffusers does), optimized in the same engine run (on the known pixels only if
-`known_only`) and exported with the mask at latent resolution.
+`known_only`) and exported with the mask at latent resolution. Every latent also gets its drift
+from the encoder's (glo.drift), which costs one encoder pass per latent for the re-encode check.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from glo.drift import drift
 from glo.engine import Result, Settings, optimize
 from glo.masks import latent_mask
 from glo.metrics import known_psnr, psnr, ssim
@@ -63,6 +65,12 @@ def fit_batch(vae: FrozenVAE, x: Tensor, s: Settings, loss: Callable[..., Tensor
         "nonfinite": r.nonfinite[:n].numpy(),
         "loss_curves": r.loss_curves[:n].numpy(),
     }
+    reencoded0, reencoded1 = vae.encode(decoded0.clamp(-1, 1)), vae.encode(decoded1.clamp(-1, 1))  # as images
+    for prefix, part in (("", slice(None, n)), ("masked_", slice(n, None)))[: 1 if holes is None else 2]:
+        before, after = drift(z0[part], z0[part], reencoded0[part]), drift(r.latents[part], z0[part], reencoded1[part])
+        out[f"{prefix}drift_distance"] = after["drift_distance"].cpu().numpy()
+        for k in ("hf_share", "channel_mean", "channel_std", "reencode_error"):
+            out[f"{prefix}{k}_initial"], out[f"{prefix}{k}_final"] = before[k].cpu().numpy(), after[k].cpu().numpy()
     if holes is not None:
         out.update({
             "masks": holes[:, 0].bool().cpu().numpy(),

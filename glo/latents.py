@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from glo import GloError
+from glo.drift import pooled_channel_stats
 
 
 def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
@@ -122,8 +123,11 @@ class LatentDataset(Dataset):
                 **{k: torch.from_numpy(np.array(self._arrays[a][i], dtype=np.float32)) for k, a in keys.items()}}
 
 
+DRIFT = ("drift_distance", *(f"{k}_{w}" for k in ("hf_share", "channel_mean", "channel_std", "reencode_error")
+                              for w in ("initial", "final")))
 SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "passes", "converged",
-                "nonfinite", "seconds", "psnr_known_initial", "psnr_known_final")  # the last two only with a mask
+                "nonfinite", "seconds", *DRIFT,
+                "psnr_known_initial", "psnr_known_final", *(f"masked_{k}" for k in DRIFT))  # these only with a mask
 
 
 def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
@@ -144,8 +148,20 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
         "nonfinite": int(a["nonfinite"].sum()),
         "seconds_total": seconds,
         "images_per_second": len(a["ids"]) / seconds if seconds > 0 else float("nan"),
+        **{k: v for prefix in ("", "masked_") if f"{prefix}drift_distance" in a for k, v in drift_summary(a, prefix).items()},
         **({"psnr_known_initial_mean": float(a["psnr_known_initial"].mean()),
             "psnr_known_final_mean": float(a["psnr_known_final"].mean()),
             "known_images_improved": int((a["psnr_known_final"] > a["psnr_known_initial"]).sum())}
            if "psnr_known_final" in a else {}),
     }
+
+
+def drift_summary(a: dict[str, np.ndarray], prefix: str = "") -> dict[str, float | list[float]]:
+    """Drift of a run's latents from the encoder's (glo.drift): means per image, channel statistics pooled."""
+    out: dict[str, float | list[float]] = {f"{prefix}drift_distance_mean": float(a[f"{prefix}drift_distance"].mean())}
+    for w in ("initial", "final"):
+        out[f"{prefix}hf_share_{w}_mean"] = float(a[f"{prefix}hf_share_{w}"].mean())
+        out[f"{prefix}reencode_error_{w}_mean"] = float(a[f"{prefix}reencode_error_{w}"].mean())
+        mean, std = pooled_channel_stats(a[f"{prefix}channel_mean_{w}"], a[f"{prefix}channel_std_{w}"])
+        out[f"{prefix}channel_mean_{w}"], out[f"{prefix}channel_std_{w}"] = mean.tolist(), std.tolist()
+    return out

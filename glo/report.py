@@ -83,7 +83,32 @@ def write_plots(arrays: dict[str, np.ndarray], out: Path) -> dict[str, Path]:
         "psnr_scatter": save_figure(scatter_figure(arrays["psnr_initial"], arrays["psnr_final"]), out / "psnr_scatter.png"),
         "psnr_gain": save_figure(histogram_figure(gain, "PSNR gain (dB)", "gain per image"), out / "psnr_gain.png"),
         "steps": save_figure(histogram_figure(arrays["steps"], "steps", "steps per image"), out / "steps.png"),
+        **({"gain_vs_drift": save_figure(gain_drift_figure(gain, arrays["drift_distance"]), out / "gain_vs_drift.png")}
+           if "drift_distance" in arrays else {}),
     }
+
+
+def gain_drift_figure(gain: np.ndarray, distance: np.ndarray) -> Figure:
+    fig, ax = plt.subplots(figsize=(4.5, 3.5), layout="constrained")
+    ax.scatter(distance, gain, s=12)
+    ax.set(xlabel="drift ||z - z0|| / ||z0||", ylabel="PSNR gain (dB)", title="gain against drift, per image")
+    return fig
+
+
+def drift_rows(summary: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    """report.md's drift table: each channel's pooled mean and std, encoder's against optimized, then the
+    per-image means of the other drift measures (glo.drift)."""
+    rows = [{"measure": f"channel {c} mean / std", "encoder": f"{m0:.3f} / {s0:.3f}", "optimized": f"{m1:.3f} / {s1:.3f}",
+             "ratio": f"std x{s1 / s0:.2f}" if s0 > 0 else "—"}
+            for c, (m0, s0, m1, s1) in enumerate(zip(*(summary[f"{prefix}channel_{k}_{w}"]
+                                                       for w in ("initial", "final") for k in ("mean", "std"))))]
+    for name, key in (("high-frequency power share", "hf_share"), ("re-encode error ||E(D(z)) - z|| / ||z||", "reencode_error")):
+        before, after = summary[f"{prefix}{key}_initial_mean"], summary[f"{prefix}{key}_final_mean"]
+        rows.append({"measure": name, "encoder": f"{before:.4f}", "optimized": f"{after:.4f}",
+                     "ratio": f"x{after / before:.2f}" if before > 0 else "—"})
+    rows.append({"measure": "distance ||z - z0|| / ||z0||", "encoder": "0", "optimized":
+                 f"{summary[f'{prefix}drift_distance_mean']:.4f}", "ratio": "—"})
+    return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -95,7 +120,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], config: dict, notes: list[str]) -> Path:
     """report.md: the numbers, the pictures and the config that made them, readable on its own."""
-    metrics = [k[: -len("_initial_mean")] for k in summary if k.endswith("_initial_mean")]
+    metrics = [k[: -len("_initial_mean")] for k in summary  # image quality; drift has its own table
+               if k.endswith("_initial_mean") and "hf_share" not in k and "reencode_error" not in k]
     quality = [{"metric": m, "initial mean": summary[f"{m}_initial_mean"], "optimized mean": summary[f"{m}_final_mean"],
                 "initial median": summary.get(f"{m}_initial_median", float("nan")),
                 "optimized median": summary.get(f"{m}_final_median", float("nan")),
@@ -109,6 +135,10 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], co
         f"{summary['psnr_final_mean']:.2f} dB ({summary['psnr_gain_mean']:+.2f} dB); "
         f"{summary['images_improved']} images improved; {summary['steps_mean']:.1f} steps on average.", "",
         "## Quality", "", markdown_table(quality), "", "## Run", "", markdown_table(run), "",
+        *(["## Drift from the encoder's latents", "",
+           "How far the optimized latents lie from what the encoder produces, the distribution a diffusion UNet "
+           "was trained on (glo.drift; scaled SD units).", "", markdown_table(drift_rows(summary)), ""]
+          if "drift_distance_mean" in summary else []),
         *(["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []),
         "## Plots", "", *[f"![{name}]({p.name})" for name, p in images.items()], "",
         "## Config", "", "```json", json.dumps(config, indent=2), "```", "",

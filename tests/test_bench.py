@@ -3,15 +3,18 @@ import json
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
 from glo.hardware import cpu_native_bf16, describe
-from tests.conftest import ROOT, run_glo
+from tests.conftest import ROOT, run_config, run_glo
+
+ONLY = ["default", "fp32_batch8", "bf16", "steps16_eps0.3", "gradfree"]  # each code path once
 
 
 @pytest.mark.slow
-def test_bench_writes_json_and_markdown_with_every_method(tmp_path):
+def test_bench_writes_json_and_markdown_for_the_methods_asked(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()
     for i in range(2):
@@ -19,12 +22,11 @@ def test_bench_writes_json_and_markdown_with_every_method(tmp_path):
         Image.fromarray(smooth).save(tmp_path / "images" / f"img{i}.png")
     out = tmp_path / "bench"
     p = run_glo("vae=tiny_random", f"data.path={tmp_path / 'images'}", "data.limit=2", "data.size=32",
-                'reference=["experiment=prototype","max_steps=5"]', "memory.enabled=true", "memory.vae=tiny_random", "memory.size=64",
+                'reference=["experiment=prototype","max_steps=5"]', f"only=[{','.join(ONLY)}]", "memory.enabled=true", "memory.vae=tiny_random", "memory.size=64",
                 f"hydra.run.dir={out}", module="glo.bench")
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
-    methods = OmegaConf.load(ROOT / "conf/bench.yaml").methods
-    assert [r["method"] for r in result["methods"]] == ["reference", *methods]
+    assert [r["method"] for r in result["methods"]] == ["reference", *ONLY]
     native = cpu_native_bf16()
     for r in result["methods"]:
         if r["skipped"]:  # reduced precision is only measured where the CPU runs it natively
@@ -34,6 +36,7 @@ def test_bench_writes_json_and_markdown_with_every_method(tmp_path):
         assert np.isfinite(r["psnr_gain_mean"]) and np.isfinite(r["speedup"])
         assert r["passes_mean"] > 0 and r["precision"] in ("fp32", "bf16", "fp16")
     by_name = {r["method"]: r for r in result["methods"]}
+    assert by_name["steps16_eps0.3"]["drift_distance"] < by_name["default"]["drift_distance"]
     assert by_name["reference"]["psnr_gain_mean"] > 0 and by_name["reference"]["passes_mean"] == 5
     assert by_name["bf16"]["skipped"] or by_name["bf16"]["psnr_gain_mean"] > 0
     assert by_name["reference"]["speedup"] == 1.0 and result["decode_backward_seconds"] > 0
@@ -41,6 +44,14 @@ def test_bench_writes_json_and_markdown_with_every_method(tmp_path):
     md = (out / "bench.md").read_text()
     assert all(f"| {name} |" in md for name in by_name) and "Peak memory" in md
     assert describe(result["machine"]) in md.splitlines()[2]  # the CPU and its capability head every table
+
+
+@pytest.mark.parametrize("name", OmegaConf.load(ROOT / "conf/bench.yaml").methods)
+def test_every_bench_method_composes_into_valid_settings(name):
+    """What the end-to-end test above does not run: each row's overrides still name real, valid settings."""
+    cfg = run_config("vae=tiny_random", *OmegaConf.load(ROOT / "conf/bench.yaml").methods[name])
+    settings, speed = instantiate(cfg.engine), instantiate(cfg.speed)
+    assert settings.max_steps >= 1 and speed.tile_size >= 0
 
 
 @pytest.mark.slow

@@ -41,12 +41,16 @@ def test_report_files_of_a_run(finished_run):
         assert {f"{m}_initial_mean", f"{m}_final_median", f"{m}_improved_fraction"} <= summary.keys()
     assert summary["psnr_improved_fraction"] == 1.0 and summary["mae_final_mean"] < summary["mae_initial_mean"]
     report = (finished_run / "report.md").read_text()
-    for png in ("loss_curves", "psnr_scatter", "psnr_gain", "steps", "grids"):
+    for png in ("loss_curves", "psnr_scatter", "psnr_gain", "steps", "grids", "gain_vs_drift"):
         img = np.asarray(Image.open(finished_run / f"{png}.png").convert("RGB"))
         assert img.shape[0] > 200 and img.shape[1] > 200
         assert img.std() > 10 and len(np.unique(img.reshape(-1, 3), axis=0)) > 20, f"{png}.png looks blank"
         assert f"({png}.png)" in report
     assert '"lr": 0.1' in report and "LPIPS" in report  # the config, and why LPIPS was skipped
+    drift = report[report.index("## Drift from the encoder's latents"):]
+    std0, std1 = summary["channel_std_initial"][0], summary["channel_std_final"][0]
+    assert f"| channel 0 mean / std | {summary['channel_mean_initial'][0]:.3f} / {std0:.3f} |" in drift
+    assert f"std x{std1 / std0:.2f}" in drift and f"| {summary['drift_distance_mean']:.4f} |" in drift
 
 
 def test_a_run_dir_without_or_with_a_truncated_latents_file_is_named(tmp_path, capsys):

@@ -175,6 +175,18 @@ def test_an_impossible_coverage_range_is_one_clear_error():
         RandomMasks("boxes", (0.3, 0.3), seed=0, known_only=False)("astronaut", (64, 64), 16)  # 76.8 of 256 px
 
 
+def test_a_masked_run_reports_drift_for_both_latents(masked_run):
+    a = load_latents(masked_run / "latents.npz")
+    for prefix, latents in (("", "latents"), ("masked_", "masked_latents")):
+        z, z0 = a[latents], a[f"initial_{latents}"]
+        distance = np.linalg.norm((z - z0).reshape(len(z), -1), axis=1) / np.linalg.norm(z0.reshape(len(z), -1), axis=1)
+        np.testing.assert_allclose(a[f"{prefix}drift_distance"], distance, rtol=1e-5)
+        np.testing.assert_allclose(a[f"{prefix}channel_std_final"], z.std((2, 3)), rtol=1e-5)
+    summary = json.loads((masked_run / "summary.json").read_text())
+    assert summary["masked_drift_distance_mean"] == pytest.approx(float(a["masked_drift_distance"].mean()))
+    assert summary["drift_distance_mean"] != summary["masked_drift_distance_mean"]
+
+
 def test_masked_export_means_what_its_names_say(masked_run, tiny_vae):
     """latents fit the whole image, masked_latents the image with its hole at 0, both in SD units."""
     a = load_latents(masked_run / "latents.npz")

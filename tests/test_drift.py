@@ -1,0 +1,96 @@
+"""Drift of optimized latents from the encoder's: metrics against hand-computed values, and the two
+options that limit it (a pull toward the encoder's latent, a larger Adam eps)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from glo.drift import drift, high_frequency_share, pooled_channel_stats
+from glo.engine import optimize
+from glo.latents import drift_summary
+from glo.losses import PixelLoss
+from tests.conftest import photos, settings
+
+L2 = PixelLoss("l2", l1=0.0, l2=1.0)
+i, j = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+CHECKER = (-1.0) ** (i + j)                 # all power at (0.5, 0.5) cycles per cell: above half Nyquist
+SLOW = torch.cos(2 * math.pi * i / 8)      # all power at 0.125 cycles per cell: below
+
+
+def test_high_frequency_share_by_hand():
+    z = torch.stack([CHECKER, SLOW, 2 * SLOW + 5, torch.zeros(8, 8)])[None]  # one latent, four channels
+    # power: checkerboard 1 per cell, each cosine of amplitude a holds a^2 / 2 per cell (constants removed)
+    assert high_frequency_share(z).item() == pytest.approx(1 / (1 + 0.5 + 2), abs=1e-6)
+    assert high_frequency_share(CHECKER.expand(1, 4, 8, 8)).item() == pytest.approx(1.0)
+    assert high_frequency_share(SLOW.expand(1, 4, 8, 8)).item() == pytest.approx(0.0, abs=1e-6)
+    assert high_frequency_share(torch.full((1, 4, 8, 8), 3.0)).item() == 0.0  # no variation, no power
+
+
+def test_drift_by_hand():
+    z0 = torch.ones(2, 4, 8, 8)
+    z = torch.stack([3 * torch.ones(4, 8, 8), 1 + CHECKER.expand(4, 8, 8)])
+    d = drift(z, z0, reencoded=torch.stack([z[0], torch.zeros(4, 8, 8)]))
+    assert d["drift_distance"].tolist() == pytest.approx([2.0, 1.0])  # ||2|| / ||1||, ||checker|| / ||1||
+    assert d["reencode_error"].tolist() == pytest.approx([0.0, 1.0])  # E(D(z)) = z; E(D(z)) = 0
+    assert torch.allclose(d["channel_mean"], torch.tensor([[3.0] * 4, [1.0] * 4]))
+    assert torch.allclose(d["channel_std"], torch.tensor([[0.0] * 4, [1.0] * 4]))
+    assert d["hf_share"].tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_pooled_channel_stats_are_those_of_every_element():
+    rng = np.random.default_rng(0)
+    z = rng.normal(rng.normal(size=(5, 3, 1, 1)), rng.uniform(0.5, 2, (5, 3, 1, 1)), (5, 3, 6, 6))
+    mean, std = pooled_channel_stats(z.mean((2, 3)), z.std((2, 3)))
+    assert np.allclose(mean, z.mean((0, 2, 3))) and np.allclose(std, z.std((0, 2, 3)))
+
+
+def test_drift_summary_pools_over_the_run():
+    a = {"drift_distance": np.array([1.0, 3.0]),
+         **{f"{k}_{w}": np.array([0.1, 0.3]) * (2 if w == "final" else 1) for k in ("hf_share", "reencode_error")
+            for w in ("initial", "final")},
+         "channel_mean_initial": np.array([[0.0], [2.0]]), "channel_std_initial": np.array([[1.0], [1.0]]),
+         "channel_mean_final": np.array([[0.0], [0.0]]), "channel_std_final": np.array([[3.0], [4.0]])}
+    s = drift_summary(a)
+    assert s["drift_distance_mean"] == 2.0 and s["hf_share_final_mean"] == pytest.approx(0.4)
+    assert s["channel_mean_initial"] == [1.0] and s["channel_std_initial"] == pytest.approx([math.sqrt(2)])
+    assert s["channel_std_final"] == pytest.approx([math.sqrt(12.5)])
+
+
+def _run(tiny_vae, **changes):
+    x = photos(2)
+    z0 = tiny_vae.encode(x)
+    return z0, optimize(tiny_vae.decode, z0, x, L2, settings(lr=0.1, max_steps=12, rel_tol=0.0, **changes))
+
+
+def _distance(z, z0):
+    return ((z - z0).flatten(1).norm(dim=1) / z0.flatten(1).norm(dim=1))
+
+
+def test_the_anchor_pulls_toward_the_encoders_latent(tiny_vae):
+    z0, free = _run(tiny_vae)
+    _, zero = _run(tiny_vae, anchor=0.0)
+    _, some = _run(tiny_vae, anchor=1.0)
+    _, huge = _run(tiny_vae, anchor=1e6)
+    assert torch.equal(zero.latents, free.latents)  # weight 0 is today's method, bit for bit
+    assert (_distance(some.latents, z0) < _distance(free.latents, z0)).all()
+    assert _distance(huge.latents, z0).max() < 0.05 * _distance(free.latents, z0).min()  # held at z0
+    assert (some.final_loss < some.initial_loss).all()  # and it still fits
+
+
+def test_a_larger_adam_eps_moves_less(tiny_vae):
+    z0, free = _run(tiny_vae, eps=4.1e-5)
+    _, damped = _run(tiny_vae, eps=1.0)
+    assert (_distance(damped.latents, z0) < _distance(free.latents, z0)).all()
+    assert (damped.final_loss < damped.initial_loss).all()
+
+
+def test_the_default_keeps_latents_closer_to_the_encoders_than_plain_adam(tiny_vae):
+    """The configured default (conf/run.yaml) against torch's eps at 256 px: less drift, still a fit."""
+    x = photos(2)
+    z0 = tiny_vae.encode(x)
+    default = optimize(tiny_vae.decode, z0, x, L2, settings(rel_tol=0.0))
+    plain = optimize(tiny_vae.decode, z0, x, L2, settings(rel_tol=0.0, eps=4.1e-5))
+    d_default, d_plain = (drift(r.latents, z0, r.latents) for r in (default, plain))
+    assert (d_default["drift_distance"] < 0.99 * d_plain["drift_distance"]).all()  # a random decoder responds evenly
+    assert (default.final_loss < default.initial_loss).all()
