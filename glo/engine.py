@@ -22,6 +22,7 @@ from glo.hardware import PRECISIONS, resolve_precision
 
 OPTIMS = ("adam", "gradfree")
 SCHEDULES = ("constant", "cosine")
+ANCHORS = ("z0", "posterior")
 
 
 def _number(value: object, kind: type) -> bool:
@@ -38,7 +39,8 @@ class Settings:
     betas: tuple[float, float]  # Adam's
     eps: float                  # Adam's, per latent element of the sample (so image size does not change it): larger
                                 # moves the elements the loss barely responds to by less than lr per step
-    anchor: float               # weight of mean((z - z0)^2) added to each sample's loss: pulls toward the encoder's
+    anchor: float               # weight of mean(((z - z0) / scale)^2) added to each sample's loss: a pull toward z0
+    anchor_to: str              # z0: scale 1 | posterior: scale = the encoder's posterior std (a Mahalanobis pull)
     schedule: str               # constant | cosine (to 0 at max_steps)
     warmup_steps: int
     max_steps: int              # update budget per image
@@ -65,6 +67,7 @@ class Settings:
             (self.eps > 0, f"eps={self.eps}: must be > 0"),
             (self.anchor >= 0, f"anchor={self.anchor}: must be >= 0"),
             (self.anchor == 0 or self.optim == "adam", f"anchor={self.anchor}: needs optim=adam (gradfree has no loss)"),
+            (self.anchor_to in ANCHORS, f"anchor_to={self.anchor_to}: must be one of {', '.join(ANCHORS)}"),
             (self.optim in OPTIMS, f"optim={self.optim}: must be one of {', '.join(OPTIMS)}"),
             (self.schedule in SCHEDULES, f"schedule={self.schedule}: must be one of {', '.join(SCHEDULES)}"),
             (self.precision in ("auto", *PRECISIONS),
@@ -95,6 +98,7 @@ def optimize(
     *,
     weight: Tensor | None = None,
     encode: Callable[[Tensor], Tensor] | None = None,
+    z0_std: Tensor | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> Result:
     """Optimize latents z (B,C,h,w) so that loss_fn(decode(z), target[, weight]) -> (B,) falls, sample by sample.
@@ -102,11 +106,15 @@ def optimize(
     weight: (B,1,H,W) per-pixel loss weights (e.g. an inpainting mask's known region), passed to loss_fn.
     encode: the encoder, needed by optim=gradfree (Hong et al., NeurIPS 2024): Adam follows E(D(z)) - E(x)
     instead of the back-propagated gradient, so no backward pass runs; z0 must be E(x).
+    z0_std: the encoder's posterior std (like z0), needed by anchor_to=posterior.
     The decoder runs in s.precision (auto: what this device runs natively); latents, Adam and the loss stay fp32.
     """
     gradfree = s.optim == "gradfree"
     if gradfree and encode is None:
         raise ValueError("optim=gradfree needs the encoder")
+    if s.anchor and s.anchor_to == "posterior" and z0_std is None:
+        raise ValueError("anchor_to=posterior needs the posterior std")
+    scale = z0_std if s.anchor_to == "posterior" else torch.ones_like(z0)
     max_steps, rel_tol, window = s.max_steps, s.rel_tol, s.window
     n = z0.shape[0]
     zs = [z.detach().clone().requires_grad_(not gradfree) for z in z0]
@@ -138,7 +146,7 @@ def optimize(
             passes[active] += 0.5
             losses = loss_fn(pred, target[active]) if weight is None else loss_fn(pred, target[active], weight[active])
             if s.anchor:
-                losses = losses + s.anchor * (z - z0[active]).square().mean((1, 2, 3))
+                losses = losses + s.anchor * ((z - z0[active]) / scale[active]).square().mean((1, 2, 3))
         values = losses.detach().float().cpu()
         going = []  # positions in `active` that take another update
         for j, i in enumerate(active):

@@ -25,9 +25,9 @@ from glo.vae import FrozenVAE
 def fit(vae: FrozenVAE, target: Tensor, s: Settings, loss: Callable[..., Tensor], weight: Tensor | None = None,
         on_step: Callable[[int, int, float], None] | None = None) -> tuple[Tensor, Result, Tensor, Tensor]:
     """The encoder's latents of `target`, the engine's result, and the decodes of both (the whole batch at once)."""
-    z0 = vae.encode(target)
+    z0, z0_std = vae.posterior(target)
     with torch.enable_grad():  # Lightning predicts under no_grad; the latents need gradients
-        r = optimize(vae.decode, z0, target, loss, s, weight=weight, encode=vae.encode, on_step=on_step)
+        r = optimize(vae.decode, z0, target, loss, s, weight=weight, encode=vae.encode, z0_std=z0_std, on_step=on_step)
     with torch.no_grad():
         return z0, r, vae.decode(z0), vae.decode(r.latents)
 

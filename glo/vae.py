@@ -70,8 +70,13 @@ class FrozenVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """(B,3,H,W) in [-1,1] -> the posterior mean in SD units; the mean, not a sample, is the encoder's best guess."""
-        mean = self.model.encode(x).latent_dist.mean
-        return (mean - self.shift_factor) * self.scaling_factor
+        return self.posterior(x)[0]
+
+    @torch.no_grad()
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder's posterior mean (what `encode` returns) and std, both in SD units."""
+        dist = self.model.encode(x).latent_dist
+        return (dist.mean - self.shift_factor) * self.scaling_factor, dist.std * self.scaling_factor
 
     def decode(self, z: Tensor) -> Tensor:
         """SD latent -> (B,3,H,W), unclamped so the loss keeps gradients on saturated pixels."""

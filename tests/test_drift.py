@@ -94,3 +94,18 @@ def test_the_default_keeps_latents_closer_to_the_encoders_than_plain_adam(tiny_v
     d_default, d_plain = (drift(r.latents, z0, r.latents) for r in (default, plain))
     assert (d_default["drift_distance"] < 0.99 * d_plain["drift_distance"]).all()  # a random decoder responds evenly
     assert (default.final_loss < default.initial_loss).all()
+
+
+def test_the_posterior_anchor_holds_what_the_encoder_is_sure_of():
+    """Mahalanobis pull: a channel with a broad posterior moves freely, a certain one stays at z0."""
+    z0 = torch.zeros(1, 2, 4, 4)
+    z0_std = torch.stack([torch.ones(4, 4), torch.full((4, 4), 0.01)])[None]  # unsure, sure
+    target = torch.ones(1, 2, 4, 4)  # the loss wants every element at 1
+    loss = lambda pred, tgt: (pred - tgt).square().mean((1, 2, 3))
+    kw = dict(lr=0.05, max_steps=40, rel_tol=0.0, anchor=1.0, eps=1e-8)
+    post = optimize(lambda z: z, z0, target, loss, settings(**kw, anchor_to="posterior"), z0_std=z0_std).latents
+    flat = optimize(lambda z: z, z0, target, loss, settings(**kw, anchor_to="z0"), z0_std=z0_std).latents
+    assert post[0, 0].mean() > 0.3 and post[0, 1].abs().max() < 0.02  # the certain channel is held at z0
+    assert torch.allclose(flat[0, 0], flat[0, 1])  # scale 1: both channels alike
+    with pytest.raises(ValueError, match="needs the posterior std"):
+        optimize(lambda z: z, z0, target, loss, settings(**kw, anchor_to="posterior"))
