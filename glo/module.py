@@ -109,8 +109,9 @@ class ImageProgressBar(ProgressBar):
         if not (self._enabled and trainer.is_global_zero):
             return
         self.progress = Progress(TextColumn("glo"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("left"),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[step]}"), console=Console(stderr=True))
+                                 TextColumn("{task.fields[rate]}"), TextColumn("elapsed"), TimeElapsedColumn(),
+                                 TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[step]}"),
+                                 console=Console(stderr=True))
         loaders = trainer.predict_dataloaders
         total = sum(len(d.sampler) for d in (loaders if isinstance(loaders, list) else [loaders]))  # this rank's
         self.task = self.progress.add_task("", total=total, rate="", step="")
