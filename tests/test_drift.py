@@ -25,6 +25,12 @@ def test_high_frequency_share_by_hand():
     assert high_frequency_share(CHECKER.expand(1, 4, 8, 8)).item() == pytest.approx(1.0)
     assert high_frequency_share(SLOW.expand(1, 4, 8, 8)).item() == pytest.approx(0.0, abs=1e-6)
     assert high_frequency_share(torch.full((1, 4, 8, 8), 3.0)).item() == 0.0  # no variation, no power
+    assert high_frequency_share(0.01 * CHECKER.expand(1, 4, 8, 8)).item() == pytest.approx(1.0)  # tiny, still all high
+    at_half = torch.cos(2 * math.pi * i / 4)  # exactly 0.25 cycles per cell: not above half Nyquist
+    assert high_frequency_share(at_half.expand(1, 4, 8, 8)).item() == pytest.approx(0.0, abs=1e-6)
+    r, c = torch.meshgrid(torch.arange(8.0), torch.arange(16.0), indexing="ij")
+    wide = ((-1.0) ** (r + c) + torch.cos(2 * math.pi * r / 8)).expand(1, 4, 8, 16)  # non-square latent
+    assert high_frequency_share(wide).item() == pytest.approx(1 / (1 + 0.5), abs=1e-6)
 
 
 def test_drift_by_hand():
@@ -41,8 +47,9 @@ def test_drift_by_hand():
 def test_pooled_channel_stats_are_those_of_every_element():
     rng = np.random.default_rng(0)
     z = rng.normal(rng.normal(size=(5, 3, 1, 1)), rng.uniform(0.5, 2, (5, 3, 1, 1)), (5, 3, 6, 6))
-    mean, std = pooled_channel_stats(z.mean((2, 3)), z.std((2, 3)))
-    assert np.allclose(mean, z.mean((0, 2, 3))) and np.allclose(std, z.std((0, 2, 3)))
+    for scale in (1.0, 0.01):  # also spreads below 1
+        mean, std = pooled_channel_stats(scale * z.mean((2, 3)), scale * z.std((2, 3)))
+        assert np.allclose(mean, scale * z.mean((0, 2, 3))) and np.allclose(std, scale * z.std((0, 2, 3)))
 
 
 def test_drift_summary_pools_over_the_run():

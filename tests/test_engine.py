@@ -179,3 +179,36 @@ def test_the_stopping_rule_is_relative_so_scaling_the_problem_does_not_move_it(s
     scaled = optimize(decode, z0, target, lambda pred, tgt: scale * L2(pred, tgt), settings(**kw))  # loss values x scale
     assert base.converged.all(), "the base problem must converge for this test"
     assert torch.equal(scaled.steps, base.steps)
+
+
+def test_each_adam_setting_and_the_schedule_reach_the_optimizer(tiny_vae):
+    """A setting that never reaches torch's Adam (or the scheduler) would leave the result unchanged."""
+    x = photos(2)
+    z0 = tiny_vae.encode(x)
+    run = lambda **kw: optimize(tiny_vae.decode, z0, x, L2, settings(lr=0.1, max_steps=6, rel_tol=0.0, **kw)).latents
+    base = run()
+    for changed in ({"betas": (0.3, 0.5)}, {"eps": 10.0}, {"schedule": "cosine"}, {"warmup_steps": 3}):
+        assert not torch.equal(run(**changed), base), changed
+
+
+def test_the_weight_reaches_the_loss_so_the_hole_does_not_matter(tiny_vae):
+    x = photos(2)
+    z0 = tiny_vae.encode(x)
+    known = torch.ones(2, 1, 64, 64)
+    known[:, :, 16:48, 16:48] = 0
+    other = x.clone()
+    other[:, :, 16:48, 16:48] = -x[:, :, 16:48, 16:48]  # another picture inside the hole
+    s = settings(lr=0.1, max_steps=5, rel_tol=0.0)
+    a = optimize(tiny_vae.decode, z0, x, L2, s, weight=known)
+    b = optimize(tiny_vae.decode, z0, other, L2, s, weight=known)
+    c = optimize(tiny_vae.decode, z0, other, L2, s)
+    assert torch.equal(a.latents, b.latents) and not torch.equal(b.latents, c.latents)
+
+
+def test_the_anchor_is_each_samples_own_term_of_its_loss(tiny_vae):
+    x = photos(3)
+    z0 = tiny_vae.encode(x)
+    r = optimize(tiny_vae.decode, z0, x, L2, settings(lr=0.1, max_steps=5, rel_tol=0.0, anchor=0.5))
+    with torch.no_grad():
+        by_hand = L2(tiny_vae.decode(r.latents), x) + 0.5 * (r.latents - z0).square().mean((1, 2, 3))
+    assert torch.allclose(r.final_loss, by_hand, rtol=1e-4)

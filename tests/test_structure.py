@@ -65,6 +65,11 @@ def test_settings_check_themselves(override, message):
         Settings(**_fields(run_config(override)))
 
 
+@pytest.mark.parametrize("override", ["betas=[0,0.99]", "max_steps=1", "rel_tol=0", "window=1", "warmup_steps=0"])
+def test_the_edges_of_each_range_are_allowed(override):
+    Settings(**_fields(run_config(override)))
+
+
 @pytest.mark.parametrize("override, message", [
     ("channels_last=1", "channels_last=1: must be true or false"),
     ("checkpointing=yes", "checkpointing='yes': must be true or false"),
