@@ -4,7 +4,8 @@ glo.run's LightningModule, glo.bench and glo.roundtrip all call this, so they me
 With hole masks, each image also gets its inpainting twin: the latent of the masked image (hole set
 to 0, i.e. grey, as diffusers does), optimized in the same engine run (on the known pixels only if
 `known_only`) and exported with the mask at latent resolution. Every latent also gets its drift
-from the encoder's (glo.drift), which costs one encoder pass per latent for the re-encode check.
+from the encoder's (glo.drift), which costs two encoder passes per latent (the re-encode of the
+initial and of the optimized decode).
 """
 from __future__ import annotations
 
