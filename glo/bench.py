@@ -28,7 +28,7 @@ from glo.cli import one_line_errors
 from glo.drift import drift, pooled_channel_stats
 from glo.engine import Settings
 from glo.fit import fit_batch
-from glo.hardware import cpu_native_bf16, describe, machine, resolve_precision
+from glo.hardware import describe, emulated, machine, resolve_precision
 from glo.metrics import psnr
 from glo.report import markdown_table
 from glo.run import load_model
@@ -77,7 +77,7 @@ def measure(name: str, common: list[str], overrides: list[str], reference: bool)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)[0]
-    if precision != "fp32" and device.type == "cpu" and not cpu_native_bf16():
+    if emulated(precision, device):
         return {"method": name, "overrides": " ".join(overrides), "precision": precision,
                 "skipped": "not measured: this CPU has no native bf16, so reduced precision is emulated (over 100x "
                            "slower per pass)"}

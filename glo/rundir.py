@@ -28,7 +28,8 @@ RESUME = ("auto", "restart")
 OTHER_RESULTS = ("tile_size", "seed")  # besides the engine's settings (tiling blends seams; seed draws masks)
 NOT_RESULTS = {"data": ("on_error", "cache_in_memory", "limit"), "vae": ("path",)}  # ids and weights cover them
 RESULTS = ("shards", "latents.npz", "latents.h5", "metadata.json", "summary.json", "metrics.csv", "report.md",
-           "grids.png", "loss_curves.png", "psnr_scatter.png", "psnr_gain.png", "steps.png", "events.out.tfevents.*")
+           "grids.png", "loss_curves.png", "psnr_scatter.png", "psnr_gain.png", "steps.png", "gain_vs_drift.png",
+           "events.out.tfevents.*")
 WEIGHT_FILES = ("*.json", "*.safetensors", "*.bin")
 
 

@@ -17,6 +17,14 @@ def test_auto_picks_bf16_only_where_the_cpu_has_it_natively(monkeypatch, native,
     assert used == expected and reason.startswith("auto:") and ("no native bf16" in reason) == (not native)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_emulated_means_reduced_precision_on_a_cpu_without_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: native)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [hardware.emulated(p, cpu) for p in ("fp32", "bf16", "fp16")] == [False, not native, not native]
+    assert not hardware.emulated("bf16", cuda)
+
+
 @pytest.mark.parametrize("forced", ["fp32", "bf16", "fp16"])
 def test_an_explicit_precision_is_never_overridden(monkeypatch, forced):
     monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: forced != "bf16")

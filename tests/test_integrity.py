@@ -106,13 +106,15 @@ def test_another_data_folder_is_refused(tmp_path):
 
 def test_resume_restart_starts_over_with_the_new_settings(copy_of):
     old = load_latents(copy_of / "latents.npz")
+    report = {"metrics.csv", "report.md"} | {q.name for q in copy_of.glob("*.png")}
+    assert "gain_vs_drift.png" in report
     p = run_glo(*RUN, "lr=0.05", "resume=restart", "report=false", f"hydra.run.dir={copy_of}")
     assert p.returncode == 0, p.stderr[-2000:]
     new = load_latents(copy_of / "latents.npz")
     assert list(new["ids"]) == list(old["ids"]) and not np.array_equal(new["latents"], old["latents"])
     assert json.loads((copy_of / "metadata.json").read_text())["config"]["lr"] == 0.05
     assert json.loads((copy_of / "fingerprint.json").read_text())["lr"] == 0.05
-    assert not (copy_of / "metrics.csv").exists()  # the old report went with the old results
+    assert not {q.name for q in copy_of.iterdir()} & report  # every file of the old report went with the old results
 
 
 def test_results_without_a_fingerprint_are_refused(copy_of):
