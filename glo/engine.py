@@ -41,6 +41,8 @@ class Settings:
                                 # moves the elements the loss barely responds to by less than lr per step
     anchor: float               # weight of mean(((z - z0) / scale)^2) added to each sample's loss: a pull toward z0
     anchor_to: str              # z0: scale 1 | posterior: scale = the encoder's posterior std (a Mahalanobis pull)
+    anderson: int               # > 0: each update starts from the mix of the last `anderson` iterates whose decodes,
+                                # extrapolated linearly, best match the target (Anderson acceleration); 0 = plain Adam
     schedule: str               # constant | cosine (to 0 at max_steps)
     warmup_steps: int
     max_steps: int              # update budget per image
@@ -55,7 +57,7 @@ class Settings:
             raise GloError(f"betas={list(betas) if ok else betas}: must be two numbers in [0, 1), e.g. 'betas=[0.9,0.999]'")
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
         for key, kind in (("lr", float), ("eps", float), ("anchor", float), ("rel_tol", float), ("max_steps", int),
-                          ("window", int), ("warmup_steps", int)):
+                          ("window", int), ("warmup_steps", int), ("anderson", int)):
             if not _number(getattr(self, key), kind):
                 raise GloError(f"{key}={getattr(self, key)!r}: must be {'a number' if kind is float else 'an integer'}")
         for ok, message in (
@@ -66,6 +68,7 @@ class Settings:
             (self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0"),
             (self.eps > 0, f"eps={self.eps}: must be > 0"),
             (self.anchor >= 0, f"anchor={self.anchor}: must be >= 0"),
+            (self.anderson >= 0, f"anderson={self.anderson}: must be >= 0"),
             (self.anchor == 0 or self.optim == "adam", f"anchor={self.anchor}: needs optim=adam (gradfree has no loss)"),
             (self.anchor_to in ANCHORS, f"anchor_to={self.anchor_to}: must be one of {', '.join(ANCHORS)}"),
             (self.optim in OPTIMS, f"optim={self.optim}: must be one of {', '.join(OPTIMS)}"),
@@ -114,7 +117,6 @@ def optimize(
         raise ValueError("optim=gradfree needs the encoder")
     if s.anchor and s.anchor_to == "posterior" and z0_std is None:
         raise ValueError("anchor_to=posterior needs the posterior std")
-    scale = z0_std if s.anchor_to == "posterior" else torch.ones_like(z0)
     max_steps, rel_tol, window = s.max_steps, s.rel_tol, s.window
     n = z0.shape[0]
     zs = [z.detach().clone().requires_grad_(not gradfree) for z in z0]
@@ -132,6 +134,7 @@ def optimize(
     converged = torch.zeros(n, dtype=torch.bool)
     nonfinite = torch.zeros(n, dtype=torch.bool)
     active = list(range(n))
+    history: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(n)]  # (latent, residual, gradient)
     # Step t evaluates the latents after t updates; the extra evaluation at t == max_steps scores
     # the last update without paying for a backward pass.
     for t in range(max_steps + 1):
@@ -146,7 +149,8 @@ def optimize(
             passes[active] += 0.5
             losses = loss_fn(pred, target[active]) if weight is None else loss_fn(pred, target[active], weight[active])
             if s.anchor:
-                losses = losses + s.anchor * ((z - z0[active]) / scale[active]).square().mean((1, 2, 3))
+                moved = z - z0[active] if s.anchor_to == "z0" else (z - z0[active]) / z0_std[active]
+                losses = losses + s.anchor * moved.square().mean((1, 2, 3))
         values = losses.detach().float().cpu()
         going = []  # positions in `active` that take another update
         for j, i in enumerate(active):
@@ -178,6 +182,14 @@ def optimize(
                     residual = encode(decoded[going]).float() - z0[[active[j] for j in going]]
                 for j, r in zip(going, residual):
                     zs[active[j]].grad = r
+            if s.anderson:
+                with torch.no_grad():
+                    error = pred.detach() - target[active]
+                    error = error if weight is None else torch.where(weight[active] > 0, error, 0.0)
+                for j in going:
+                    latent, h = zs[active[j]], history[active[j]]
+                    h[:] = (h + [(latent.detach().clone(), error[j], latent.grad)])[-s.anderson:]
+                    latent.data, latent.grad = mix(h)
             opt.step()
             sched.step()
         active = [active[j] for j in going]
@@ -185,6 +197,23 @@ def optimize(
             finite = values[torch.isfinite(values)]
             on_step(t, len(active), float(finite.mean()) if len(finite) else float("nan"))
     return Result(best, curves[:, 0].clone(), best_loss, steps, passes, converged, nonfinite, curves)
+
+
+def mix(history: list[tuple[Tensor, Tensor, Tensor]], reg: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Anderson mixing: the affine combination (weights summing to 1) of the stored latents whose decode residuals
+    combine to the smallest norm, and the same combination of their gradients. Exact where the decoder is affine
+    over the iterates; `reg` (relative to the mean squared residual difference) keeps the weights tame where it is not."""
+    z, r, g = history[-1]
+    if len(history) < 2:
+        return z.clone(), g  # a copy: the optimizer updates the latent in place, the history must keep it
+    d = torch.stack([h[1].flatten() - r.flatten() for h in history[:-1]])  # (k-1, pixels)
+    a = d @ d.T
+    scale = a.trace() / len(a)
+    if not torch.isfinite(scale) or scale <= 0:
+        return z.clone(), g
+    c = torch.linalg.solve(a + reg * scale * torch.eye(len(a)), -(d @ r.flatten()))
+    return (z + sum(ci * (h[0] - z) for ci, h in zip(c, history[:-1])),
+            g + sum(ci * (h[2] - g) for ci, h in zip(c, history[:-1])))
 
 
 def lr_factor(step: int, max_steps: int, schedule: str, warmup_steps: int) -> float:

@@ -9,13 +9,13 @@ import skimage.data
 import torch
 from PIL import Image
 
-from conftest import FAST, photos, run_glo, settings
 from glo import GloError
 from glo.engine import optimize
 from glo.latents import LatentDataset, load_latents
 from glo.losses import PixelLoss
 from glo.masks import FolderMasks, RandomMasks, latent_mask
 from glo.metrics import psnr
+from tests.conftest import FAST, photos, run_glo, settings
 
 IDS = ["astronaut", "coffee", "chelsea", "0001", "a/b"]
 

@@ -1,7 +1,7 @@
 """glo.train_vae: a few steps on tiny crops resume and export a loadable VAE; bad input fails before any model."""
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from glo.vae import load_vae
