@@ -6,7 +6,9 @@ when its loss stops changing (relative change over `window` steps at most `rel_t
 budget of `max_steps` updates is spent. Adam skips parameters whose `.grad` is None, so stopped
 samples keep their state and each keeps its own step count. Every sample keeps the best latent it
 has seen, so the result is never worse than the start, and a non-finite loss sends that sample
-back to its best latent instead of ending the batch. Plain PyTorch: no Lightning, no disk.
+back to its best latent instead of ending the batch. With `anderson` > 0, each update starts from
+the mix of the sample's recent latents that fits the target best where the decoder is affine
+(Anderson acceleration, `mix`): more gain per decoder pass. Plain PyTorch: no Lightning, no disk.
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ class Settings:
                                 # moves the elements the loss barely responds to by less than lr per step
     anchor: float               # weight of mean(((z - z0) / scale)^2) added to each sample's loss: a pull toward z0
     anchor_to: str              # z0: scale 1 | posterior: scale = the encoder's posterior std (a Mahalanobis pull)
-    anderson: int               # > 0: each update starts from the mix of the last `anderson` iterates whose decodes,
-                                # extrapolated linearly, best match the target (Anderson acceleration); 0 = plain Adam
+    anderson: int               # > 0: each update starts from the mix of the last `anderson` iterates whose loss,
+                                # as least squares extrapolated linearly, is smallest (Anderson acceleration); 0 = plain Adam
     schedule: str               # constant | cosine (to 0 at max_steps)
     warmup_steps: int
     max_steps: int              # update budget per image
@@ -183,9 +185,14 @@ def optimize(
                 for j, r in zip(going, residual):
                     zs[active[j]].grad = r
             if s.anderson:
-                with torch.no_grad():
+                with torch.no_grad():  # the loss as a sum of squares (L2's; a model of the others): pixels, anchor
                     error = pred.detach() - target[active]
-                    error = error if weight is None else torch.where(weight[active] > 0, error, 0.0)
+                    if weight is not None:
+                        error = torch.where(weight[active] > 0, error, 0.0)
+                        count = (weight[active] > 0).expand_as(error).flatten(1).sum(1, keepdim=True).clamp_min(1)
+                    error = error.flatten(1) / (error[0].numel() if weight is None else count) ** 0.5
+                    if s.anchor:
+                        error = torch.cat([error, (s.anchor / z0[0].numel()) ** 0.5 * moved.detach().flatten(1)], 1)
                 for j in going:
                     latent, h = zs[active[j]], history[active[j]]
                     h[:] = (h + [(latent.detach().clone(), error[j], latent.grad)])[-s.anderson:]
@@ -200,9 +207,10 @@ def optimize(
 
 
 def mix(history: list[tuple[Tensor, Tensor, Tensor]], reg: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """Anderson mixing: the affine combination (weights summing to 1) of the stored latents whose decode residuals
-    combine to the smallest norm, and the same combination of their gradients. Exact where the decoder is affine
-    over the iterates; `reg` (relative to the mean squared residual difference) keeps the weights tame where it is not."""
+    """Anderson mixing of (latent, residual, gradient) triples: the affine combination (weights summing to 1) of
+    the latents whose residuals combine to the smallest norm, and the same combination of their gradients. Exact
+    where the residual is affine in the latent over the iterates (a least-squares loss through an affine decoder);
+    `reg` (relative to the mean squared residual difference) keeps the weights tame where it is not."""
     z, r, g = history[-1]
     if len(history) < 2:
         return z.clone(), g  # a copy: the optimizer updates the latent in place, the history must keep it

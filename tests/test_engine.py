@@ -164,7 +164,8 @@ def test_samples_stopping_at_different_steps_get_what_they_would_get_alone():
     for i in range(3):
         alone = optimize(decode, z0[i : i + 1], target[i : i + 1], L2, settings(**kw))
         assert together.steps[i] == alone.steps[0]
-        assert torch.allclose(together.latents[i], alone.latents[0], atol=1e-6)
+        # the decoder itself differs by ~1e-6 between a batch and one sample (conv rounding); a shared state would not
+        assert torch.allclose(together.latents[i], alone.latents[0], atol=1e-5)
         assert torch.allclose(together.final_loss[i], alone.final_loss[0], rtol=1e-5)
 
 
