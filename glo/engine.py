@@ -43,8 +43,8 @@ class Settings:
                                 # moves the elements the loss barely responds to by less than lr per step
     anchor: float               # weight of mean(((z - z0) / scale)^2) added to each sample's loss: a pull toward z0
     anchor_to: str              # z0: scale 1 | posterior: scale = the encoder's posterior std (a Mahalanobis pull)
-    anderson: int               # > 0: each update starts from the mix of the last `anderson` iterates whose loss,
-                                # as least squares extrapolated linearly, is smallest (Anderson acceleration); 0 = plain Adam
+    anderson: int               # > 0: each update starts from the mix of the last `anderson` iterates whose loss, as
+                                # least squares extrapolated linearly, is smallest (Anderson acceleration); optim=adam only
     schedule: str               # constant | cosine (to 0 at max_steps)
     warmup_steps: int
     max_steps: int              # update budget per image
@@ -184,7 +184,7 @@ def optimize(
                     residual = encode(decoded[going]).float() - z0[[active[j] for j in going]]
                 for j, r in zip(going, residual):
                     zs[active[j]].grad = r
-            if s.anderson:
+            if s.anderson and not gradfree:  # gradfree's steps are not the loss's gradient: not mixed (not measured)
                 with torch.no_grad():  # the loss as a sum of squares (L2's; a model of the others): pixels, anchor
                     error = pred.detach() - target[active]
                     if weight is not None:

@@ -118,10 +118,12 @@ def test_gradient_free_inversion_lowers_the_latent_residual(tiny_vae):
     z0 = tiny_vae.encode(x)
     residual = lambda z: (tiny_vae.encode(tiny_vae.decode(z)) - z0).flatten(1).norm(dim=1)
     with torch.no_grad():
-        r = optimize(tiny_vae.decode, z0, x, L2, settings(lr=0.01, max_steps=10, rel_tol=0.0, window=5, optim="gradfree"),
-                     encode=tiny_vae.encode)
+        kw = dict(lr=0.01, max_steps=10, rel_tol=0.0, window=5, optim="gradfree")
+        r = optimize(tiny_vae.decode, z0, x, L2, settings(**kw, anderson=5), encode=tiny_vae.encode)
+        unmixed = optimize(tiny_vae.decode, z0, x, L2, settings(**kw, anderson=0), encode=tiny_vae.encode)
         assert (residual(r.latents) < residual(z0)).all()
     assert (r.final_loss < r.initial_loss).all()
+    assert torch.equal(r.latents, unmixed.latents)  # Anderson mixing is for the loss's gradient, not for gradfree
 
 
 def test_cosine_schedule_with_warmup():
