@@ -21,6 +21,7 @@ from torch import Tensor
 
 from glo import GloError
 from glo.hardware import PRECISIONS, resolve_precision
+from glo.losses import l2_residual
 
 OPTIMS = ("adam", "gradfree")
 SCHEDULES = ("constant", "cosine")
@@ -186,11 +187,7 @@ def optimize(
                     zs[active[j]].grad = r
             if s.anderson and not gradfree:  # gradfree's steps are not the loss's gradient: not mixed (not measured)
                 with torch.no_grad():  # the loss as a sum of squares (L2's; a model of the others): pixels, anchor
-                    error = pred.detach() - target[active]
-                    if weight is not None:
-                        error = torch.where(weight[active] > 0, error, 0.0)
-                        count = (weight[active] > 0).expand_as(error).flatten(1).sum(1, keepdim=True).clamp_min(1)
-                    error = error.flatten(1) / (error[0].numel() if weight is None else count) ** 0.5
+                    error = l2_residual(pred.detach(), target[active], None if weight is None else weight[active])
                     if s.anchor:
                         error = torch.cat([error, (s.anchor / z0[0].numel()) ** 0.5 * moved.detach().flatten(1)], 1)
                 for j in going:

@@ -19,6 +19,16 @@ def weighted_mean(err: Tensor, weight: Tensor | None = None) -> Tensor:
     return err.flatten(1).sum(1) / weight.expand_as(err).flatten(1).sum(1).clamp_min(1e-8)
 
 
+def l2_residual(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """(B,N) vectors whose squared norms are the samples' `l2` losses: the loss as a sum of squares."""
+    err = pred - target
+    if weight is None:
+        return err.flatten(1) / err[0].numel() ** 0.5
+    weight = weight.expand_as(err)
+    err = torch.where(weight > 0, err * weight.sqrt(), 0.0)
+    return err.flatten(1) / weight.flatten(1).sum(1, keepdim=True).clamp_min(1e-8).sqrt()
+
+
 def l1(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
     return weighted_mean((pred - target).abs(), weight)
 

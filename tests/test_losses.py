@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from glo import GloError
-from glo.losses import PixelLoss, l1, l2
+from glo.losses import PixelLoss, l1, l2, l2_residual
 
 
 def test_l1_l2_match_hand_computed_values():
@@ -45,3 +45,12 @@ def test_a_weighted_loss_is_reduced_per_sample():
     err = (pred - target).square()  # each sample's mean over its own known pixels, whatever the others hold
     by_hand = torch.stack([err[i][weight[i].expand_as(err[i]) > 0].mean() for i in range(3)])
     assert torch.allclose(l2(pred, target, weight), by_hand)
+
+
+def test_the_l2_residual_squares_to_the_l2_loss():
+    torch.manual_seed(0)
+    pred, target = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    assert torch.allclose(l2_residual(pred, target).square().sum(1), l2(pred, target), rtol=1e-5)
+    weight = (torch.rand(3, 1, 8, 8) > 0.4).float() * torch.tensor([1.0, 0.5, 2.0])[:, None, None, None]
+    holed = torch.where(weight == 0, float("nan"), target)  # whatever the masked pixels hold
+    assert torch.allclose(l2_residual(pred, holed, weight).square().sum(1), l2(pred, holed, weight), rtol=1e-5)

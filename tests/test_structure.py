@@ -57,6 +57,8 @@ def test_the_prototype_experiment_is_the_published_budget():
     ("lr=true", "lr=True: must be a number"),
     ("max_steps=1.5", "max_steps=1.5: must be an integer"),
     ("window=0", "window=0: must be >= 1"),
+    ("anderson=-1", "anderson=-1: must be >= 0"),
+    ("anderson=1.5", "anderson=1.5: must be an integer"),
     ("schedule=linear", "schedule=linear: must be one of constant, cosine"),
     ("precision=fp8", "precision=fp8: must be one of auto, fp32, bf16, fp16"),
 ])
