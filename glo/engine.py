@@ -93,6 +93,8 @@ class Result:
     converged: Tensor     # (B,) bool: stopped by the rel_tol rule rather than the budget
     nonfinite: Tensor     # (B,) bool: met a non-finite loss and was reverted to its best latent
     loss_curves: Tensor   # (B,max_steps) loss before each update; NaN once the sample stopped
+    initial_decoded: Tensor  # (B,...) decode of z0, and ...
+    decoded: Tensor          # ... of `latents`, as the engine computed them (in its precision): no pass to redo
 
 
 def optimize(
@@ -150,6 +152,8 @@ def optimize(
                 decoded = decode(z)
             pred = decoded.float()
             passes[active] += 0.5
+            if t == 0:
+                initial, shown = pred.detach().clone(), pred.detach().clone()  # shown: the decode of `best`
             losses = loss_fn(pred, target[active]) if weight is None else loss_fn(pred, target[active], weight[active])
             if s.anchor:
                 moved = z - z0[active] if s.anchor_to == "z0" else (z - z0[active]) / z0_std[active]
@@ -166,6 +170,7 @@ def optimize(
             elif v < best_loss[i]:
                 best_loss[i] = v
                 best[i] = zs[i].detach()
+                shown[i] = pred[j].detach()
             if nonfinite[i] or t == max_steps:
                 continue
             past = curves[i, t - window] if t >= window else None
@@ -200,7 +205,7 @@ def optimize(
         if on_step and t < max_steps:
             finite = values[torch.isfinite(values)]
             on_step(t, len(active), float(finite.mean()) if len(finite) else float("nan"))
-    return Result(best, curves[:, 0].clone(), best_loss, steps, passes, converged, nonfinite, curves)
+    return Result(best, curves[:, 0].clone(), best_loss, steps, passes, converged, nonfinite, curves, initial, shown)
 
 
 def mix(history: list[tuple[Tensor, Tensor, Tensor]], reg: float = 1e-3) -> tuple[Tensor, Tensor]:

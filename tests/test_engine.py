@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from glo.engine import mix, optimize
+from glo.fit import fit_batch
 from glo.losses import PixelLoss
 from glo.metrics import psnr
 from tests.conftest import photos, settings
@@ -44,6 +45,25 @@ def test_best_latent_is_kept_when_steps_overshoot(tiny_vae):
     assert (r.final_loss <= r.initial_loss).all()
     assert (r.final_loss <= torch.nan_to_num(r.loss_curves, nan=float("inf")).min(1).values + 1e-7).all()
     assert (r.loss_curves[:, -1] > r.final_loss).any(), "the overshoot this test relies on did not happen"
+    with torch.no_grad():  # the decodes handed back are those of the returned latents, not of the last ones
+        assert torch.allclose(r.decoded, tiny_vae.decode(r.latents), atol=1e-5)
+        assert torch.allclose(r.initial_decoded, tiny_vae.decode(z0), atol=1e-5)
+
+
+def test_fit_reuses_the_engines_decodes(tiny_vae, monkeypatch):
+    """In fp32 fit_batch decodes only inside the engine (steps + the final score), yet reports the PSNR of the
+    returned latents; in reduced precision it decodes both again in fp32 for the metrics."""
+    x, calls = photos(2), []
+    decode = tiny_vae.decode
+    monkeypatch.setattr(tiny_vae, "decode", lambda z: calls.append(len(z)) or decode(z))
+    fitted = fit_batch(tiny_vae, x, settings(lr=0.1, max_steps=4, rel_tol=0.0), L2)
+    assert calls == [2] * 5
+    calls.clear()
+    fit_batch(tiny_vae, x, settings(lr=0.1, max_steps=4, rel_tol=0.0, precision="bf16"), L2)
+    assert calls == [2] * 5 + [2, 2]
+    with torch.no_grad():
+        achieved = psnr(decode(torch.from_numpy(fitted.arrays["latents"])), x).numpy()
+    assert abs(fitted.arrays["psnr_final"] - achieved).max() < 1e-3
 
 
 class CountingDecoder:
