@@ -1,4 +1,4 @@
-"""The algorithm: fit each image's latent through the frozen decoder with Adam.
+"""The algorithm: fit each image's latent through the frozen decoder with Adam (or L-BFGS).
 
 Each sample's latent is its own leaf tensor. Every step decodes only the *active* latents,
 stacked, and backpropagates the sum of their per-sample losses. A sample leaves the active set
@@ -8,12 +8,14 @@ samples keep their state and each keeps its own step count. Every sample keeps t
 has seen, so the result is never worse than the start, and a non-finite loss sends that sample
 back to its best latent instead of ending the batch. With `anderson` > 0, each update starts from
 the mix of the sample's recent latents that fits the target best where the decoder is affine
-(Anderson acceleration, `mix`): more gain per decoder pass. Plain PyTorch: no Lightning, no disk.
+(Anderson acceleration, `mix`): more gain per decoder pass. optim=lbfgs runs torch's L-BFGS instead,
+one sample at a time (`_lbfgs`), since each sample's line search asks for its own evaluations.
+Plain PyTorch: no Lightning, no disk.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -23,7 +25,7 @@ from glo import GloError
 from glo.hardware import PRECISIONS, resolve_precision
 from glo.losses import l2_residual
 
-OPTIMS = ("adam", "gradfree")
+OPTIMS = ("adam", "gradfree", "lbfgs")
 SCHEDULES = ("constant", "cosine")
 ANCHORS = ("z0", "posterior")
 
@@ -37,7 +39,8 @@ class Settings:
     """Every knob of the method, checked once, passed whole. Built by Hydra from `engine:` in conf/run.yaml,
     which holds every default: no knob has a second default here."""
 
-    optim: str                  # adam (back-propagate the pixel loss) | gradfree (follow E(D(z)) - E(x))
+    optim: str                  # adam (back-propagate the pixel loss) | lbfgs (the same, quasi-Newton with a line
+                                # search, one sample at a time) | gradfree (follow E(D(z)) - E(x))
     lr: float
     betas: tuple[float, float]  # Adam's
     eps: float                  # Adam's, per latent element of the sample (so image size does not change it): larger
@@ -72,7 +75,7 @@ class Settings:
             (self.eps > 0, f"eps={self.eps}: must be > 0"),
             (self.anchor >= 0, f"anchor={self.anchor}: must be >= 0"),
             (self.anderson >= 0, f"anderson={self.anderson}: must be >= 0"),
-            (self.anchor == 0 or self.optim == "adam", f"anchor={self.anchor}: needs optim=adam (gradfree has no loss)"),
+            (self.anchor == 0 or self.optim != "gradfree", f"anchor={self.anchor}: gradfree has no loss to add it to"),
             (self.anchor_to in ANCHORS, f"anchor_to={self.anchor_to}: must be one of {', '.join(ANCHORS)}"),
             (self.optim in OPTIMS, f"optim={self.optim}: must be one of {', '.join(OPTIMS)}"),
             (self.schedule in SCHEDULES, f"schedule={self.schedule}: must be one of {', '.join(SCHEDULES)}"),
@@ -124,13 +127,28 @@ def optimize(
         raise ValueError("anchor_to=posterior needs the posterior std")
     max_steps, rel_tol, window = s.max_steps, s.rel_tol, s.window
     n = z0.shape[0]
+    autocast = PRECISIONS[resolve_precision(s.precision, z0.device)[0]]
+    low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+
+    def objective(z: Tensor, idx: list[int]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-sample losses of latents z (the samples idx), their decodes in fp32, and the anchor's displacement."""
+        with low_precision:
+            pred = decode(z).float()
+        losses = loss_fn(pred, target[idx]) if weight is None else loss_fn(pred, target[idx], weight[idx])
+        moved = None
+        if s.anchor:
+            moved = z - z0[idx] if s.anchor_to == "z0" else (z - z0[idx]) / z0_std[idx]
+            losses = losses + s.anchor * moved.square().mean((1, 2, 3))
+        return losses, pred, moved
+
+    if s.optim == "lbfgs":  # a line search spends its own evaluations per sample: one sample at a time
+        parts = [_lbfgs(objective, z0[i : i + 1], i, s, on_step) for i in range(len(z0))]
+        return Result(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Result)))
     zs = [z.detach().clone().requires_grad_(not gradfree) for z in z0]
     # A sample's loss is a mean over its pixels, so each element's gradient shrinks with the image: eps is divided
     # by the elements of a latent to mean the same at every size (Adam(k*g, eps) == Adam(g, eps/k)).
     opt = torch.optim.Adam(zs, lr=s.lr, betas=s.betas, eps=s.eps / z0[0].numel())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, max_steps, s.schedule, s.warmup_steps))
-    autocast = PRECISIONS[resolve_precision(s.precision, z0.device)[0]]
-    low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
     best = z0.detach().clone()
     best_loss = torch.full((n,), float("inf"))
     curves = torch.full((n, max_steps), float("nan"))
@@ -147,17 +165,10 @@ def optimize(
             break
         opt.zero_grad(set_to_none=True)
         with torch.set_grad_enabled(t < max_steps and not gradfree):
-            with low_precision:
-                z = torch.stack([zs[i] for i in active])
-                decoded = decode(z)
-            pred = decoded.float()
-            passes[active] += 0.5
-            if t == 0:
-                initial, shown = pred.detach().clone(), pred.detach().clone()  # shown: the decode of `best`
-            losses = loss_fn(pred, target[active]) if weight is None else loss_fn(pred, target[active], weight[active])
-            if s.anchor:
-                moved = z - z0[active] if s.anchor_to == "z0" else (z - z0[active]) / z0_std[active]
-                losses = losses + s.anchor * moved.square().mean((1, 2, 3))
+            losses, pred, moved = objective(torch.stack([zs[i] for i in active]), active)
+        passes[active] += 0.5
+        if t == 0:
+            initial, shown = pred.detach().clone(), pred.detach().clone()  # shown: the decode of `best`
         values = losses.detach().float().cpu()
         going = []  # positions in `active` that take another update
         for j, i in enumerate(active):
@@ -187,7 +198,7 @@ def optimize(
                     zs[active[j]].grad = None  # stopped samples must not take this update
             else:
                 with torch.no_grad(), low_precision:
-                    residual = encode(decoded[going]).float() - z0[[active[j] for j in going]]
+                    residual = encode(pred[going]).float() - z0[[active[j] for j in going]]
                 for j, r in zip(going, residual):
                     zs[active[j]].grad = r
             if s.anderson and not gradfree:  # gradfree's steps are not the loss's gradient: not mixed (not measured)
@@ -206,6 +217,66 @@ def optimize(
             finite = values[torch.isfinite(values)]
             on_step(t, len(active), float(finite.mean()) if len(finite) else float("nan"))
     return Result(best, curves[:, 0].clone(), best_loss, steps, passes, converged, nonfinite, curves, initial, shown)
+
+
+class _Stop(Exception):
+    """Ends one sample's L-BFGS run from inside its closure: budget spent, loss flat, or not finite."""
+
+
+def _lbfgs(objective: Callable[[Tensor, list[int]], tuple[Tensor, Tensor, Tensor | None]], z0: Tensor, i: int,
+           s: Settings, on_step: Callable[[int, int, float], None] | None) -> Result:
+    """Sample i (z0: (1,C,h,w)) by torch.optim.LBFGS with a strong-Wolfe line search. Every evaluation the line search
+    asks for is a pass; after max_steps of them one more, forward only, scores the last point. The rel_tol rule runs
+    over evaluations. L-BFGS works on u with z = z0 + scale * u, scale = lr * elements, so that its first step (whose
+    L1 length torch sets to its lr, 1 here) moves each element by about lr, like Adam's first step; later steps are
+    quasi-Newton steps, which no scale changes."""
+    scale = s.lr * z0.numel()
+    u = torch.zeros_like(z0, memory_format=torch.contiguous_format, requires_grad=True)  # LBFGS views its grad flat
+    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=10 * s.max_steps, max_eval=10 * s.max_steps, tolerance_grad=0.0,
+                            tolerance_change=0.0, line_search_fn="strong_wolfe")
+    curve = torch.full((1, s.max_steps), float("nan"))
+    out = {"best": z0.detach().clone(), "loss": float("inf"), "converged": False, "nonfinite": False, "evals": 0,
+           "passes": 0.0}
+
+    def closure() -> Tensor:
+        t = out["evals"]
+        opt.zero_grad()
+        with torch.set_grad_enabled(t < s.max_steps):
+            z = z0 + scale * u
+            loss, pred, _ = objective(z, [i])
+        v = float(loss)
+        out["evals"] += 1
+        out["passes"] += 0.5
+        if t == 0:
+            out["initial"] = out["shown"] = pred.detach()
+        if t < s.max_steps:
+            curve[0, t] = v
+            if on_step:
+                on_step(t, 1, v)
+        if not math.isfinite(v):
+            out["nonfinite"] = True
+            raise _Stop
+        if v < out["loss"]:
+            out.update(best=z.detach().clone(), loss=v, shown=pred.detach())
+        if t == s.max_steps:
+            raise _Stop
+        past = curve[0, t - s.window] if t >= s.window else None
+        if past is not None and abs(past - v) <= s.rel_tol * abs(past):
+            out["converged"] = True
+            raise _Stop
+        out["passes"] += 0.5
+        loss.sum().backward()
+        return loss.detach().sum()
+
+    try:
+        opt.step(closure)
+        out["converged"] = True  # L-BFGS ended on its own: no descent direction left
+    except _Stop:
+        pass
+    return Result(out["best"], curve[:, 0].clone(), torch.tensor([out["loss"]]),
+                  torch.tensor([opt.state[u].get("n_iter", 0)]), torch.tensor([out["passes"]]),
+                  torch.tensor([out["converged"]]), torch.tensor([out["nonfinite"]]), curve, out["initial"],
+                  out["shown"])
 
 
 def mix(history: list[tuple[Tensor, Tensor, Tensor]], reg: float = 1e-3) -> tuple[Tensor, Tensor]:

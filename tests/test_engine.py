@@ -167,6 +167,35 @@ def test_passes_count_forward_and_backward_as_one_and_scoring_as_half():
     assert torch.equal(r.passes, r.steps + 0.5)
 
 
+def test_lbfgs_lowers_the_loss_counts_its_passes_and_keeps_samples_apart(tiny_vae):
+    """Each evaluation its line search asks for is a pass, plus half a pass to score the last point."""
+    x = photos(3)
+    z0 = tiny_vae.encode(x)
+    kw = dict(optim="lbfgs", lr=0.1, max_steps=6, rel_tol=0.0)
+    r = optimize(tiny_vae.decode, z0, x, L2, settings(**kw))
+    assert (r.final_loss < 0.9 * r.initial_loss).all()
+    assert r.passes.tolist() == [6.5] * 3 and (r.steps >= 1).all() and (r.steps <= 6).all()
+    alone = optimize(tiny_vae.decode, z0[2:], x[2:], L2, settings(**kw))
+    assert torch.equal(r.latents[2], alone.latents[0])
+    with torch.no_grad():
+        assert torch.allclose(r.final_loss, L2(tiny_vae.decode(r.latents), x), rtol=1e-4)
+        assert torch.allclose(r.decoded, tiny_vae.decode(r.latents), atol=1e-5)
+
+
+def test_lbfgs_reverts_a_sample_that_meets_a_non_finite_loss():
+    decode = CountingDecoder()
+    z0, target = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8, 8)
+
+    def flaky(z: torch.Tensor) -> torch.Tensor:
+        out = decode(z)
+        return out * float("nan") if len(decode.sizes) == 3 else out  # sample 0's third evaluation blows up
+
+    r = optimize(flaky, z0, target, L2, settings(optim="lbfgs", lr=0.05, max_steps=6, rel_tol=0.0))
+    assert r.nonfinite.tolist() == [True, False] and r.passes.tolist() == [2.5, 6.5]
+    assert torch.isfinite(r.latents).all() and (r.final_loss < r.initial_loss).all()
+    assert torch.allclose(L2(decode(r.latents), target), r.final_loss)
+
+
 def rank_one_decoder() -> callable:
     """A linear decoder that reaches only a 1-D colour subspace: losses plateau, so samples converge."""
     torch.manual_seed(0)
@@ -174,18 +203,19 @@ def rank_one_decoder() -> callable:
     return lambda z: torch.nn.functional.conv2d(z, weight)
 
 
-def test_samples_stopping_at_different_steps_get_what_they_would_get_alone():
+@pytest.mark.parametrize("optim", ["adam", "lbfgs"])
+def test_samples_stopping_at_different_steps_get_what_they_would_get_alone(optim):
     """After one sample stops, the others must still be fitted against their own targets."""
     decode = rank_one_decoder()
     torch.manual_seed(1)
     z0 = torch.randn(3, 4, 8, 8)
     target = decode(z0) + torch.randn(3, 3, 8, 8) * torch.tensor([0.2, 1.0, 3.0])[:, None, None, None]
-    kw = dict(lr=0.05, max_steps=60, rel_tol=1e-2, window=3)
+    kw = dict(lr=0.05, max_steps=60, rel_tol=1e-2, window=3, optim=optim)
     together = optimize(decode, z0, target, L2, settings(**kw))
-    assert together.converged.all() and len(set(together.steps.tolist())) == 3, "needs different stopping steps"
+    assert together.converged.all() and len(set(together.passes.tolist())) >= 2, "needs different stopping steps"
     for i in range(3):
         alone = optimize(decode, z0[i : i + 1], target[i : i + 1], L2, settings(**kw))
-        assert together.steps[i] == alone.steps[0]
+        assert together.steps[i] == alone.steps[0] and together.passes[i] == alone.passes[0]
         # the decoder itself differs by ~1e-6 between a batch and one sample (conv rounding); a shared state would not
         assert torch.allclose(together.latents[i], alone.latents[0], atol=1e-5)
         assert torch.allclose(together.final_loss[i], alone.final_loss[0], rtol=1e-5)
