@@ -244,7 +244,7 @@ def _lbfgs(objective: Callable[[Tensor, list[int]], tuple[Tensor, Tensor, Tensor
         with torch.set_grad_enabled(t < s.max_steps):
             z = z0 + scale * u
             loss, pred, _ = objective(z, [i])
-        v = float(loss)
+        v = float(loss.detach())
         out["evals"] += 1
         out["passes"] += 0.5
         if t == 0:
