@@ -53,7 +53,7 @@ def test_submitit_slurm_launcher_composes():
 def test_a_two_trial_optuna_sweep_finishes_with_its_best_value(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper is not installed")
     cfg = _hydra_cfg("hparams_search=optuna")
-    assert cfg.hydra.sweeper.direction == "maximize" and "lr" in cfg.hydra.sweeper.params
+    assert cfg.hydra.sweeper.direction == "maximize" and {"lr", "anderson"} <= set(cfg.hydra.sweeper.params)
     p = run_glo(*FAST, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "report=false",
                 f"hydra.sweep.dir={tmp_path}", "--multirun")
     assert p.returncode == 0, p.stderr[-3000:]
