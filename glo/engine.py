@@ -227,9 +227,9 @@ def _lbfgs(objective: Callable[[Tensor, list[int]], tuple[Tensor, Tensor, Tensor
            s: Settings, on_step: Callable[[int, int, float], None] | None) -> Result:
     """Sample i (z0: (1,C,h,w)) by torch.optim.LBFGS with a strong-Wolfe line search. Every evaluation the line search
     asks for is a pass; after max_steps of them one more, forward only, scores the last point. The rel_tol rule runs
-    over evaluations. L-BFGS works on u with z = z0 + scale * u, scale = lr * elements, so that its first step (whose
-    L1 length torch sets to its lr, 1 here) moves each element by about lr, like Adam's first step; later steps are
-    quasi-Newton steps, which no scale changes."""
+    over evaluations. L-BFGS works on u with z = z0 + scale * u, scale = lr * elements: torch's first step is the
+    gradient cut to L1 length 1, so in z each element moves by about lr on average, like Adam's first step. Later
+    steps are quasi-Newton steps, which the scale does not change."""
     scale = s.lr * z0.numel()
     u = torch.zeros_like(z0, memory_format=torch.contiguous_format, requires_grad=True)  # LBFGS views its grad flat
     opt = torch.optim.LBFGS([u], lr=1.0, max_iter=10 * s.max_steps, max_eval=10 * s.max_steps, tolerance_grad=0.0,
