@@ -232,8 +232,9 @@ def _lbfgs(objective: Callable[[Tensor, list[int]], tuple[Tensor, Tensor, Tensor
     steps are quasi-Newton steps, which the scale does not change."""
     scale = s.lr * z0.numel()
     u = torch.zeros_like(z0, memory_format=torch.contiguous_format, requires_grad=True)  # LBFGS views its grad flat
-    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=10 * s.max_steps, max_eval=10 * s.max_steps, tolerance_grad=0.0,
-                            tolerance_change=0.0, line_search_fn="strong_wolfe")
+    # the closure enforces the budget; max_iter only has to be out of its way (iterations <= evaluations)
+    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=10 * s.max_steps, tolerance_grad=0.0, tolerance_change=0.0,
+                            line_search_fn="strong_wolfe")
     curve = torch.full((1, s.max_steps), float("nan"))
     out = {"best": z0.detach().clone(), "loss": float("inf"), "converged": False, "nonfinite": False, "evals": 0,
            "passes": 0.0}

@@ -172,14 +172,27 @@ def test_lbfgs_lowers_the_loss_counts_its_passes_and_keeps_samples_apart(tiny_va
     x = photos(3)
     z0 = tiny_vae.encode(x)
     kw = dict(optim="lbfgs", lr=0.1, max_steps=6, rel_tol=0.0)
-    r = optimize(tiny_vae.decode, z0, x, L2, settings(**kw))
+    seen = []
+    r = optimize(tiny_vae.decode, z0, x, L2, settings(**kw), on_step=lambda t, active, loss: seen.append((t, loss)))
     assert (r.final_loss < 0.9 * r.initial_loss).all()
-    assert r.passes.tolist() == [6.5] * 3 and (r.steps >= 1).all() and (r.steps <= 6).all()
+    assert r.passes.tolist() == [6.5] * 3 and (r.steps >= 1).all() and (r.steps <= 6).all() and not r.converged.any()
+    assert seen == [(t, pytest.approx(float(r.loss_curves[i, t]))) for i in range(3) for t in range(6)]
     alone = optimize(tiny_vae.decode, z0[2:], x[2:], L2, settings(**kw))
     assert torch.equal(r.latents[2], alone.latents[0])
     with torch.no_grad():
         assert torch.allclose(r.final_loss, L2(tiny_vae.decode(r.latents), x), rtol=1e-4)
         assert torch.allclose(r.decoded, tiny_vae.decode(r.latents), atol=1e-5)
+        assert torch.allclose(r.initial_decoded, tiny_vae.decode(z0), atol=1e-5)
+
+
+def test_lbfgs_stops_a_sample_whose_loss_stopped_changing_by_the_same_rule_as_adam(tiny_vae):
+    """rel_tol 0.9 over 2 evaluations: the loss cannot fall by 90 % that fast, so each sample stops at evaluation 2
+    and is scored there without a backward pass."""
+    x = photos(2)
+    z0 = tiny_vae.encode(x)
+    r = optimize(tiny_vae.decode, z0, x, L2, settings(optim="lbfgs", lr=0.1, max_steps=20, rel_tol=0.9, window=2))
+    assert r.converged.all() and r.passes.tolist() == [2.5, 2.5]
+    assert torch.isnan(r.loss_curves[:, 3:]).all() and not torch.isnan(r.loss_curves[:, :3]).any()
 
 
 def test_lbfgs_reverts_a_sample_that_meets_a_non_finite_loss():
