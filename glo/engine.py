@@ -184,8 +184,7 @@ def optimize(
                 shown[i] = pred[j].detach()
             if nonfinite[i] or t == max_steps:
                 continue
-            past = curves[i, t - window] if t >= window else None
-            if past is not None and abs(past - v) <= rel_tol * abs(past):
+            if flat(curves[i], t, window, rel_tol):
                 converged[i] = True
                 continue
             going.append(j)
@@ -217,6 +216,11 @@ def optimize(
             finite = values[torch.isfinite(values)]
             on_step(t, len(active), float(finite.mean()) if len(finite) else float("nan"))
     return Result(best, curves[:, 0].clone(), best_loss, steps, passes, converged, nonfinite, curves, initial, shown)
+
+
+def flat(curve: Tensor, t: int, window: int, rel_tol: float) -> bool:
+    """The stopping rule: the loss at t changed by at most rel_tol (relative) since t - window."""
+    return t >= window and bool(abs(curve[t - window] - curve[t]) <= rel_tol * abs(curve[t - window]))
 
 
 class _Stop(Exception):
@@ -261,8 +265,7 @@ def _lbfgs(objective: Callable[[Tensor, list[int]], tuple[Tensor, Tensor, Tensor
             out.update(best=z.detach().clone(), loss=v, shown=pred.detach())
         if t == s.max_steps:
             raise _Stop
-        past = curve[0, t - s.window] if t >= s.window else None
-        if past is not None and abs(past - v) <= s.rel_tol * abs(past):
+        if flat(curve[0], t, s.window, s.rel_tol):
             out["converged"] = True
             raise _Stop
         out["passes"] += 0.5
