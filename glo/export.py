@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import zipfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,20 @@ def shard_problem(path: Path, ids: list[str]) -> str | None:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         return f"damaged ({e})"
     return None if found == ids else "holds other images than its manifest lists"
+
+
+def same_columns(files: list[Path]) -> Iterator[dict[str, np.ndarray]]:
+    """Each shard's arrays, refusing a shard whose columns differ from the first's: merged, its rows would
+    misalign with the others' (a shard from an older glo in a resumed directory)."""
+    first: set[str] | None = None
+    for shard in files:
+        part = load_latents(shard)
+        first = set(part) if first is None else first
+        if set(part) != first:
+            odd = sorted(set(part) ^ first)[0]
+            raise GloError(f"{shard}: has other columns than {files[0].name} ({odd!r} in one only), so an older glo "
+                           "made one of them; use resume=restart to start this directory over")
+        yield part
 
 
 class Stopped(GloError):
@@ -149,15 +164,14 @@ class LatentExporter(pl.Callback):
         stale.unlink(missing_ok=True)  # another format's file from an earlier run would be read instead
         if self.format == "hdf5":
             with atomic_path(self.out / "latents.h5") as tmp, h5py.File(tmp, "w") as f:
-                for shard in files:
-                    part = load_latents(shard)
+                for part in same_columns(files):
                     append_h5(f, part)
                     for k in SUMMARY_KEYS:
                         if k in part:
                             columns.setdefault(k, []).append(part[k])
         else:
-            for shard in files:
-                for k, v in load_latents(shard).items():
+            for part in same_columns(files):
+                for k, v in part.items():
                     columns.setdefault(k, []).append(v)
             save_npz(self.out / "latents.npz", {k: np.concatenate(v) for k, v in columns.items()})
         self.summary = summarize({k: np.concatenate(columns[k]) for k in SUMMARY_KEYS if k in columns})

@@ -126,7 +126,7 @@ class LatentDataset(Dataset):
 DRIFT = ("drift_distance", *(f"{k}_{w}" for k in ("hf_share", "channel_mean", "channel_std", "reencode_error")
                               for w in ("initial", "final")))
 SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "passes", "converged",
-                "nonfinite", "seconds", *DRIFT,
+                "nonfinite", "seconds", "rank", *DRIFT,
                 "psnr_known_initial", "psnr_known_final", *(f"masked_{k}" for k in DRIFT))  # these only with a mask
 
 
@@ -134,6 +134,9 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
     """The headline figures of a latent dataset, from its arrays alone."""
     gain = a["psnr_final"] - a["psnr_initial"]
     seconds = float(a["seconds"].sum())
+    # Ranks of a DDP run work at once: the run took as long as its busiest rank, not the sum of all of them.
+    ranks = a["rank"] if "rank" in a else np.zeros(len(a["ids"]), int)
+    wall = max(float(a["seconds"][ranks == r].sum()) for r in np.unique(ranks)) if len(ranks) else 0.0
     return {
         "num_images": int(len(a["ids"])),
         "psnr_initial_mean": float(a["psnr_initial"].mean()),
@@ -147,7 +150,7 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
         "converged": int(a["converged"].sum()),
         "nonfinite": int(a["nonfinite"].sum()),
         "seconds_total": seconds,
-        "images_per_second": len(a["ids"]) / seconds if seconds > 0 else float("nan"),
+        "images_per_second": len(a["ids"]) / wall if wall > 0 else float("nan"),
         **{k: v for prefix in ("", "masked_") if f"{prefix}drift_distance" in a for k, v in drift_summary(a, prefix).items()},
         **({"psnr_known_initial_mean": float(a["psnr_known_initial"].mean()),
             "psnr_known_final_mean": float(a["psnr_known_final"].mean()),

@@ -123,6 +123,24 @@ def test_summary_is_every_headline_figure_computed_by_hand():
     assert np.isnan(summarize(a)["images_per_second"])
 
 
+def test_ranks_working_at_once_count_by_the_busiest_ones_seconds():
+    a = {"ids": np.array(["a", "b", "c", "d", "e"]), "psnr_initial": np.zeros(5), "psnr_final": np.ones(5),
+         "ssim_initial": np.zeros(5), "ssim_final": np.ones(5), "steps": np.ones(5), "converged": np.zeros(5, bool),
+         "nonfinite": np.zeros(5, bool), "seconds": np.array([1.0, 2.0, 1.0, 0.5, 0.5]), "rank": np.array([0, 1, 0, 1, 1])}
+    s = summarize(a)
+    assert s["seconds_total"] == 5.0 and s["images_per_second"] == pytest.approx(5 / 3)  # rank 1 took 3 s, rank 0 2 s
+
+
+def test_shards_with_other_columns_are_refused_not_misaligned(tmp_path):
+    old = batch(["a"], 0)
+    new = {**batch(["b"], 1), "rank": np.zeros(1, np.int32)}
+    for fmt in ("npz", "hdf5"):
+        with pytest.raises(GloError, match=r"shard-00000001-\w+\.npz: has other columns than shard-00000000-\w+\.npz "
+                                           r"\('rank' in one only\).*resume=restart"):
+            export(tmp_path / fmt, [old, new], format=fmt)
+        assert not list((tmp_path / fmt).glob("latents.*"))
+
+
 def test_inpainting_items_are_the_exported_conditioning(tmp_path):
     b = batch(["a", "b"], 0)
     rng = np.random.default_rng(5)

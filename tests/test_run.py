@@ -51,6 +51,9 @@ def test_two_process_ddp_exports_every_image_exactly_once(tmp_path):
     assert sorted(ids) == sorted(["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"])
     manifests = [json.loads(m.read_text()) for m in sorted((tmp_path / "shards").glob("manifest-*.json"))]
     assert len(manifests) == 2 and all(manifests)  # both ranks did a share of the work
+    a, summary = np.load(tmp_path / "latents.npz"), json.loads((tmp_path / "summary.json").read_text())
+    busiest = max(a["seconds"][a["rank"] == r].sum() for r in (0, 1))
+    assert sorted(set(a["rank"])) == [0, 1] and summary["images_per_second"] == pytest.approx(5 / busiest)
 
 
 def test_same_seed_and_config_give_bitwise_identical_latents(finished_run, tmp_path):
