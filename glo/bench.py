@@ -134,18 +134,22 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     unknown = sorted(set(cfg.only or ()) - set(cfg.methods))
     if unknown:
         raise GloError(f"only={list(cfg.only)}: no method named {unknown[0]} in conf/bench.yaml")
-    rows = [run_isolated("reference", common, list(cfg.reference), reference=True)]
-    print(markdown_table(rows), flush=True)
-    for name, overrides in cfg.methods.items():
-        if cfg.only and name not in cfg.only:
-            continue
-        rows.append(run_isolated(name, common, list(overrides)))
-        print(f"{name}: {rows[-1]['skipped'] or 'measured'}", flush=True)
-    ref = rows[0]
-    for r in rows:
-        if not r["skipped"]:
-            r["speedup"] = r["images_per_second"] / ref["images_per_second"]
-            r["gain_vs_reference_db"] = r["psnr_gain_mean"] - ref["psnr_gain_mean"]
+    if isinstance(cfg.repeats, bool) or not isinstance(cfg.repeats, int) or cfg.repeats < 1:
+        raise GloError(f"repeats={cfg.repeats}: must be an integer >= 1")
+    names = [n for n in cfg.methods if not cfg.only or n in cfg.only]
+    rounds = []  # each round runs every row once, so a row's speedup compares it with the reference of its own round
+    for k in range(cfg.repeats):
+        rows = [run_isolated("reference", common, list(cfg.reference), reference=True)]
+        print(markdown_table(rows), flush=True)
+        for name in names:
+            rows.append(run_isolated(name, common, list(cfg.methods[name])))
+            print(f"{name} ({k + 1}/{cfg.repeats}): {rows[-1]['skipped'] or 'measured'}", flush=True)
+        for r in rows:
+            if not r["skipped"]:
+                r["speedup"] = r["images_per_second"] / rows[0]["images_per_second"]
+                r["gain_vs_reference_db"] = r["psnr_gain_mean"] - rows[0]["psnr_gain_mean"]
+        rounds.append(rows)
+    rows = [median_row(list(same)) for same in zip(*rounds)]
     memory = []
     if cfg.memory.enabled:
         base = [f"vae={cfg.memory.vae}", "data=folder", f"data.path={cfg.data.path}", "data.limit=1",
@@ -157,14 +161,30 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     result = {"date": datetime.now(timezone.utc).isoformat(), "machine": machine(), "decode_backward_seconds": unit,
               "config": {
         "vae": cfg.vae.name, "loss": cfg.loss.name, "data": dict(cfg.data),
-        "reference": {k: prototype[k] for k in ("lr", "max_steps")}}, "methods": rows, "memory": memory}
+        "reference": {k: prototype[k] for k in ("lr", "max_steps")}, "repeats": cfg.repeats}, "methods": rows,
+        "memory": memory}
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(render(result))
     return result
 
 
+def median_row(runs: list[dict]) -> dict:
+    """One row from the same method's runs in every round: the median time and speedup, with their range.
+    The gain is a median too, though every run computes the same images the same way: its runs show that."""
+    row = dict(runs[0])
+    if row["skipped"] or len(runs) == 1:
+        return row
+    for k in ("images_per_second", "seconds_per_image", "speedup", "psnr_gain_mean"):
+        values = [r[k] for r in runs]
+        row[k], row[f"{k}_runs"] = float(np.median(values)), values
+    row["speedup_range"] = f"{min(row['speedup_runs']):.2f}–{max(row['speedup_runs']):.2f}"
+    return row
+
+
 def render(result: dict) -> str:
-    cols = ("method", "images_per_second", "seconds_per_image", "speedup", "psnr_gain_mean", "gain_vs_reference_db",
+    repeats = result["config"]["repeats"]
+    cols = ("method", "images_per_second", "seconds_per_image", "speedup", *(("speedup_range",) if repeats > 1 else ()),
+            "psnr_gain_mean", "gain_vs_reference_db",
             "improved_fraction", "passes_mean", "drift_distance", "hf_share", "hf_share_encoder", "channel_std_ratio_max",
             "precision", "peak_memory_mb", "overrides")
     c = result["config"]
@@ -176,6 +196,9 @@ def render(result: dict) -> str:
             "(experiment=prototype).", "",
             f"One fp32 decode + backward, batch 1, at {c['data']['size']} px: {result['decode_backward_seconds']:.3f} s "
             "(median of 5).", "",
+            *([f"Every row ran {repeats} times, interleaved with the reference; times and speedups are medians, "
+               "each speedup against the reference of its own round, with the range over rounds.", ""]
+              if repeats > 1 else []),
             markdown_table([{k: r.get(k, "—") for k in cols} for r in result["methods"]]), ""]
     skipped = [r for r in result["methods"] if r["skipped"]]
     if skipped:

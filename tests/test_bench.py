@@ -7,21 +7,26 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from glo.bench import median_row
 from glo.hardware import cpu_native_bf16, describe
 from tests.conftest import ROOT, run_config, run_glo
 
 ONLY = ["default", "fp32_batch8", "bf16", "steps16_eps0.3", "gradfree"]  # each code path once
 
 
+def smooth_images(folder, n):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for i in range(n):
+        smooth = np.kron(rng.integers(0, 256, (8, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+        Image.fromarray(smooth).save(folder / f"img{i}.png")
+    return folder
+
+
 @pytest.mark.slow
 def test_bench_writes_json_and_markdown_for_the_methods_asked(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "images").mkdir()
-    for i in range(2):
-        smooth = np.kron(rng.integers(0, 256, (8, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
-        Image.fromarray(smooth).save(tmp_path / "images" / f"img{i}.png")
     out = tmp_path / "bench"
-    p = run_glo("vae=tiny_random", f"data.path={tmp_path / 'images'}", "data.limit=2", "data.size=32",
+    p = run_glo("vae=tiny_random", f"data.path={smooth_images(tmp_path / 'images', 2)}", "data.limit=2", "data.size=32",
                 'reference=["experiment=prototype","max_steps=5"]', f"only=[{','.join(ONLY)}]", "memory.enabled=true", "memory.vae=tiny_random", "memory.size=64",
                 f"hydra.run.dir={out}", module="glo.bench")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -44,6 +49,30 @@ def test_bench_writes_json_and_markdown_for_the_methods_asked(tmp_path):
     md = (out / "bench.md").read_text()
     assert all(f"| {name} |" in md for name in by_name) and "Peak memory" in md
     assert describe(result["machine"]) in md.splitlines()[2]  # the CPU and its capability head every table
+
+
+@pytest.mark.slow
+def test_repeated_rows_report_median_speedups_against_their_own_rounds_reference(tmp_path):
+    out = tmp_path / "bench"
+    p = run_glo("vae=tiny_random", f"data.path={smooth_images(tmp_path / 'images', 1)}", "data.limit=1", "data.size=32",
+                'reference=["experiment=prototype","max_steps=3"]', "only=[default]", "repeats=2", f"hydra.run.dir={out}",
+                module="glo.bench")
+    assert p.returncode == 0, p.stderr[-3000:]
+    ref, default = json.loads((out / "bench.json").read_text())["methods"]
+    assert ref["speedup_runs"] == [1.0, 1.0] and len(default["speedup_runs"]) == 2
+    assert default["speedup"] == float(np.median(default["speedup_runs"]))
+    assert len(set(default["psnr_gain_mean_runs"])) == 1  # same images, same computation: only time varies
+    md = (out / "bench.md").read_text()
+    assert "Every row ran 2 times" in md and f"| {min(default['speedup_runs']):.2f}–" in md
+
+
+def test_median_row_takes_the_median_time_and_keeps_the_range():
+    runs = [{"method": "m", "skipped": "", "images_per_second": i, "seconds_per_image": 1 / i, "speedup": s,
+             "psnr_gain_mean": 2.0} for i, s in ((1.0, 5.0), (3.0, 7.0), (2.0, 6.5))]
+    row = median_row(runs)
+    assert (row["images_per_second"], row["seconds_per_image"], row["speedup"]) == (2.0, 0.5, 6.5)
+    assert row["speedup_range"] == "5.00–7.00" and row["psnr_gain_mean_runs"] == [2.0, 2.0, 2.0]
+    assert median_row(runs[:1]) == runs[0] and median_row([{"skipped": "no bf16"}] * 2) == {"skipped": "no bf16"}
 
 
 @pytest.mark.parametrize("name", OmegaConf.load(ROOT / "conf/bench.yaml").methods)
