@@ -136,7 +136,7 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
     seconds = float(a["seconds"].sum())
     # Ranks of a DDP run work at once: the run took as long as its busiest rank, not the sum of all of them.
     ranks = a["rank"] if "rank" in a else np.zeros(len(a["ids"]), int)
-    wall = max(float(a["seconds"][ranks == r].sum()) for r in np.unique(ranks)) if len(ranks) else 0.0
+    wall = max((float(a["seconds"][ranks == r].sum()) for r in np.unique(ranks)), default=0.0)
     return {
         "num_images": int(len(a["ids"])),
         "psnr_initial_mean": float(a["psnr_initial"].mean()),
