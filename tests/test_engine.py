@@ -114,14 +114,18 @@ def test_injected_nan_reverts_that_sample_and_the_batch_goes_on():
     assert (r.final_loss < r.initial_loss).all()
 
 
-def test_a_sample_gets_the_same_result_alone_or_in_a_batch(tiny_vae):
-    """Per-sample losses and per-sample Adam state: batch size must not change the optimization."""
+@pytest.mark.parametrize("optim", ["adam", "lbfgs", "gradfree"])
+def test_a_sample_gets_the_same_result_alone_or_in_a_batch(tiny_vae, optim):
+    """Per-sample losses and per-sample optimizer state: batch size must not change the optimization."""
     x = photos(3)
     z0 = tiny_vae.encode(x)
-    kw = dict(lr=0.1, max_steps=5, rel_tol=0.0, window=5)
-    together = optimize(tiny_vae.decode, z0, x, L2, settings(**kw))
-    alone = optimize(tiny_vae.decode, z0[2:], x[2:], L2, settings(**kw))
-    assert torch.allclose(together.latents[2], alone.latents[0], atol=1e-4)
+    kw = dict(lr=0.1, max_steps=5, rel_tol=0.0, window=5, optim=optim)
+    together = optimize(tiny_vae.decode, z0, x, L2, settings(**kw), encode=tiny_vae.encode)
+    alone = optimize(tiny_vae.decode, z0[2:], x[2:], L2, settings(**kw), encode=tiny_vae.encode)
+    assert not torch.allclose(together.latents[2], z0[2], atol=1e-3)  # it moved, so the comparison means something
+    # gradfree also runs the encoder, whose batch-size rounding Adam's normalization carries to ~2e-4 (a shared
+    # state would differ by a step, ~0.1)
+    assert torch.allclose(together.latents[2], alone.latents[0], atol=1e-3 if optim == "gradfree" else 1e-4)
 
 
 def test_bf16_decoder_stays_finite_and_gains(tiny_vae):
