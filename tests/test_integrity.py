@@ -117,6 +117,16 @@ def test_resume_restart_starts_over_with_the_new_settings(copy_of):
     assert not {q.name for q in copy_of.iterdir()} & report  # every file of the old report went with the old results
 
 
+def test_results_from_a_glo_with_other_row_columns_are_refused_before_any_work(copy_of):
+    stored = json.loads((copy_of / "fingerprint.json").read_text())
+    del stored["rows_version"]  # as a glo before the `rank` column wrote it
+    (copy_of / "fingerprint.json").write_text(json.dumps(stored))
+    before = files(copy_of)
+    p = run_glo(*RUN, f"hydra.run.dir={copy_of}")
+    assert p.returncode == 1 and "rows_version: None -> 2" in one_error(p) and "resume=restart" in one_error(p)
+    assert files(copy_of) == before
+
+
 def test_results_without_a_fingerprint_are_refused(copy_of):
     (copy_of / "fingerprint.json").unlink()
     p = run_glo(*RUN, f"hydra.run.dir={copy_of}")
