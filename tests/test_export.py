@@ -129,11 +129,16 @@ def test_summary_is_every_headline_figure_computed_by_hand():
     assert np.isnan(summarize(a)["images_per_second"])
 
 
+def rows(n, **columns):
+    """The columns `summarize` needs for n images (each gains 1 dB in 1 s), with `columns` on top."""
+    return {"ids": np.array([f"img{i}" for i in range(n)]), "psnr_initial": np.zeros(n), "psnr_final": np.ones(n),
+            "ssim_initial": np.zeros(n), "ssim_final": np.ones(n), "steps": np.ones(n), "converged": np.zeros(n, bool),
+            "nonfinite": np.zeros(n, bool), "seconds": np.ones(n), **columns}
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # means of no rows
 def test_ranks_working_at_once_count_by_the_busiest_ones_seconds():
-    a = {"ids": np.array(["a", "b", "c", "d", "e"]), "psnr_initial": np.zeros(5), "psnr_final": np.ones(5),
-         "ssim_initial": np.zeros(5), "ssim_final": np.ones(5), "steps": np.ones(5), "converged": np.zeros(5, bool),
-         "nonfinite": np.zeros(5, bool), "seconds": np.array([1.0, 2.0, 1.0, 0.5, 0.5]), "rank": np.array([0, 1, 0, 1, 1])}
+    a = rows(5, seconds=np.array([1.0, 2.0, 1.0, 0.5, 0.5]), rank=np.array([0, 1, 0, 1, 1]))
     s = summarize(a)
     assert s["seconds_total"] == 5.0 and s["images_per_second"] == pytest.approx(5 / 3)  # rank 1 took 3 s, rank 0 2 s
     assert np.isnan(summarize({k: v[:0] for k, v in a.items()})["images_per_second"])  # no rows: no rate, no crash
@@ -144,9 +149,7 @@ def test_summary_carries_the_drift_of_full_and_masked_latents():
     drift = {f"{p}{k}": rng.random((3, 4) if "channel" in k else 3) for p in ("", "masked_")
              for k in ("drift_distance", *(f"{q}_{w}" for q in ("hf_share", "reencode_error", "channel_mean",
                                                                 "channel_std") for w in ("initial", "final")))}
-    a = {"ids": np.array(["a", "b", "c"]), "psnr_initial": np.zeros(3), "psnr_final": np.ones(3),
-         "ssim_initial": np.zeros(3), "ssim_final": np.ones(3), "steps": np.ones(3), "converged": np.zeros(3, bool),
-         "nonfinite": np.zeros(3, bool), "seconds": np.ones(3), **drift}
+    a = rows(3, **drift)
     s = summarize(a)
     assert s["drift_distance_mean"] == pytest.approx(drift["drift_distance"].mean())
     assert s["masked_drift_distance_mean"] == pytest.approx(drift["masked_drift_distance"].mean())
