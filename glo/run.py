@@ -153,6 +153,9 @@ def run(cfg: DictConfig) -> float:
         s = evaluate(exporter.out, vae=vae, dataset=dataset)
     if trainer.logger:  # HParams tab: compare the jobs of a sweep side by side
         trainer.logger.log_hyperparams(hparams(cfg), {f"hparams/{k}": s[k] for k in HPARAM_METRICS})
+        # Lightning closed its writer when predict ended; logging reopened it, and its writer thread dies with
+        # the process: without this the HParams events were sometimes lost
+        trainer.logger.finalize("success")
     print(f"glo: {s['num_images']} images, PSNR {s['psnr_initial_mean']:.2f} -> {s['psnr_final_mean']:.2f} dB "
           f"(gain {s['psnr_gain_mean']:+.2f} dB, {s['images_improved']} improved), {s['passes_mean']:.1f} decoder passes, "
           f"{s['images_per_second']:.3f} images/s -> {exporter.out}")
