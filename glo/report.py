@@ -113,8 +113,9 @@ def drift_rows(summary: dict[str, Any], prefix: str = "") -> list[dict[str, Any]
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    # a bare | in a cell (a norm, ||z||) would start a new column
+    fmt = lambda v: (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", r"\|")
+    lines = ["| " + " | ".join(map(fmt, keys)) + " |", "|" + "---|" * len(keys)]
     return "\n".join(lines + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
 
 

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -51,6 +52,9 @@ def test_report_files_of_a_run(finished_run):
     std0, std1 = summary["channel_std_initial"][0], summary["channel_std_final"][0]
     assert f"| channel 0 mean / std | {summary['channel_mean_initial'][0]:.3f} / {std0:.3f} |" in drift
     assert f"std x{std1 / std0:.2f}" in drift and f"| {summary['drift_distance_mean']:.4f} |" in drift
+    table = [line for line in drift.splitlines() if line.startswith("|")]
+    columns = {len(re.findall(r"(?<!\\)\|", line)) for line in table}  # unescaped pipes per line
+    assert len(table) == 9 and columns == {5}, table  # norms like ||z|| do not split a row into more columns
 
 
 def test_a_run_dir_without_or_with_a_truncated_latents_file_is_named(tmp_path, capsys):
