@@ -140,6 +140,8 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], co
            "How far the optimized latents lie from what the encoder produces, the distribution a diffusion UNet "
            "was trained on (glo.drift; scaled SD units).", "", markdown_table(drift_rows(summary)), ""]
           if "drift_distance_mean" in summary else []),
+        *(["### The masked-image latents (inpainting conditioning)", "", markdown_table(drift_rows(summary, "masked_")), ""]
+          if "masked_drift_distance_mean" in summary else []),
         *(["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []),
         "## Plots", "", *[f"![{name}]({p.name})" for name, p in images.items()], "",
         "## Config", "", "```json", json.dumps(config, indent=2), "```", "",

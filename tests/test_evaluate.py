@@ -10,7 +10,10 @@ import torch
 from PIL import Image
 
 from glo.evaluate import main as evaluate_main
+from glo.latents import DRIFT, summarize
 from glo.metrics import known_psnr, mae, ms_ssim, psnr, ssim
+from glo.report import write_report
+from tests.test_export import rows
 
 
 def test_identical_images_score_perfectly():
@@ -97,3 +100,15 @@ def test_known_psnr_is_the_noise_on_the_known_pixels_whatever_the_hole_holds():
     pred = target + 0.02 * sign  # exactly 0.01 off in [0,1] units on every pixel -> 40 dB
     pred = torch.where(known > 0, pred, torch.rand_like(pred) * 2 - 1)  # garbage in the hole
     assert known_psnr(pred, target, known) == pytest.approx(torch.full((2,), 40.0), abs=1e-3)
+
+
+def test_a_masked_runs_report_gives_the_masked_latents_their_own_drift_table_and_known_psnr(tmp_path):
+    rng = np.random.default_rng(0)
+    drift = {f"{p}{k}": rng.random((3, 4) if "channel" in k else 3) + 0.1 for p in ("", "masked_") for k in DRIFT}
+    known = {"psnr_known_initial": np.array([10.0, 12, 14]), "psnr_known_final": np.array([11.0, 12, 17])}
+    s = summarize(rows(3, **drift, **known))
+    report = write_report(tmp_path, s, {}, {}, []).read_text()
+    full, masked = report.split("### The masked-image latents")
+    assert f"| {s['drift_distance_mean']:.4f} |" in full and f"| {s['masked_drift_distance_mean']:.4f} |" in masked
+    assert f"| {s['masked_hf_share_final_mean']:.4f} |" in masked.split("## ")[0]
+    assert "| psnr_known | 12 | 13.33 | 12 | 12 | 0.6667 |" in full  # medians and fraction improved, not nan
