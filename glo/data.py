@@ -162,7 +162,9 @@ class FolderDataset(FileDataset):
         # a dangling link is kept, so that it fails (or is skipped and listed) like any unreadable file
         files = sorted(f for f in root.iterdir() if (f.is_file() or f.is_symlink()) and f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise GloError(f"data.path={path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+            subfolders = sorted(d.name for d in root.iterdir() if d.is_dir())  # images are not searched recursively
+            hint = f"; it has subfolders ({', '.join(subfolders[:5])}): point data.path at one" if subfolders else ""
+            raise GloError(f"data.path={path}: no image files ({', '.join(IMAGE_SUFFIXES)}){hint}")
         super().__init__(files, size, limit, on_error)
 
     def read(self, path: Path) -> tuple[Image.Image, dict]:

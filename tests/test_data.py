@@ -99,6 +99,13 @@ def test_bad_folders_are_one_clear_error(tmp_path, bad, match):
         FolderDataset(str(path), size=60 if bad == "size" else 64)
 
 
+def test_a_folder_of_split_folders_names_them(tmp_path):
+    for split in ("val", "train", "test"):
+        make_folder(tmp_path / split)
+    with pytest.raises(GloError, match=r"no image files .*; it has subfolders \(test, train, val\): point data.path at one$"):
+        FolderDataset(str(tmp_path), size=64)
+
+
 @pytest.mark.parametrize("content", [b"", b"this is text, not a PNG", "truncated"])
 def test_corrupt_file_names_the_file(tmp_path, content):
     if content == "truncated":
