@@ -95,8 +95,9 @@ def test_bad_folders_are_one_clear_error(tmp_path, bad, match):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     path = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "size": tmp_path / "empty"}[bad]
-    with pytest.raises(GloError, match=match):
+    with pytest.raises(GloError, match=match) as e:
         FolderDataset(str(path), size=60 if bad == "size" else 64)
+    assert "subfolders" not in str(e.value) and (bad != "empty" or str(e.value).endswith(".bmp)"))  # no hint here
 
 
 def test_a_folder_of_split_folders_names_them(tmp_path):
@@ -104,6 +105,16 @@ def test_a_folder_of_split_folders_names_them(tmp_path):
         make_folder(tmp_path / split)
     with pytest.raises(GloError, match=r"no image files .*; it has subfolders \(test, train, val\): point data.path at one$"):
         FolderDataset(str(tmp_path), size=64)
+    for name in "abcdef":
+        (tmp_path / "many" / name).mkdir(parents=True)
+    with pytest.raises(GloError, match=r"\(a, b, c, d, e\): point"):  # a few names, not a thousand class folders
+        FolderDataset(str(tmp_path / "many"), size=64)
+
+
+def test_a_folder_dataset_takes_the_first_limit_images_by_name(tmp_path):
+    make_folder(tmp_path)
+    every = FolderDataset(str(tmp_path), size=64).ids
+    assert len(every) > 2 and FolderDataset(str(tmp_path), size=64, limit=2).ids == every[:2] == sorted(every)[:2]
 
 
 @pytest.mark.parametrize("content", [b"", b"this is text, not a PNG", "truncated"])

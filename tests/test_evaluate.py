@@ -12,7 +12,7 @@ from PIL import Image
 from glo.evaluate import main as evaluate_main
 from glo.latents import DRIFT, summarize
 from glo.metrics import known_psnr, mae, ms_ssim, psnr, ssim
-from glo.report import write_report
+from glo.report import drift_rows, markdown_table, write_report
 from tests.test_export import rows
 
 
@@ -112,3 +112,20 @@ def test_a_masked_runs_report_gives_the_masked_latents_their_own_drift_table_and
     assert f"| {s['drift_distance_mean']:.4f} |" in full and f"| {s['masked_drift_distance_mean']:.4f} |" in masked
     assert f"| {s['masked_hf_share_final_mean']:.4f} |" in masked.split("## ")[0]
     assert "| psnr_known | 12 | 13.33 | 12 | 12 | 0.6667 |" in full  # medians and fraction improved, not nan
+
+
+def test_markdown_tables_escape_bars_and_round_floats():
+    assert markdown_table([{"a|b": "||z||", "x": 0.123456}, {"a|b": 3, "x": 2.0}]) == (
+        "| a\\|b | x |\n|---|---|\n| \\|\\|z\\|\\| | 0.1235 |\n| 3 | 2 |")
+
+
+def test_drift_rows_are_the_summary_by_hand():
+    s = {"channel_mean_initial": [0.5, -1], "channel_std_initial": [0.5, 0], "channel_mean_final": [0.25, 1],
+         "channel_std_final": [0.75, 1], "hf_share_initial_mean": 0.2, "hf_share_final_mean": 0.3,
+         "reencode_error_initial_mean": 0.0, "reencode_error_final_mean": 0.5, "drift_distance_mean": 0.125}
+    assert drift_rows({f"masked_{k}": v for k, v in s.items()}, "masked_") == drift_rows(s) == [
+        {"measure": "channel 0 mean / std", "encoder": "0.500 / 0.500", "optimized": "0.250 / 0.750", "ratio": "std x1.50"},
+        {"measure": "channel 1 mean / std", "encoder": "-1.000 / 0.000", "optimized": "1.000 / 1.000", "ratio": "—"},
+        {"measure": "high-frequency power share", "encoder": "0.2000", "optimized": "0.3000", "ratio": "x1.50"},
+        {"measure": "re-encode error ||E(D(z)) - z|| / ||z||", "encoder": "0.0000", "optimized": "0.5000", "ratio": "—"},
+        {"measure": "distance ||z - z0|| / ||z0||", "encoder": "0", "optimized": "0.1250", "ratio": "—"}]
