@@ -198,3 +198,12 @@ def test_masked_export_means_what_its_names_say(masked_run, tiny_vae):
         whole = psnr(tiny_vae.decode(torch.from_numpy(a["latents"])), x)
         masked = psnr(tiny_vae.decode(torch.from_numpy(a["masked_latents"])), x)
     assert (whole > masked).all()
+
+
+@pytest.mark.parametrize("overrides,fix", [(["trips=2"], "trips=2 'report_at=[1, 2]'"),
+                                           (["trips=0", "report_at=[1]"], "trips=1 'report_at=[1]'")])
+def test_roundtrip_report_rows_beyond_the_trips_are_one_line_with_a_fix(tmp_path, overrides, fix):
+    p = run_glo(*FAST, *overrides, f"hydra.run.dir={tmp_path / 'rt'}", module="glo.roundtrip")
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(err) == 1 and "need trips >= 1" in err[0] and err[0].endswith(f"(e.g. {fix})")
+    assert not (tmp_path / "rt" / "roundtrip.json").exists()
