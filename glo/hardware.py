@@ -39,8 +39,9 @@ def emulated(precision: str, device: torch.device) -> bool:
 
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """`auto` -> the fastest precision this device runs natively, with the reason; anything else is forced."""
-    if requested != "auto":
-        return requested, "forced by precision=" + requested
+    if requested != "auto":  # forcing it on the wrong CPU is allowed, but never a silent 100x slow-down
+        slow = "; this CPU has no native bf16, so it is emulated: each pass over 100x slower than fp32"
+        return requested, f"forced by precision={requested}{slow if emulated(requested, device) else ''}"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return "bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16"

@@ -25,10 +25,13 @@ def test_emulated_means_reduced_precision_on_a_cpu_without_native_bf16(monkeypat
     assert not hardware.emulated("bf16", cuda)
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("forced", ["fp32", "bf16", "fp16"])
-def test_an_explicit_precision_is_never_overridden(monkeypatch, forced):
-    monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: forced != "bf16")
-    assert hardware.resolve_precision(forced, torch.device("cpu")) == (forced, f"forced by precision={forced}")
+def test_an_explicit_precision_is_never_overridden_but_an_emulated_one_says_so(monkeypatch, forced, native):
+    monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: native)
+    used, reason = hardware.resolve_precision(forced, torch.device("cpu"))
+    assert used == forced and reason.startswith(f"forced by precision={forced}")
+    assert ("emulated: each pass over 100x slower" in reason) == (forced != "fp32" and not native)
 
 
 def test_machine_names_cpu_and_capability():
