@@ -6,7 +6,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from glo import GloError
-from glo.vae import load_vae
+from glo.vae import load_vae, pick_device
 from tests.conftest import ROOT, photos, run_glo
 
 
@@ -67,3 +67,15 @@ def test_offline_hub_model_says_how_to_fix_it(tmp_path):
     assert len(lines) == 1, p.stderr
     assert "stabilityai/sd-vae-ft-mse" in lines[0] and "vae.path=" in lines[0]
     assert not (tmp_path / "latents.npz").exists()
+
+
+@pytest.mark.parametrize("name,fix", [("cuda", "use device=auto or device=cpu, or install torch's CUDA build into .venv"),
+                                      ("mps", "use device=auto or device=cpu")])
+def test_a_device_this_machine_lacks_is_one_line_and_auto_falls_back(monkeypatch, name, fix):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(GloError, match=f"^device={name}: .*{fix}$"):
+        pick_device(name)
+    assert pick_device("auto") == pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("cuda") == pick_device("auto") == torch.device("cuda")  # auto prefers the GPU
