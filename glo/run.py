@@ -123,6 +123,12 @@ def run(cfg: DictConfig) -> float:
         exporter.verify()
     done = exporter.done_ids()
     todo = [i for i, name in enumerate(dataset.ids) if name not in done]
+    quiet_third_parties()
+    trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks)
+    processes = trainer.num_devices * trainer.num_nodes
+    if 0 < len(todo) < processes:  # Lightning's sampler gives every process at least one image, or fails
+        raise GloError(f"{exporter.out}: {len(todo)} image(s) to do for {processes} processes; run the same command "
+                       "with trainer.devices=1 trainer.num_nodes=1 to finish them (what is done is kept)")
     vae = load_model(cfg, speed)
     resumed = f" ({len(dataset.ids) - len(todo)} already exported)" if done else ""
     if rank_zero_only.rank == 0:
@@ -135,8 +141,6 @@ def run(cfg: DictConfig) -> float:
                              machine=machine(),
                              image_size=dataset.size, environment=environment(),
                              skipped=getattr(dataset, "skipped", []), exif_turned=getattr(dataset, "turned", []))
-    quiet_third_parties()
-    trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks)
     if todo:
         loader = DataLoader(Subset(dataset, todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
         trainer.predict(module, loader, return_predictions=False)

@@ -56,6 +56,18 @@ def test_two_process_ddp_exports_every_image_exactly_once(tmp_path):
     assert sorted(set(a["rank"])) == [0, 1] and summary["images_per_second"] == pytest.approx(5 / busiest)
 
 
+def test_fewer_images_left_than_processes_is_one_line_and_one_process_finishes(tmp_path):
+    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    common = ["vae=tiny_random", "data.limit=1", "data.size=64", "max_steps=2", "report=false", f"hydra.run.dir={tmp_path}"]
+    p = run_glo(*common, *ddp)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(err) == 1 and "1 image(s) to do for 2 processes" in err[0], p.stderr[-3000:]
+    assert not (tmp_path / "shards").exists()
+    p = run_glo(*common, *ddp[:1], "trainer.devices=1", "trainer.num_nodes=1")  # what the line says to do
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list(np.load(tmp_path / "latents.npz")["ids"]) == ["astronaut"]
+
+
 def test_same_seed_and_config_give_bitwise_identical_latents(finished_run, tmp_path):
     p = run_glo(*FAST, "loss=l2", "lr=0.1", "report=false", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
