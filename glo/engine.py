@@ -72,6 +72,8 @@ class Settings:
             (self.rel_tol >= 0, f"rel_tol={self.rel_tol}: must be >= 0"),
             (self.window >= 1, f"window={self.window}: must be >= 1"),
             (self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps}: must be >= 0"),
+            (self.warmup_steps <= self.max_steps,
+             f"warmup_steps={self.warmup_steps}: must be <= max_steps={self.max_steps}, or lr is never reached"),
             (self.eps > 0, f"eps={self.eps}: must be > 0"),
             (self.anchor >= 0, f"anchor={self.anchor}: must be >= 0"),
             (self.anderson >= 0, f"anderson={self.anderson}: must be >= 0"),

@@ -60,6 +60,7 @@ def test_the_prototype_experiment_is_the_published_budget():
     ("anderson=-1", "anderson=-1: must be >= 0"),
     ("anderson=1.5", "anderson=1.5: must be an integer"),
     ("schedule=linear", "schedule=linear: must be one of constant, cosine"),
+    ("warmup_steps=8", "warmup_steps=8: must be <= max_steps=7, or lr is never reached"),
     ("precision=fp8", "precision=fp8: must be one of auto, fp32, bf16, fp16"),
 ])
 def test_settings_check_themselves(override, message):
@@ -67,7 +68,8 @@ def test_settings_check_themselves(override, message):
         Settings(**_fields(run_config(override)))
 
 
-@pytest.mark.parametrize("override", ["betas=[0,0.99]", "max_steps=1", "rel_tol=0", "window=1", "warmup_steps=0"])
+@pytest.mark.parametrize("override", ["betas=[0,0.99]", "max_steps=1", "rel_tol=0", "window=1", "warmup_steps=0",
+                                      "warmup_steps=7"])
 def test_the_edges_of_each_range_are_allowed(override):
     Settings(**_fields(run_config(override)))
 
