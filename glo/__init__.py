@@ -6,3 +6,8 @@
 
 class GloError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
+
+
+def is_number(value: object, kind: type = float) -> bool:
+    """A config value that is a real number (or an integer, for kind=int): YAML's true is not 1."""
+    return not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)

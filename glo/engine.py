@@ -21,17 +21,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from glo import GloError
+from glo import GloError, is_number
 from glo.hardware import PRECISIONS, resolve_precision
 from glo.losses import l2_residual
 
 OPTIMS = ("adam", "gradfree", "lbfgs")
 SCHEDULES = ("constant", "cosine")
 ANCHORS = ("z0", "posterior")
-
-
-def _number(value: object, kind: type) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
 
 
 @dataclass(frozen=True)
@@ -59,12 +55,12 @@ class Settings:
     def __post_init__(self) -> None:
         betas = self.betas
         ok = isinstance(betas, (list, tuple))
-        if not (ok and len(betas) == 2 and all(_number(b, float) and 0 <= b < 1 for b in betas)):
+        if not (ok and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
             raise GloError(f"betas={list(betas) if ok else betas}: must be two numbers in [0, 1), e.g. 'betas=[0.9,0.999]'")
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
         for key, kind in (("lr", float), ("eps", float), ("anchor", float), ("rel_tol", float), ("max_steps", int),
                           ("window", int), ("warmup_steps", int), ("anderson", int)):
-            if not _number(getattr(self, key), kind):
+            if not is_number(getattr(self, key), kind):
                 raise GloError(f"{key}={getattr(self, key)!r}: must be {'a number' if kind is float else 'an integer'}")
         for ok, message in (
             (self.lr > 0, f"lr={self.lr}: must be > 0"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from glo import GloError
+from glo import GloError, is_number
 
 
 def weighted_mean(err: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -42,8 +42,8 @@ class PixelLoss(nn.Module):
 
     def __init__(self, name: str, l1: float, l2: float) -> None:
         super().__init__()
-        if l1 < 0 or l2 < 0 or l1 + l2 == 0:
-            raise GloError(f"loss '{name}': weights must be >= 0 and not both 0 (l1={l1}, l2={l2})")
+        if not (is_number(l1) and is_number(l2) and l1 >= 0 and l2 >= 0 and l1 + l2 > 0):
+            raise GloError(f"loss '{name}': weights must be numbers >= 0 and not both 0 (l1={l1!r}, l2={l2!r})")
         self.name, self.w1, self.w2 = name, l1, l2
 
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -19,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from glo import GloError
+from glo import GloError, is_number
 from glo.data import IMAGE_SUFFIXES, open_image, resize_center_crop
 
 MAX_SHAPES = 1000
@@ -62,11 +63,12 @@ class RandomMasks:
     KINDS = ("boxes", "strokes")
 
     def __init__(self, kind: str, coverage: tuple[float, float], seed: int, known_only: bool) -> None:
-        lo, hi = coverage
         if kind not in self.KINDS:
             raise GloError(f"mask.kind={kind}: must be one of {', '.join(self.KINDS)}")
+        pair = list(coverage) if isinstance(coverage, Sequence) and not isinstance(coverage, str) else [coverage]
+        lo, hi = pair if len(pair) == 2 and all(is_number(c) for c in pair) else (0, 0)
         if not 0 < lo <= hi < 1:
-            raise GloError(f"mask.coverage={list(coverage)}: need 0 < low <= high < 1")
+            raise GloError(f"mask.coverage={pair}: need two numbers 0 < low <= high < 1, e.g. 'mask.coverage=[0.1,0.3]'")
         self.kind, self.lo, self.hi, self.seed, self.known_only = kind, lo, hi, seed, known_only
 
     def check(self, ids: list[str]) -> None:

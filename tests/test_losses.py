@@ -25,7 +25,7 @@ def test_per_sample_loss_does_not_depend_on_batch():
     assert torch.allclose(loss(pred, target)[1:2], loss(pred[1:2], target[1:2]))
 
 
-@pytest.mark.parametrize("w1,w2", [(0.0, 0.0), (-1.0, 1.0)])
+@pytest.mark.parametrize("w1,w2", [(0.0, 0.0), (-1.0, 1.0), ("abc", 1.0), (1.0, True)])
 def test_bad_weights_are_rejected(w1, w2):
     with pytest.raises(GloError, match="weights"):
         PixelLoss("bad", l1=w1, l2=w2)
