@@ -153,6 +153,16 @@ def test_prepare_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_with_a_split_the_root_lacks_names_the_splits_it_has(tmp_path):
+    make_folder(tmp_path / "src" / "train")
+    make_folder(tmp_path / "src" / "val")
+    with pytest.raises(GloError, match=r"no 'nope' subfolder and no images of its own; pass --split one of train, val$"):
+        prepare(str(tmp_path / "src"), str(tmp_path / "out"), "nope", size=64)
+    make_folder(tmp_path / "flat" / "thumbs")
+    make_folder(tmp_path / "flat")  # images of its own: the folder itself is the split, whatever --split says
+    assert prepare(str(tmp_path / "flat"), str(tmp_path / "out"), "any", size=64)["count"] == 7
+
+
 def test_bsds500_dataset_without_prepare_says_what_to_run(tmp_path):
     with pytest.raises(GloError, match="glo.prepare --split val"):
         BSDS500Dataset(str(tmp_path), "val")
