@@ -1,4 +1,6 @@
 """One loading path for every image kind, and one-line errors naming the file."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -141,6 +143,11 @@ def test_prepare_writes_npz_and_stats_that_bsds500dataset_reads(tmp_path):
     direct, _ = FolderDataset(str(tmp_path / "src" / "train"), 64)[4]
     assert np.array_equal(image, direct)  # one path: prepared and direct loading agree exactly
     assert not list((tmp_path / "out").rglob("*.tmp"))
+    pixels = np.stack([np.load(f)["image"] for f in files]).reshape(-1, 3) / 255.0  # equal sizes: pooled = mean of means
+    np.testing.assert_allclose(stats["channel_mean"], pixels.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["channel_std"], pixels.std(0), rtol=1e-5)
+    assert json.loads((tmp_path / "out" / "train" / "stats.json").read_text()) == stats
+    assert stats["split"] == "train" and stats["source"] == str((tmp_path / "src" / "train").resolve())
 
 
 def test_prepare_cli_errors_are_one_line(tmp_path, capsys):

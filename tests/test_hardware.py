@@ -15,6 +15,16 @@ def test_auto_picks_bf16_only_where_the_cpu_has_it_natively(monkeypatch, native,
     monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: native)
     used, reason = hardware.resolve_precision("auto", torch.device("cpu"))
     assert used == expected and reason.startswith("auto:") and ("no native bf16" in reason) == (not native)
+    assert f"({torch.backends.cpu.get_cpu_capability()})" in reason
+
+
+@pytest.mark.parametrize("bf16,expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_on_a_gpu_picks_bf16_where_supported_else_fp16(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {device}")
+    used, reason = hardware.resolve_precision("auto", torch.device("cuda", 1))
+    assert used == expected and reason.startswith("auto: GPU cuda:1 ")  # the GPU it runs on, named
+    assert hardware.resolve_precision("auto", torch.device("mps")) == ("fp32", "auto: no reduced precision chosen for mps")
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -31,7 +41,8 @@ def test_an_explicit_precision_is_never_overridden_but_an_emulated_one_says_so(m
     monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: native)
     used, reason = hardware.resolve_precision(forced, torch.device("cpu"))
     assert used == forced and reason.startswith(f"forced by precision={forced}")
-    assert ("emulated: each pass over 100x slower" in reason) == (forced != "fp32" and not native)
+    slow = "; this CPU has no native bf16, so it is emulated: each pass over 100x slower than fp32"
+    assert reason == f"forced by precision={forced}" + (slow if forced != "fp32" and not native else "")
 
 
 def test_machine_names_cpu_and_capability():

@@ -170,10 +170,15 @@ def test_roundtrip_end_to_end(tmp_path):
     assert "| 3 |" in (tmp_path / "roundtrip.md").read_text() and (tmp_path / "roundtrip.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("coverage", [[0.1], [0.3, 0.1], [0.1, 1.0], 0.2, "ab", [0.1, "x"], [True, 0.5]])
+@pytest.mark.parametrize("coverage", [[0.1], [0.3, 0.1], [0.1, 1.0], [0, 0.3], 0.2, "ab", [0.1, "x"], [True, 0.5]])
 def test_a_coverage_that_is_not_a_range_is_one_clear_error(coverage):
     with pytest.raises(GloError, match=r"need two numbers 0 < low <= high < 1, e\.g\. 'mask\.coverage=\[0\.1,0\.3\]'"):
         RandomMasks("boxes", coverage, seed=0, known_only=False)
+
+
+def test_an_unknown_mask_kind_names_the_known_ones():
+    with pytest.raises(GloError, match="^mask.kind=circles: must be one of boxes, strokes$"):
+        RandomMasks("circles", (0.1, 0.3), seed=0, known_only=False)
 
 
 def test_an_impossible_coverage_range_is_one_clear_error():

@@ -61,6 +61,7 @@ def test_the_prototype_experiment_is_the_published_budget():
     ("anderson=1.5", "anderson=1.5: must be an integer"),
     ("schedule=linear", "schedule=linear: must be one of constant, cosine"),
     ("warmup_steps=8", "warmup_steps=8: must be <= max_steps=7, or lr is never reached"),
+    ("eps=0", "eps=0: must be > 0"),
     ("precision=fp8", "precision=fp8: must be one of auto, fp32, bf16, fp16"),
 ])
 def test_settings_check_themselves(override, message):

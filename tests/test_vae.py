@@ -1,4 +1,6 @@
 """Loading real diffusers VAE directories offline, and the one-line errors when weights are missing."""
+import re
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -77,5 +79,15 @@ def test_a_device_this_machine_lacks_is_one_line_and_auto_falls_back(monkeypatch
     with pytest.raises(GloError, match=f"^device={name}: .*{fix}$"):
         pick_device(name)
     assert pick_device("auto") == pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("mps")  # Apple's GPU next
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick_device("cuda") == pick_device("auto") == torch.device("cuda")  # auto prefers the GPU
+
+
+@pytest.mark.parametrize("cuda,why", [(None, "is a CPU-only build"), ("12.1", "is built for CUDA 12.1, but no GPU is visible")])
+def test_missing_cuda_says_whether_torch_lacks_it_or_the_machine_does(monkeypatch, cuda, why):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    with pytest.raises(GloError, match=f"^device=cuda: torch {re.escape(torch.__version__)} {why}; "):
+        pick_device("cuda")
