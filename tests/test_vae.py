@@ -85,9 +85,13 @@ def test_a_device_this_machine_lacks_is_one_line_and_auto_falls_back(monkeypatch
     assert pick_device("cuda") == pick_device("auto") == torch.device("cuda")  # auto prefers the GPU
 
 
-@pytest.mark.parametrize("cuda,why", [(None, "is a CPU-only build"), ("12.1", "is built for CUDA 12.1, but no GPU is visible")])
-def test_missing_cuda_says_whether_torch_lacks_it_or_the_machine_does(monkeypatch, cuda, why):
+@pytest.mark.parametrize("cuda,why,fix", [
+    (None, "is a CPU-only build", "install torch's CUDA build into .venv"),
+    ("12.1", "is built for CUDA 12.1, but no GPU is visible", "check the driver and CUDA_VISIBLE_DEVICES"),
+])
+def test_missing_cuda_says_whether_torch_lacks_it_or_the_machine_does(monkeypatch, cuda, why, fix):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", cuda)
-    with pytest.raises(GloError, match=f"^device=cuda: torch {re.escape(torch.__version__)} {why}; "):
+    with pytest.raises(GloError, match=f"^device=cuda: torch {re.escape(torch.__version__)} {why}; "
+                                       f"use device=auto or device=cpu, or {re.escape(fix)}$"):
         pick_device("cuda")
