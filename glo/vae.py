@@ -17,8 +17,9 @@ from glo import GloError
 def pick_device(name: str) -> torch.device:
     """`auto` = CUDA, else Apple's MPS, else CPU; any other name is taken as given, if this machine has it."""
     if name == "cuda" and not torch.cuda.is_available():
-        why, fix = (("a CPU-only build", "install torch's CUDA build into .venv") if torch.version.cuda is None else
-                    (f"built for CUDA {torch.version.cuda}, but no GPU is visible", "check the driver and CUDA_VISIBLE_DEVICES"))
+        why, fix = "a CPU-only build", "install torch's CUDA build into .venv"
+        if torch.version.cuda is not None:
+            why, fix = f"built for CUDA {torch.version.cuda}, but no GPU is visible", "check the driver and CUDA_VISIBLE_DEVICES"
         raise GloError(f"device=cuda: torch {torch.__version__} is {why}; use device=auto or device=cpu, or {fix}")
     if name == "mps" and not torch.backends.mps.is_available():
         raise GloError("device=mps: Apple's MPS is not available here; use device=auto or device=cpu")
