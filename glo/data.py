@@ -151,6 +151,18 @@ class FileDataset(ImageDataset):
         return self.read(self.files[i])
 
 
+def image_files(root: Path) -> list[Path]:
+    """The image files directly inside root, sorted. A dangling link is kept, so that it fails (or is skipped
+    and listed) like any unreadable file."""
+    return sorted(f for f in root.iterdir() if (f.is_file() or f.is_symlink()) and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def subfolders(root: Path) -> str:
+    """The first few folders inside root, for an error: images are not searched recursively, so a folder
+    without images of its own is often a dataset root whose splits the user meant."""
+    return ", ".join(sorted(d.name for d in root.iterdir() if d.is_dir())[:5])
+
+
 class FolderDataset(FileDataset):
     """Every image file directly inside `path` (jpg, png, tif, webp, bmp), sorted by name; id = file stem."""
 
@@ -159,11 +171,10 @@ class FolderDataset(FileDataset):
         root = Path(path)
         if not root.is_dir():
             raise GloError(f"data.path={path}: no such directory")
-        # a dangling link is kept, so that it fails (or is skipped and listed) like any unreadable file
-        files = sorted(f for f in root.iterdir() if (f.is_file() or f.is_symlink()) and f.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(root)
         if not files:
-            subfolders = sorted(d.name for d in root.iterdir() if d.is_dir())  # images are not searched recursively
-            hint = f"; it has subfolders ({', '.join(subfolders[:5])}): point data.path at one" if subfolders else ""
+            names = subfolders(root)
+            hint = f"; it has subfolders ({names}): point data.path at one" if names else ""
             raise GloError(f"data.path={path}: no image files ({', '.join(IMAGE_SUFFIXES)}){hint}")
         super().__init__(files, size, limit, on_error)
 
