@@ -160,10 +160,10 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
 def known_summary(a: dict[str, np.ndarray]) -> dict[str, float | int]:
     """The masked-image latents' PSNR on the known pixels, in the same figures report.md gives every metric."""
     before, after = a["psnr_known_initial"], a["psnr_known_final"]
+    improved = after > before
     return {"psnr_known_initial_mean": float(before.mean()), "psnr_known_final_mean": float(after.mean()),
             "psnr_known_initial_median": float(np.median(before)), "psnr_known_final_median": float(np.median(after)),
-            "psnr_known_improved_fraction": float((after > before).mean()),
-            "known_images_improved": int((after > before).sum())}
+            "psnr_known_improved_fraction": float(improved.mean()), "known_images_improved": int(improved.sum())}
 
 
 def drift_summary(a: dict[str, np.ndarray], prefix: str = "") -> dict[str, float | list[float]]:

@@ -66,10 +66,10 @@ class RandomMasks:
         if kind not in self.KINDS:
             raise GloError(f"mask.kind={kind}: must be one of {', '.join(self.KINDS)}")
         pair = list(coverage) if isinstance(coverage, Sequence) and not isinstance(coverage, str) else [coverage]
-        lo, hi = pair if len(pair) == 2 and all(is_number(c) for c in pair) else (0, 0)
-        if not 0 < lo <= hi < 1:
+        if not (len(pair) == 2 and all(is_number(c) for c in pair) and 0 < pair[0] <= pair[1] < 1):
             raise GloError(f"mask.coverage={pair}: need two numbers 0 < low <= high < 1, e.g. 'mask.coverage=[0.1,0.3]'")
-        self.kind, self.lo, self.hi, self.seed, self.known_only = kind, lo, hi, seed, known_only
+        self.lo, self.hi = pair
+        self.kind, self.seed, self.known_only = kind, seed, known_only
 
     def check(self, ids: list[str]) -> None:
         """Every id gets a mask: nothing to check."""

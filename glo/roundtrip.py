@@ -60,9 +60,10 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
     settings, speed = validate(cfg)
     absolute_paths(cfg)
     if cfg.trips < 1 or not all(1 <= k <= cfg.trips for k in cfg.report_at):
-        fits = sorted({k for k in cfg.report_at if 1 <= k <= cfg.trips} | {max(cfg.trips, 1)})
+        trips = max(cfg.trips, 1)
+        fits = sorted({k for k in cfg.report_at if 1 <= k <= trips} | {trips})
         raise GloError(f"trips={cfg.trips}, report_at={list(cfg.report_at)}: need trips >= 1 and 1 <= k <= trips "
-                       f"(e.g. trips={max(cfg.trips, 1)} 'report_at={fits}')")
+                       f"(e.g. trips={trips} 'report_at={fits}')")
     torch.manual_seed(cfg.seed)
     dataset = instantiate(cfg.data)
     masks = instantiate(cfg.mask)
