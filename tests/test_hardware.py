@@ -40,7 +40,7 @@ def test_emulated_means_reduced_precision_on_a_cpu_without_native_bf16(monkeypat
 def test_an_explicit_precision_is_never_overridden_but_an_emulated_one_says_so(monkeypatch, forced, native):
     monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: native)
     used, reason = hardware.resolve_precision(forced, torch.device("cpu"))
-    assert used == forced and reason.startswith(f"forced by precision={forced}")
+    assert used == forced
     slow = "; this CPU has no native bf16, so it is emulated: each pass over 100x slower than fp32"
     assert reason == f"forced by precision={forced}" + (slow if forced != "fp32" and not native else "")
 

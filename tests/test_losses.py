@@ -33,7 +33,8 @@ def test_bad_weights_are_rejected(w1, w2):
 
 @pytest.mark.parametrize("w1,w2", [(1.0, 0.0), (0.0, 0.5), (0, 2)])
 def test_any_non_negative_weights_are_allowed(w1, w2):
-    assert (PixelLoss("ok", l1=w1, l2=w2).w1, PixelLoss("ok", l1=w1, l2=w2).w2) == (w1, w2)
+    loss = PixelLoss("ok", l1=w1, l2=w2)
+    assert (loss.w1, loss.w2) == (w1, w2)
 
 
 def test_a_weighted_loss_is_reduced_per_sample():

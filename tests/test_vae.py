@@ -75,6 +75,7 @@ def test_offline_hub_model_says_how_to_fix_it(tmp_path):
                                       ("mps", "use device=auto or device=cpu")])
 def test_a_device_this_machine_lacks_is_one_line_and_auto_falls_back(monkeypatch, name, fix):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only build, wherever the test runs
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(GloError, match=f"^device={name}: .*{fix}$"):
         pick_device(name)
