@@ -27,10 +27,23 @@ from glo import GloError
 from glo.cli import one_line_errors
 from glo.data import FolderDataset, check_size, to_tensor
 from glo.engine import lr_factor
+from glo.hardware import PRECISIONS, resolve_precision
 from glo.metrics import psnr, ssim
 from glo.module import comparison_grid, error_map
+from glo.vae import pick_device
 
 log = logging.getLogger("glo.train_vae")
+LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+
+
+def trainer_precision(requested: str) -> str:
+    """Lightning's precision for `precision`, chosen as glo.run chooses the decoder's: with `auto`, bf16 only where
+    the hardware computes it natively (emulated bf16 on an AVX2-only CPU is over 100x slower than fp32)."""
+    if requested not in ("auto", *PRECISIONS):
+        raise GloError(f"precision={requested}: must be one of auto, {', '.join(PRECISIONS)}")
+    precision, reason = resolve_precision(requested, pick_device("auto"))
+    log.info("precision %s (%s)", precision, reason)
+    return LIGHTNING_PRECISION[precision]
 
 
 class RandomCrops(Dataset):
@@ -121,13 +134,14 @@ def latent_std(model: AutoencoderKL, dataset: Dataset, batch_size: int) -> float
 
 def train(cfg: DictConfig) -> Path:
     out = Path(cfg.run_dir)
+    precision = trainer_precision(cfg.precision)
     pl.seed_everything(cfg.seed, verbose=False)
     crops = RandomCrops(cfg.data.train, cfg.crop, cfg.crops_per_epoch, tuple(cfg.scale), cfg.seed)
     val = instantiate(cfg.val_data)
     module = VAETraining(OmegaConf.to_container(cfg.vae, resolve=True), cfg.lr, cfg.weight_decay, cfg.kl_weight,
                          cfg.warmup_steps, cfg.init_from, cfg.fresh_encoder)
     last = out / "checkpoints" / "last.ckpt"
-    trainer = instantiate(cfg.trainer, default_root_dir=str(out),
+    trainer = instantiate(cfg.trainer, precision=precision, default_root_dir=str(out),
                           logger=pl.loggers.TensorBoardLogger(str(out), name="", version=""),
                           callbacks=[pl.callbacks.ModelCheckpoint(out / "checkpoints", save_last=True,
                                                                   every_n_train_steps=cfg.checkpoint_every),

@@ -4,12 +4,13 @@ import pytest
 import torch
 from PIL import Image
 
+from glo.train_vae import trainer_precision
 from glo.vae import load_vae
 from tests.conftest import photos, run_glo
 
 TINY = ["vae.block_out_channels=[8,8,16,16]", "vae.norm_num_groups=4", "crop=32", "crops_per_epoch=8",
         "batch_size=4", "num_workers=0", "val_data.size=32", "val_data.limit=2", "scale_data.size=32",
-        "warmup_steps=1", "checkpoint_every=2", "trainer.precision=32-true"]
+        "warmup_steps=1", "checkpoint_every=2", "precision=fp32"]
 
 
 def image_folder(root, n=3):
@@ -40,6 +41,7 @@ def test_a_few_steps_train_resume_and_export(tmp_path):
     ("data.train=MISSING", "no such directory"),
     ("data.train=EMPTY", "no image files"),
     ("crop=36", "crop=36: must be a positive multiple of 8"),
+    ("precision=bf16-mixed", "precision=bf16-mixed: must be one of auto, fp32, bf16, fp16"),
 ])
 def test_bad_input_fails_in_one_line_before_any_model(tmp_path, override, message):
     (tmp_path / "empty").mkdir()
@@ -64,3 +66,12 @@ def test_fresh_encoder_trains_a_new_encoder_against_the_frozen_decoder(tmp_path)
     for name, w in a.decoder.state_dict().items():
         assert torch.equal(w, b.decoder.state_dict()[name]), name  # the decoder is untouched
     assert not torch.equal(a.encoder.conv_in.weight, b.encoder.conv_in.weight)
+
+
+@pytest.mark.parametrize("native,expected", [(False, "32-true"), (True, "bf16-mixed")])
+def test_auto_precision_trains_in_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native, expected):
+    monkeypatch.setattr("glo.hardware.cpu_native_bf16", lambda: native)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)
+    assert trainer_precision("auto") == expected
+    assert trainer_precision("fp16") == "16-mixed"  # forced, whatever the CPU
