@@ -164,18 +164,20 @@ def subfolders(root: Path) -> str:
 
 
 class FolderDataset(FileDataset):
-    """Every image file directly inside `path` (jpg, png, tif, webp, bmp), sorted by name; id = file stem."""
+    """Every image file directly inside `path` (jpg, png, tif, webp, bmp), sorted by name; id = file stem.
+    `key` is the config key that set `path`, for the errors (glo.train_vae reads two folders)."""
 
-    def __init__(self, path: str, size: int, limit: int | None = None, on_error: str = "fail") -> None:
+    def __init__(self, path: str, size: int, limit: int | None = None, on_error: str = "fail",
+                 key: str = "data.path") -> None:
         check_size(size)  # a config mistake is reported before the disk is touched
         root = Path(path)
         if not root.is_dir():
-            raise GloError(f"data.path={path}: no such directory")
+            raise GloError(f"{key}={path}: no such directory")
         files = image_files(root)
         if not files:
             names = subfolders(root)
-            hint = f"; it has subfolders ({names}): point data.path at one" if names else ""
-            raise GloError(f"data.path={path}: no image files ({', '.join(IMAGE_SUFFIXES)}){hint}")
+            hint = f"; it has subfolders ({names}): point {key} at one" if names else ""
+            raise GloError(f"{key}={path}: no image files ({', '.join(IMAGE_SUFFIXES)}){hint}")
         super().__init__(files, size, limit, on_error)
 
     def read(self, path: Path) -> tuple[Image.Image, dict]:

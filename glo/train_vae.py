@@ -51,7 +51,7 @@ class RandomCrops(Dataset):
 
     def __init__(self, path: str, crop: int, length: int, scale: tuple[float, float], seed: int) -> None:
         check_size(crop, "crop")
-        folder = FolderDataset(path, size=crop)  # checks the folder, vets every file
+        folder = FolderDataset(path, size=crop, key="data.train")  # checks the folder, vets every file
         self.images = [folder.load(i)[0] for i in range(len(folder))]
         self.crop, self.length, self.scale, self.seed = crop, length, scale, seed
         self.epoch = 0

@@ -38,15 +38,18 @@ def test_a_few_steps_train_resume_and_export(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("data.train=MISSING", "no such directory"),
-    ("data.train=EMPTY", "no image files"),
+    ("data.train=MISSING", "data.train=MISSING: no such directory"),
+    ("data.train=EMPTY", "data.train=EMPTY: no image files"),
+    ("val_data.path=MISSING", "val_data.path=MISSING: no such directory"),
     ("crop=36", "crop=36: must be a positive multiple of 8"),
     ("precision=bf16-mixed", "precision=bf16-mixed: must be one of auto, fp32, bf16, fp16"),
 ])
 def test_bad_input_fails_in_one_line_before_any_model(tmp_path, override, message):
     (tmp_path / "empty").mkdir()
     data = image_folder(tmp_path / "train")
-    override = override.replace("MISSING", str(tmp_path / "missing")).replace("EMPTY", str(tmp_path / "empty"))
+    paths = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty")}
+    for name, path in paths.items():
+        override, message = override.replace(name, path), message.replace(name, path)
     p = run_glo(*TINY, f"data.train={data}", override, f"run_dir={tmp_path / 'run'}", module="glo.train_vae")
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and message in p.stderr, p.stderr[-2000:]
