@@ -12,11 +12,17 @@ import numpy as np
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path`, renamed to it only if the block finishes: no half-written files."""
+    """A temporary name beside `path`, synced to disk and renamed to it only if the block finishes (the block
+    closes its file): no half-written files, not even after a power cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
         if e.filename is None and e.errno is not None:  # a failed write names no file: name the one it was for
@@ -29,8 +35,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
