@@ -162,8 +162,11 @@ class LatentExporter(pl.Callback):
         columns: dict[str, list[np.ndarray]] = {}
         stale = self.out / ("latents.npz" if self.format == "hdf5" else "latents.h5")
         stale.unlink(missing_ok=True)  # another format's file from an earlier run would be read instead
+        self.metadata["end_time"] = datetime.now(timezone.utc).isoformat()
         if self.format == "hdf5":
             with atomic_path(self.out / "latents.h5") as tmp, h5py.File(tmp, "w") as f:
+                # HDF5 files describe themselves: one copied without metadata.json still says what made it
+                f.attrs["metadata"] = json.dumps(self.metadata, default=str)
                 for part in same_columns(files):
                     append_h5(f, part)
                     for k in SUMMARY_KEYS:
@@ -175,6 +178,5 @@ class LatentExporter(pl.Callback):
                     columns.setdefault(k, []).append(v)
             save_npz(self.out / "latents.npz", {k: np.concatenate(v) for k, v in columns.items()})
         self.summary = summarize({k: np.concatenate(columns[k]) for k in SUMMARY_KEYS if k in columns})
-        self.metadata["end_time"] = datetime.now(timezone.utc).isoformat()
         save_json(self.out / "metadata.json", self.metadata)
         save_json(self.out / "summary.json", self.summary)

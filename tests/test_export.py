@@ -1,7 +1,9 @@
 """The dataset on disk: exact round trip, atomic files, one-line errors for damaged ones."""
 import json
+import os
 from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -35,8 +37,9 @@ def batch(ids, seed):
     }
 
 
-def export(out, batches, format="npz"):
+def export(out, batches, format="npz", metadata=None):
     exporter = LatentExporter(str(out), format)
+    exporter.metadata.update(metadata or {})
     trainer = SimpleNamespace(global_rank=0)
     start = 0
     for b in batches:
@@ -96,7 +99,10 @@ def test_a_failed_write_leaves_no_file_that_looks_complete(tmp_path, monkeypatch
 def test_hdf5_holds_the_same_arrays_as_npz_and_reads_lazily(tmp_path):
     batches = [batch(["a", "b"], 0), batch(["c"], 1)]
     export(tmp_path / "npz", batches)
-    export(tmp_path / "h5", batches, format="hdf5")
+    export(tmp_path / "h5", batches, format="hdf5", metadata={"config": {"lr": 0.25}})
+    with h5py.File(tmp_path / "h5" / "latents.h5") as f:  # the file alone says what made it
+        inside = json.loads(f.attrs["metadata"])
+    assert inside["config"] == {"lr": 0.25} and inside == json.loads((tmp_path / "h5" / "metadata.json").read_text())
     a, b = load_latents(tmp_path / "npz" / "latents.npz"), load_latents(tmp_path / "h5" / "latents.h5")
     assert a.keys() == b.keys()
     for key in a:
@@ -189,3 +195,13 @@ def test_merging_in_another_format_removes_the_first_and_records_the_end(tmp_pat
     assert meta["end_time"] == exporter.metadata["end_time"] and meta["end_time"].endswith("+00:00")
     export(tmp_path, [], format="npz")
     assert not (tmp_path / "latents.h5").exists() and (tmp_path / "latents.npz").is_file()
+
+
+def test_a_file_is_synced_to_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    """Renamed but unsynced, a power cut could leave a complete-looking name over missing data."""
+    synced = []
+    monkeypatch.setattr("os.fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    export(tmp_path, [batch(["a"], 0)], format="hdf5")
+    names = [os.path.basename(p) for p in synced]
+    for name in ("latents.h5", "metadata.json", "summary.json"):
+        assert any(n.startswith(f".{name}.") for n in names), (name, names)
