@@ -4,6 +4,7 @@ Plain PyTorch and NumPy: a training script that reads glo's latents imports neit
 """
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -108,14 +109,20 @@ class LatentDataset(Dataset):
             raise GloError(f"{self.path}: exported without a mask; run glo.run with mask=boxes|strokes|folder")
         require(self.path, arrays, (*REQUIRED, "initial_latents", *(INPAINTING if inpainting else ())))
         self.ids = [str(i) for i in _in_memory(arrays["ids"])]
-        self._arrays: dict[str, Any] | None = None  # opened on first use, so DataLoader workers each open their own
+        self._arrays: dict[str, Any] | None = None
+        self._pid = 0  # the process that opened _arrays
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started by spawn (macOS, Windows) receive the dataset pickled: an open HDF5 file
+        # cannot be, and a memory map would be copied whole, so each worker opens the file itself
+        return {**self.__dict__, "_arrays": None, "_pid": 0}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        if self._arrays is None:
-            self._arrays = open_latents(self.path)
+        if self._pid != os.getpid():  # a forked worker must not read through its parent's HDF5 handle
+            self._arrays, self._pid = open_latents(self.path), os.getpid()
         keys = {"latent": "latents", "initial_latent": "initial_latents"}
         if self.inpainting:
             keys.update(mask="latent_masks", masked_latent="masked_latents")

@@ -1,6 +1,7 @@
 """The dataset on disk: exact round trip, atomic files, one-line errors for damaged ones."""
 import json
 import os
+import pickle
 from types import SimpleNamespace
 
 import h5py
@@ -96,7 +97,7 @@ def test_a_failed_write_leaves_no_file_that_looks_complete(tmp_path, monkeypatch
     assert list(tmp_path.rglob("*")) == [tmp_path / "shards"]
 
 
-def test_hdf5_holds_the_same_arrays_as_npz_and_reads_lazily(tmp_path):
+def test_hdf5_holds_the_same_arrays_as_npz_and_reads_lazily(tmp_path, monkeypatch):
     batches = [batch(["a", "b"], 0), batch(["c"], 1)]
     export(tmp_path / "npz", batches)
     export(tmp_path / "h5", batches, format="hdf5", metadata={"config": {"lr": 0.25}})
@@ -112,6 +113,14 @@ def test_hdf5_holds_the_same_arrays_as_npz_and_reads_lazily(tmp_path):
         assert not isinstance(lazy, np.ndarray) or isinstance(lazy, np.memmap)  # mapped or chunked, not loaded
         ds = LatentDataset(path)
         assert ds.ids == ["a", "b", "c"] and torch.equal(ds[2]["latent"], torch.from_numpy(a["latents"][2]))
+        # DataLoader workers: spawn pickles the dataset (an open HDF5 file cannot be, a memory map would be
+        # copied whole), fork inherits it (each process must open its own HDF5 handle)
+        sent = pickle.dumps(ds)
+        assert len(sent) < a["latents"].nbytes and torch.equal(pickle.loads(sent)[1]["latent"], ds[1]["latent"])
+        opened = ds._arrays
+        with monkeypatch.context() as m:
+            m.setattr(os, "getpid", lambda: -1)
+            assert torch.equal(ds[0]["latent"], torch.from_numpy(a["latents"][0])) and ds._arrays is not opened
 
 
 def test_unknown_export_format_is_rejected(tmp_path):
