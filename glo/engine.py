@@ -127,11 +127,16 @@ def optimize(
     n = z0.shape[0]
     autocast = PRECISIONS[resolve_precision(s.precision, z0.device)[0]]
     low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+    # A per-pixel mean's gradient, ~2 * error / pixels, is below fp16's range at SD sizes: the latents' gradient came
+    # out all zeros at 512 px. So in fp16 it crosses the decoder multiplied by 2**16 (exact), as torch's GradScaler
+    # starts, and is divided back before it reaches the latents. bf16 has fp32's range and needs no scaling.
+    grad_scale = 2.0**16 if autocast is torch.float16 else 1.0
 
     def objective(z: Tensor, idx: list[int]) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-sample losses of latents z (the samples idx), their decodes in fp32, and the anchor's displacement."""
         with low_precision:
-            pred = decode(z).float()
+            pred = decode(_ScaleGrad.apply(z, 1 / grad_scale)).float()
+        pred = _ScaleGrad.apply(pred, grad_scale)
         losses = loss_fn(pred, target[idx]) if weight is None else loss_fn(pred, target[idx], weight[idx])
         moved = None
         if s.anchor:
@@ -214,6 +219,19 @@ def optimize(
             finite = values[torch.isfinite(values)]
             on_step(t, len(active), float(finite.mean()) if len(finite) else float("nan"))
     return Result(best, curves[:, 0].clone(), best_loss, steps, passes, converged, nonfinite, curves, initial, shown)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by `k`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, k: float) -> Tensor:
+        ctx.k = k
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.k, None
 
 
 def flat(curve: Tensor, t: int, window: int, rel_tol: float) -> bool:
