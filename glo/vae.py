@@ -118,6 +118,9 @@ def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = N
 
 def _from_directory(path: Path) -> AutoencoderKL:
     """Accept a VAE directory or a whole SD pipeline directory (whose VAE lives in `vae/`)."""
+    if path.is_file():  # e.g. vae-ft-mse-840000-ema-pruned.safetensors, as SD's original releases ship VAEs
+        raise GloError(f"vae.path={path}: a single weights file; glo loads a diffusers directory: convert it once with "
+                       f"AutoencoderKL.from_single_file(FILE).save_pretrained(DIR) and pass vae.path=DIR")
     if not path.is_dir():
         raise GloError(f"vae.path={path}: no such directory")
     for folder in (path, path / "vae"):
