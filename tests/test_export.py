@@ -72,6 +72,8 @@ def test_latent_dataset_feeds_training(tmp_path):
     assert torch.equal(item["latent"], torch.from_numpy(b["latents"][1]))
     loader = torch.utils.data.DataLoader(ds, batch_size=2)
     assert next(iter(loader))["latent"].shape == (2, 4, 8, 8)
+    with pytest.raises(GloError, match=r"latents\.npz: exported without a mask; run glo.run with mask="):
+        LatentDataset(tmp_path / "latents.npz", inpainting=True)
 
 
 def test_damaged_or_missing_file_is_named(tmp_path):

@@ -60,6 +60,10 @@ def test_missing_directory_is_one_clear_error(tmp_path):
         load_vae("sd15", path=str(tmp_path / "nope"))
     with pytest.raises(GloError, match="no config.json"):
         load_vae("sd15", path=str(tmp_path))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    with pytest.raises(GloError, match=r"broken: not a loadable AutoencoderKL directory \(.*config\.json.*\)$"):
+        load_vae("sd15", path=str(tmp_path / "broken"))
     (tmp_path / "vae.safetensors").write_bytes(b"")
     with pytest.raises(GloError, match=r"vae\.safetensors: a single weights file; .*from_single_file\(FILE\)"):
         load_vae("sd15", path=str(tmp_path / "vae.safetensors"))
