@@ -26,6 +26,10 @@ from glo.hardware import PRECISIONS, resolve_precision
 from glo.losses import l2_residual
 
 OPTIMS = ("adam", "gradfree", "lbfgs")
+# A per-pixel mean's gradient, ~2 * error / pixels, is below fp16's range at SD sizes: the latents' gradient came out
+# all zeros at 512 px. So in fp16 it crosses the decoder multiplied by this (exact, a power of two; GradScaler's start)
+# and is divided back before it reaches the latents. bf16 has fp32's range and needs no scaling.
+FP16_GRAD_SCALE = 2.0**16
 SCHEDULES = ("constant", "cosine")
 ANCHORS = ("z0", "posterior")
 
@@ -127,10 +131,7 @@ def optimize(
     n = z0.shape[0]
     autocast = PRECISIONS[resolve_precision(s.precision, z0.device)[0]]
     low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
-    # A per-pixel mean's gradient, ~2 * error / pixels, is below fp16's range at SD sizes: the latents' gradient came
-    # out all zeros at 512 px. So in fp16 it crosses the decoder multiplied by 2**16 (exact), as torch's GradScaler
-    # starts, and is divided back before it reaches the latents. bf16 has fp32's range and needs no scaling.
-    grad_scale = 2.0**16 if autocast is torch.float16 else 1.0
+    grad_scale = FP16_GRAD_SCALE if autocast is torch.float16 else 1.0
 
     def objective(z: Tensor, idx: list[int]) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-sample losses of latents z (the samples idx), their decodes in fp32, and the anchor's displacement."""

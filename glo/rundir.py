@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glo import GloError
 from glo.atomic import save_json
+from glo.engine import FP16_GRAD_SCALE
 from glo.latents import ROWS_VERSION
 
 log = logging.getLogger("glo")
@@ -78,6 +79,8 @@ def fingerprint(cfg: DictConfig, ids: list[str], precision: str) -> dict[str, An
         **{k: v for k, v in OmegaConf.to_container(cfg.engine, resolve=True).items() if not k.startswith("_")},
         **{k: cfg[k] for k in OTHER_RESULTS},
         "precision": precision,  # the one used, not `auto`
+        # fp16 rows made before the gradient was scaled hold unmoved latents: such a directory must not resume
+        **({"fp16_grad_scale": FP16_GRAD_SCALE} if precision == "fp16" else {}),
         "rows_version": ROWS_VERSION,  # shards with other columns would not merge: refuse before computing more
     }
 
