@@ -32,6 +32,12 @@ def cpu_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def gpu_native_bf16(device: torch.device) -> bool:
+    """True where the GPU computes bf16 in hardware: compute capability 8.0 (Ampere) and newer, or ROCm.
+    torch.cuda.is_bf16_supported() also says True where bf16 is only emulated (T4, V100), where fp16 is fast."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def emulated(precision: str, device: torch.device) -> bool:
     """Reduced precision on a CPU without native bf16: autocast emulates it, over 100x slower per pass."""
     return precision != "fp32" and device.type == "cpu" and not cpu_native_bf16()
@@ -43,9 +49,9 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
         slow = "; this CPU has no native bf16, so it is emulated: each pass over 100x slower than fp32"
         return requested, f"forced by precision={requested}{slow if emulated(requested, device) else ''}"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16"
-        return "fp16", f"auto: {torch.cuda.get_device_name(device)} has no bf16, fp16 instead"
+        if gpu_native_bf16(device):
+            return "bf16", f"auto: {torch.cuda.get_device_name(device)} has native bf16"
+        return "fp16", f"auto: {torch.cuda.get_device_name(device)} has no native bf16 (before Ampere), fp16 instead"
     if device.type == "cpu":
         capability = torch.backends.cpu.get_cpu_capability()
         if not emulated("bf16", device):

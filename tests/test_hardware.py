@@ -18,9 +18,14 @@ def test_auto_picks_bf16_only_where_the_cpu_has_it_natively(monkeypatch, native,
     assert f"({torch.backends.cpu.get_cpu_capability()})" in reason
 
 
-@pytest.mark.parametrize("bf16,expected", [(True, "bf16"), (False, "fp16")])
-def test_auto_on_a_gpu_picks_bf16_where_supported_else_fp16(monkeypatch, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+@pytest.mark.parametrize("capability,hip,expected", [((8, 0), None, "bf16"), ((9, 0), None, "bf16"),
+                                                     ((7, 5), None, "fp16"), ((7, 0), None, "fp16"),
+                                                     ((9, 4), "6.2", "bf16")])
+def test_auto_on_a_gpu_picks_bf16_where_native_else_fp16(monkeypatch, capability, hip, expected):
+    """A T4 (7.5) or V100 (7.0) emulates bf16, though torch.cuda.is_bf16_supported() says True there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability if device.index == 1 else (0, 0))
+    monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {device}")
     used, reason = hardware.resolve_precision("auto", torch.device("cuda", 1))
     assert used == expected and reason.startswith("auto: GPU cuda:1 ")  # the GPU it runs on, named
