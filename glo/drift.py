@@ -25,7 +25,7 @@ def high_frequency_share(z: Tensor) -> Tensor:
     """(B,C,h,w) -> (B,): power above half the Nyquist frequency over all power, the channel means removed."""
     z = z.float() - z.float().mean((2, 3), keepdim=True)
     power = torch.fft.fft2(z).abs().square().sum(1)  # (B,h,w), summed over channels
-    fy, fx = torch.fft.fftfreq(z.shape[2]), torch.fft.fftfreq(z.shape[3])
+    fy, fx = torch.fft.fftfreq(z.shape[2], device=z.device), torch.fft.fftfreq(z.shape[3], device=z.device)
     high = (fy[:, None].square() + fx[None, :].square()).sqrt() > HALF_NYQUIST
     total = power.flatten(1).sum(1)
     return torch.where(total > 0, (power * high).flatten(1).sum(1) / total, torch.zeros_like(total))

@@ -154,12 +154,13 @@ def optimize(
     opt = torch.optim.Adam(zs, lr=s.lr, betas=s.betas, eps=s.eps / z0[0].numel())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, max_steps, s.schedule, s.warmup_steps))
     best = z0.detach().clone()
-    best_loss = torch.full((n,), float("inf"))
-    curves = torch.full((n, max_steps), float("nan"))
-    steps = torch.zeros(n, dtype=torch.long)
-    passes = torch.zeros(n)
-    converged = torch.zeros(n, dtype=torch.bool)
-    nonfinite = torch.zeros(n, dtype=torch.bool)
+    cpu = torch.device("cpu")  # per-sample bookkeeping lives on the CPU, wherever the latents are
+    best_loss = torch.full((n,), float("inf"), device=cpu)
+    curves = torch.full((n, max_steps), float("nan"), device=cpu)
+    steps = torch.zeros(n, dtype=torch.long, device=cpu)
+    passes = torch.zeros(n, device=cpu)
+    converged = torch.zeros(n, dtype=torch.bool, device=cpu)
+    nonfinite = torch.zeros(n, dtype=torch.bool, device=cpu)
     active = list(range(n))
     history: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(n)]  # (latent, residual, gradient)
     # Step t evaluates the latents after t updates; the extra evaluation at t == max_steps scores
@@ -256,7 +257,7 @@ def _lbfgs(objective: Callable[[Tensor, list[int]], tuple[Tensor, Tensor, Tensor
     # the closure enforces the budget; max_iter only has to be out of its way (iterations <= evaluations)
     opt = torch.optim.LBFGS([u], lr=1.0, max_iter=10 * s.max_steps, tolerance_grad=0.0, tolerance_change=0.0,
                             line_search_fn="strong_wolfe")
-    curve = torch.full((1, s.max_steps), float("nan"))
+    curve = torch.full((1, s.max_steps), float("nan"), device="cpu")
     out = {"best": z0.detach().clone(), "loss": float("inf"), "converged": False, "nonfinite": False, "evals": 0,
            "passes": 0.0}
 
@@ -294,10 +295,11 @@ def _lbfgs(objective: Callable[[Tensor, list[int]], tuple[Tensor, Tensor, Tensor
         out["converged"] = True  # L-BFGS ended on its own: no descent direction left
     except _Stop:
         pass
-    return Result(out["best"], curve[:, 0].clone(), torch.tensor([out["loss"]]),
-                  torch.tensor([opt.state[u].get("n_iter", 0)]), torch.tensor([out["passes"]]),
-                  torch.tensor([out["converged"]]), torch.tensor([out["nonfinite"]]), curve, out["initial"],
-                  out["shown"])
+    cpu = {"device": "cpu"}
+    return Result(out["best"], curve[:, 0].clone(), torch.tensor([out["loss"]], **cpu),
+                  torch.tensor([opt.state[u].get("n_iter", 0)], **cpu), torch.tensor([out["passes"]], **cpu),
+                  torch.tensor([out["converged"]], **cpu), torch.tensor([out["nonfinite"]], **cpu), curve,
+                  out["initial"], out["shown"])
 
 
 def mix(history: list[tuple[Tensor, Tensor, Tensor]], reg: float = 1e-3) -> tuple[Tensor, Tensor]:
@@ -313,7 +315,7 @@ def mix(history: list[tuple[Tensor, Tensor, Tensor]], reg: float = 1e-3) -> tupl
     scale = a.trace() / len(a)
     if not torch.isfinite(scale) or scale <= 0:
         return z.clone(), g
-    c = torch.linalg.solve(a + reg * scale * torch.eye(len(a)), -(d @ r.flatten()))
+    c = torch.linalg.solve(a + reg * scale * torch.eye(len(a), device=a.device), -(d @ r.flatten()))
     return (z + sum(ci * (h[0] - z) for ci, h in zip(c, history[:-1])),
             g + sum(ci * (h[2] - g) for ci, h in zip(c, history[:-1])))
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from glo.drift import drift
 from glo.engine import mix, optimize
 from glo.fit import fit_batch
 from glo.losses import PixelLoss
@@ -314,3 +315,21 @@ def test_anderson_reaches_a_lower_loss_in_the_same_steps():
     plain = optimize(decode, z0, target, L2, settings(**kw, anderson=0))
     mixed = optimize(decode, z0, target, L2, settings(**kw, anderson=5))
     assert (mixed.final_loss < 0.7 * plain.final_loss).all(), (mixed.final_loss, plain.final_loss)
+
+
+@pytest.mark.parametrize("optim", ["adam", "lbfgs", "gradfree"])
+def test_no_tensor_is_made_on_the_cpu_beside_latents_on_a_gpu(tiny_vae, optim):
+    """On a GPU, a tensor built without device= lands on the CPU, and mixing it with the latents fails: the
+    default anderson=5 (mix's identity matrix) and the drift of every batch (its frequency grid) crashed there.
+    No GPU here, so tensors built without a device are sent to 'meta' instead, beside latents on the CPU:
+    only code that builds its tensors beside its inputs (or on the CPU on purpose) gives the same results."""
+    x = photos(2, size=32)
+    z0 = tiny_vae.encode(x)
+    s = settings(optim=optim, max_steps=4, rel_tol=0.0, anderson=3 if optim == "adam" else 0)
+    expected = optimize(tiny_vae.decode, z0, x, L2, s, encode=tiny_vae.encode)
+    reencoded = tiny_vae.encode(expected.decoded)
+    with torch.device("meta"):
+        got = optimize(tiny_vae.decode, z0, x, L2, s, encode=tiny_vae.encode)
+        moved = drift(got.latents, z0, reencoded)
+    assert torch.equal(got.latents, expected.latents) and torch.equal(got.loss_curves, expected.loss_curves)
+    assert all(torch.equal(v, drift(expected.latents, z0, reencoded)[k]) for k, v in moved.items())
