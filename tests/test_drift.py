@@ -25,7 +25,9 @@ def test_high_frequency_share_by_hand():
     assert high_frequency_share(CHECKER.expand(1, 4, 8, 8)).item() == pytest.approx(1.0)
     assert high_frequency_share(SLOW.expand(1, 4, 8, 8)).item() == pytest.approx(0.0, abs=1e-6)
     assert high_frequency_share(torch.full((1, 4, 8, 8), 3.0)).item() == 0.0  # no variation, no power
-    assert high_frequency_share(0.01 * CHECKER.expand(1, 4, 8, 8)).item() == pytest.approx(1.0)  # tiny, still all high
+    assert high_frequency_share(0.001 * CHECKER.expand(1, 4, 8, 8)).item() == pytest.approx(1.0)  # tiny, still all high
+    batch = torch.stack([CHECKER, SLOW])[:, None].expand(2, 4, 8, 8)  # each latent's share is its own
+    assert high_frequency_share(batch).tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
     at_half = torch.cos(2 * math.pi * i / 4)  # exactly 0.25 cycles per cell: not above half Nyquist
     assert high_frequency_share(at_half.expand(1, 4, 8, 8)).item() == pytest.approx(0.0, abs=1e-6)
     r, c = torch.meshgrid(torch.arange(8.0), torch.arange(16.0), indexing="ij")

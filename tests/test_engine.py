@@ -298,6 +298,16 @@ def test_anderson_mixing_is_exact_where_the_decoder_is_affine():
     z, g = mix(history, reg=0.0)
     assert torch.allclose(z, sum(w * z for w, z in zip(weights, zs)), atol=1e-4)
     assert torch.allclose(g, torch.zeros(6), atol=1e-3)  # the gradient at the exact fit
+    # two iterates already mix: the point on their line whose residual is smallest (least squares in one weight)
+    (z1, r1, _), (z2, r2, _) = history[:2]
+    c = -torch.dot(r1 - r2, r2) / torch.dot(r1 - r2, r1 - r2)
+    assert torch.allclose(mix(history[:2], reg=0.0)[0], z2 + c * (z1 - z2), atol=1e-5)
+    # the default regularization barely moves a well-posed mix, and keeps a near-degenerate one tame
+    assert torch.allclose(mix(history)[0], sum(w * z for w, z in zip(weights, zs)), atol=0.05)
+    twin = (zs[0] + torch.randn(6), history[0][1], history[0][2])  # another latent with the same residual
+    with pytest.raises(torch.linalg.LinAlgError):  # unregularized, the weights are undetermined
+        mix([history[0], twin, history[1]], reg=0.0)
+    assert mix([history[0], twin, history[1]])[0].abs().max() < 10 * max(z.abs().max() for z in zs)
     kept = zs[0].clone()
     first, _ = mix(history[:1])
     first += 1  # the optimizer updates the latent in place: the history's copy must not move
