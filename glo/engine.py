@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from glo import GloError, is_number
-from glo.hardware import PRECISIONS, resolve_precision
+from glo.hardware import PRECISIONS, check_precision, resolve_precision
 from glo.losses import l2_residual
 
 OPTIMS = ("adam", "gradfree", "lbfgs")
@@ -81,11 +81,10 @@ class Settings:
             (self.anchor_to in ANCHORS, f"anchor_to={self.anchor_to}: must be one of {', '.join(ANCHORS)}"),
             (self.optim in OPTIMS, f"optim={self.optim}: must be one of {', '.join(OPTIMS)}"),
             (self.schedule in SCHEDULES, f"schedule={self.schedule}: must be one of {', '.join(SCHEDULES)}"),
-            (self.precision in ("auto", *PRECISIONS),
-             f"precision={self.precision}: must be one of auto, {', '.join(PRECISIONS)}"),
         ):
             if not ok:
                 raise GloError(message)
+        check_precision(self.precision)
 
 
 @dataclass

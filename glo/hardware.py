@@ -13,7 +13,15 @@ from pathlib import Path
 
 import torch
 
+from glo import GloError
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the decoder's autocast dtype
+
+
+def check_precision(requested: str) -> None:
+    """One line naming what `precision=` accepts, if `requested` is not among it."""
+    if requested != "auto" and requested not in PRECISIONS:
+        raise GloError(f"precision={requested}: must be one of auto, {', '.join(PRECISIONS)}")
 
 
 def cpu_model() -> str:
@@ -45,6 +53,7 @@ def emulated(precision: str, device: torch.device) -> bool:
 
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """`auto` -> the fastest precision this device runs natively, with the reason; anything else is forced."""
+    check_precision(requested)
     if requested != "auto":  # forcing it on the wrong CPU is allowed, but never a silent 100x slow-down
         slow = "; this CPU has no native bf16, so it is emulated: each pass over 100x slower than fp32"
         return requested, f"forced by precision={requested}{slow if emulated(requested, device) else ''}"
