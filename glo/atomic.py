@@ -41,5 +41,10 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
+def to_json(obj: Any) -> str:
+    """glo's JSON: indented, and anything JSON lacks (paths, dates) as its string."""
+    return json.dumps(obj, indent=2, default=str)
+
+
 def save_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+    atomic_write(path, lambda f: f.write(to_json(obj).encode()))

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 
 from glo import GloError
-from glo.atomic import atomic_path, save_json, save_npz
+from glo.atomic import atomic_path, save_json, save_npz, to_json
 from glo.latents import SUMMARY_KEYS, load_latents, summarize
 
 log = logging.getLogger("glo")
@@ -166,7 +166,7 @@ class LatentExporter(pl.Callback):
         if self.format == "hdf5":
             with atomic_path(self.out / "latents.h5") as tmp, h5py.File(tmp, "w") as f:
                 # HDF5 files describe themselves: one copied without metadata.json still says what made it
-                f.attrs["metadata"] = json.dumps(self.metadata, default=str)
+                f.attrs["metadata"] = to_json(self.metadata)
                 for part in same_columns(files):
                     append_h5(f, part)
                     for k in SUMMARY_KEYS:
