@@ -14,17 +14,18 @@ import numpy as np
 from glo import GloError
 from glo.atomic import save_json, save_npz
 from glo.cli import one_line_errors
-from glo.data import FolderDataset, image_files, subfolders
+from glo.data import FolderDataset, check_size, image_files, subfolders
 
 
 def prepare(src: str, out: str, split: str, size: int) -> dict:
     """`src/<split>` if it exists (a BSDS500 root), else `src` itself is the folder of images."""
+    check_size(size, "--size")
     root = Path(src)
     folder = root / split if (root / split).is_dir() else root
     if folder == root and root.is_dir() and not image_files(root) and (splits := subfolders(root)):
         # a dataset root without this split: the mistake is --split, not --src
         raise GloError(f"--src {src}: no '{split}' subfolder and no images of its own; pass --split one of {splits}")
-    dataset = FolderDataset(str(folder), size=size)
+    dataset = FolderDataset(str(folder), size=size, key="--src")
     dest = Path(out) / split / "images"
     pixels = np.zeros((2, 3))  # running sum and sum of squares per channel, in [0,1]
     originals = []

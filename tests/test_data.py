@@ -156,8 +156,10 @@ def test_prepare_cli_errors_are_one_line(tmp_path, capsys):
         prepare_main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--size", "250"])
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "multiple of 8" in err[0]
+    assert len(err) == 1 and "multiple of 8" in err[0] and err[0].startswith("glo.prepare: error: --size=250:")
     assert not (tmp_path / "out").exists()
+    with pytest.raises(GloError, match=r"^--src=.*nowhere: no such directory$"):  # its own option, not data.path
+        prepare(str(tmp_path / "nowhere"), str(tmp_path / "out"), "train", size=64)
 
 
 def test_prepare_with_a_split_the_root_lacks_names_the_splits_it_has(tmp_path):
