@@ -1,6 +1,7 @@
 """What every `python -m glo.<tool>` shares: one-line errors and a checked output directory."""
 from __future__ import annotations
 
+import difflib
 import errno
 import sys
 import tempfile
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -71,3 +73,27 @@ class WritableOutputDir(Callback):
             print(f"glo: error: output directory {path}: cannot write there ({e.strerror or e})",
                   file=sys.stderr)
             sys.exit(1)
+
+
+class NoUnreadKeys(Callback):
+    """A Hydra callback: `+max_step=50`, which Hydra's own error suggests for a mistyped key, adds a top-level key
+    that no glo tool reads, so the run would go ahead on the defaults. One line instead, naming the nearest key.
+    A key added inside a `_target_` node reaches its constructor, which refuses names it does not take."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+            key = override.key_or_group
+            if override.is_add() and "." not in key:
+                near = difflib.get_close_matches(key, [k for k in config if k not in (key, "hydra")], n=1)
+                value = override.input_line.split("=", 1)[1]
+                hint = f" (did you mean {near[0]}={value}?)" if near else ""
+                print(f"glo: error: {override.input_line}: glo has no setting {key}, so it would change nothing"
+                      f"{hint}; the settings are the keys in conf/ and the README", file=sys.stderr)
+                sys.exit(1)

@@ -1,4 +1,5 @@
 """`python -m glo.run` as a user types it: outputs, contract keys, multirun, resume, bad input."""
+import contextlib
 import json
 
 import numpy as np
@@ -165,3 +166,25 @@ def test_unwritable_output_directory_is_one_line(tmp_path, multirun):
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     errors = [line for line in p.stderr.splitlines() if line.startswith("glo: error:")]
     assert len(errors) == 1 and f"output directory {blocker}" in errors[0] and "cannot write there" in errors[0]
+
+
+def test_an_added_key_that_nothing_reads_is_one_line_not_a_run_on_the_defaults(tmp_path):
+    p = run_glo(*FAST, "+max_step=50", f"hydra.run.dir={tmp_path}")  # as Hydra's hint for max_step=50 says
+    errors = [line for line in p.stderr.splitlines() if line.startswith("glo: error:")]
+    assert p.returncode == 1 and len(errors) == 1 and "did you mean max_steps=50?" in errors[0], p.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override,refused", [
+    ("+foo=1", True), ("+trainer.profiler=simple", False), ("+hydra.job.env_set.A=1", False), ("lr=0.3", False),
+])
+def test_only_added_keys_outside_any_target_are_refused(override, refused):
+    from hydra import compose, initialize_config_dir
+
+    from glo.cli import NoUnreadKeys
+    from tests.conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=[override], return_hydra_config=True)
+    with pytest.raises(SystemExit) if refused else contextlib.nullcontext():
+        NoUnreadKeys().on_run_start(cfg)
