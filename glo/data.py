@@ -6,6 +6,7 @@ stacks and its latents are (4, size/8, size/8).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,6 +23,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 log = logging.getLogger("glo")
 ORIENTATION = 0x0112  # the EXIF tag
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+
+
+def sha256_file(path: Path) -> str:
+    """The file's bytes' SHA-256: each exported row records its source's, so a resumed run can tell which
+    images changed since their rows were made."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_size(size: int, name: str = "data.size") -> int:
@@ -94,6 +105,10 @@ class ImageDataset(Dataset):
     def load(self, i: int) -> tuple[Image.Image, dict]:
         raise NotImplementedError
 
+    def digests(self) -> dict[str, str]:
+        """Each image's source SHA-256 (meta `sha256`), by id: what a resumed run checks finished rows against."""
+        return {self.ids[i]: self.load(i)[1]["sha256"] for i in range(len(self))}
+
     def image(self, i: int) -> tuple[Image.Image, dict]:
         img, meta = self.load(i)
         return resize_center_crop(img, self.size), meta
@@ -116,8 +131,10 @@ class SampleDataset(ImageDataset):
     def load(self, i: int) -> tuple[Image.Image, dict]:
         import skimage.data
 
-        img = Image.fromarray(getattr(skimage.data, self.ids[i])()).convert("RGB")
-        return img, {"id": self.ids[i], "source": f"skimage.data.{self.ids[i]}", "height": img.height, "width": img.width}
+        array = np.ascontiguousarray(getattr(skimage.data, self.ids[i])())
+        img = Image.fromarray(array).convert("RGB")
+        return img, {"id": self.ids[i], "source": f"skimage.data.{self.ids[i]}", "height": img.height,
+                     "width": img.width, "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
 
 
 class FileDataset(ImageDataset):
@@ -131,11 +148,14 @@ class FileDataset(ImageDataset):
         self.skipped: list[dict[str, str]] = []
         self.turned: list[str] = []  # turned upright by their EXIF orientation (recorded in metadata.json)
         self.files = []
+        self._digests: dict[str, str] = {}
         ids = self._truncate([f.stem for f in files])  # unique, and at most `limit`
         for f in files[: len(ids)]:
             try:
-                if self.read(f)[1].get("exif_orientation", 1) != 1:
+                meta = self.read(f)[1]
+                if meta.get("exif_orientation", 1) != 1:
                     self.turned.append(str(f))
+                self._digests[f.stem] = meta["sha256"]
                 self.files.append(f)
             except GloError as e:
                 if on_error == "fail":
@@ -149,6 +169,9 @@ class FileDataset(ImageDataset):
 
     def load(self, i: int) -> tuple[Image.Image, dict]:
         return self.read(self.files[i])
+
+    def digests(self) -> dict[str, str]:
+        return self._digests  # taken while vetting: every file is not read a second time
 
 
 def image_files(root: Path) -> list[Path]:
@@ -183,7 +206,7 @@ class FolderDataset(FileDataset):
     def read(self, path: Path) -> tuple[Image.Image, dict]:
         img, (width, height), orientation = open_image(path, self.size)
         return img, {"id": path.stem, "source": str(path), "height": height, "width": width,
-                     "exif_orientation": orientation}
+                     "exif_orientation": orientation, "sha256": sha256_file(path)}
 
 
 class BSDS500Dataset(FileDataset):
@@ -208,6 +231,7 @@ class BSDS500Dataset(FileDataset):
             if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
                 raise ValueError(f"image is {array.dtype} {array.shape}, expected uint8 (H,W,3)")
             img = Image.fromarray(array)
+            meta["sha256"] = sha256_file(path)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise GloError(f"{path}: not a glo.prepare image file ({e})") from None
         if self.cache is not None:

@@ -50,8 +50,9 @@ def read_manifest(path: Path) -> dict[str, list[str]]:
         raise GloError(f"{path}: damaged ({e}); use resume=restart to start this directory over") from None
 
 
-def shard_problem(path: Path, ids: list[str]) -> str | None:
-    """Why a shard cannot be trusted (missing, damaged, other ids than listed), or None."""
+def shard_problem(path: Path, ids: list[str], digests: dict[str, str]) -> str | None:
+    """Why a shard cannot be trusted (missing, damaged, other ids than listed, made from an image whose source
+    has changed since: `digests` are the sources' SHA-256 now, by id), or None."""
     if not path.is_file():
         return "missing"
     try:
@@ -60,10 +61,13 @@ def shard_problem(path: Path, ids: list[str]) -> str | None:
         if bad:
             return f"damaged ({bad} fails its checksum)"
         with np.load(path) as f:
-            found = [str(i) for i in f["ids"]]
+            found, made_from = [str(i) for i in f["ids"]], [str(h) for h in f["source_sha256"]]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         return f"damaged ({e})"
-    return None if found == ids else "holds other images than its manifest lists"
+    if found != ids:
+        return "holds other images than its manifest lists"
+    changed = [i for i, h in zip(ids, made_from) if digests[i] != h]
+    return f"image '{changed[0]}' has changed since (its source's SHA-256 differs)" if changed else None
 
 
 def same_columns(files: list[Path]) -> Iterator[dict[str, np.ndarray]]:
@@ -108,15 +112,16 @@ class LatentExporter(pl.Callback):
         """Ids already in complete shards: a resumed run skips them."""
         return {i for ids in self._manifests().values() for i in ids}
 
-    def verify(self) -> None:
-        """Before a resume: every listed shard must read back whole and hold exactly the ids its manifest lists.
-        A damaged or missing one is unlisted and deleted, so its images are computed again."""
+    def verify(self, digests: dict[str, str]) -> None:
+        """Before a resume: every listed shard must read back whole, hold exactly the ids its manifest lists and
+        have been made from the images as they are now (`digests`: each source's SHA-256, by id). Any other is
+        unlisted and deleted, so its images are computed again."""
         seen: dict[str, str] = {}
         for m in sorted(self.shards.glob("manifest-*.json")):
             manifest = read_manifest(m)
             good = {}
             for name, ids in manifest.items():
-                problem = shard_problem(self.shards / name, ids)
+                problem = shard_problem(self.shards / name, ids, digests)
                 if problem:
                     log.warning("%s: %s; its %d image(s) will be computed again", self.shards / name, problem, len(ids))
                     (self.shards / name).unlink(missing_ok=True)

@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> float:
     if rank_zero_only.rank == 0:  # other DDP ranks start later, inside this run's lock and checks
         held = rundir.lock(exporter.out)  # noqa: F841 (the lock lasts as long as this file stays open)
         rundir.claim(exporter.out, rundir.fingerprint(cfg, dataset.ids, precision), cfg.resume)
-        exporter.verify()
+        exporter.verify(dataset.digests())
     done = exporter.done_ids()
     todo = [i for i, name in enumerate(dataset.ids) if name not in done]
     quiet_third_parties()

@@ -4,6 +4,7 @@ Each CLI case runs `python -m glo.run` as a subprocess and asserts the one-line 
 and the state the directory is left in.
 """
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -106,6 +107,27 @@ def test_another_data_folder_is_refused(tmp_path):
     assert list(load_latents(run / "latents.npz")["sources"]) == [str(tmp_path / "a" / "x.png")]
 
 
+def test_an_image_changed_since_its_row_was_made_is_computed_again(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("a", "red"), ("b", "blue"), ("c", "green")):
+        Image.new("RGB", (64, 64), colour).save(photos / f"{name}.png")
+    run = tmp_path / "run"
+    args = ["vae=tiny_random", "data=folder", f"data.path={photos}", "data.size=64", "max_steps=2", "precision=fp32",
+            "report=false", "batch_size=1", f"hydra.run.dir={run}"]
+    assert run_glo(*args).returncode == 0
+    before = load_latents(run / "latents.npz")
+    Image.new("RGB", (64, 64), "white").save(photos / "b.png")  # edited in place: same name, other pixels
+    p = run_glo(*args)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0 and "image 'b' has changed since" in log and "1 of 3 images to do" in log, log[-2000:]
+    after = load_latents(run / "latents.npz")
+    assert list(after["source_sha256"]) == [hashlib.sha256((photos / f"{n}.png").read_bytes()).hexdigest()
+                                            for n in "abc"]
+    assert not np.array_equal(after["latents"][1], before["latents"][1])
+    assert np.array_equal(after["latents"][[0, 2]], before["latents"][[0, 2]])  # the others were kept, not redone
+
+
 def test_resume_restart_starts_over_with_the_new_settings(copy_of):
     old = load_latents(copy_of / "latents.npz")
     report = {"metrics.csv", "report.md"} | {q.name for q in copy_of.glob("*.png")}
@@ -125,7 +147,7 @@ def test_results_from_a_glo_with_other_row_columns_are_refused_before_any_work(c
     (copy_of / "fingerprint.json").write_text(json.dumps(stored))
     before = files(copy_of)
     p = run_glo(*RUN, f"hydra.run.dir={copy_of}")
-    assert p.returncode == 1 and "rows_version: None -> 2" in one_error(p) and "resume=restart" in one_error(p)
+    assert p.returncode == 1 and "rows_version: None -> 3" in one_error(p) and "resume=restart" in one_error(p)
     assert files(copy_of) == before
 
 
