@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glo import GloError
 from glo.atomic import save_json
+from glo.data import sha256_file
 from glo.engine import FP16_GRAD_SCALE
 from glo.latents import ROWS_VERSION
 
@@ -43,10 +44,7 @@ def weights_sha256(folder: Path | None) -> str | None:
         folder = folder / "vae"
     h = hashlib.sha256()
     for f in sorted(p for pattern in WEIGHT_FILES for p in folder.glob(pattern)):
-        h.update(f.name.encode())
-        with open(f, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                h.update(block)
+        h.update(f"{f.name} {sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
