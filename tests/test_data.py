@@ -1,4 +1,5 @@
 """One loading path for every image kind, and one-line errors naming the file."""
+import hashlib
 import json
 
 import numpy as np
@@ -228,3 +229,15 @@ def test_unknown_on_error_is_rejected(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
     with pytest.raises(GloError, match="on_error=ignore"):
         FolderDataset(str(tmp_path), size=16, on_error="ignore")
+
+
+def test_every_image_carries_the_sha256_of_the_file_its_pixels_came_from(tmp_path):
+    make_folder(tmp_path / "src" / "train")
+    folder = FolderDataset(str(tmp_path / "src" / "train"), 64)
+    prepare(str(tmp_path / "src"), str(tmp_path / "out"), "train", size=64)
+    prepared = BSDS500Dataset(str(tmp_path / "out"), "train", size=64)
+    for ds, path in ((folder, lambda i: folder.files[i]), (prepared, lambda i: prepared.files[i])):
+        expected = {ds.ids[i]: hashlib.sha256(path(i).read_bytes()).hexdigest() for i in range(len(ds))}
+        assert ds.digests() == expected and ds[2][1]["sha256"] == expected[ds.ids[2]]
+    samples = SampleDataset(size=64, limit=3)
+    assert len(set(samples.digests().values())) == 3 and samples.digests() == SampleDataset(size=64, limit=3).digests()
