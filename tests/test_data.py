@@ -178,10 +178,12 @@ def test_bsds500_dataset_without_prepare_says_what_to_run(tmp_path):
         BSDS500Dataset(str(tmp_path), "val")
 
 
-def test_bsds500_dataset_rejects_a_wrong_array(tmp_path):
+@pytest.mark.parametrize("array", [np.zeros((8, 8), np.float32), np.zeros((8, 8, 3), np.float32),
+                                   np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8), np.uint8)])
+def test_bsds500_dataset_rejects_a_wrong_array(tmp_path, array):
     folder = tmp_path / "val" / "images"
     folder.mkdir(parents=True)
-    np.savez(folder / "a.npz", image=np.zeros((8, 8), np.float32), meta=np.array("{}"))
+    np.savez(folder / "a.npz", image=array, meta=np.array("{}"))
     with pytest.raises(GloError, match=r"a\.npz: .*expected uint8"):
         BSDS500Dataset(str(tmp_path), "val", size=64)[0]
 
