@@ -4,9 +4,14 @@ import json
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 from PIL import Image
 
-from tests.conftest import FAST, run_glo
+from glo.cli import NoUnreadKeys, one_line_errors
+from glo.run import validate
+from tests.conftest import FAST, ROOT, run_glo
 
 SUMMARY_KEYS = {"num_images", "psnr_initial_mean", "psnr_final_mean", "psnr_gain_mean", "images_improved",
                 "steps_mean", "seconds_total", "images_per_second"}
@@ -101,14 +106,32 @@ def bad_folder(tmp_path, kind):
     return folder
 
 
+@pytest.mark.parametrize("override,message", [
+    ("lr=0", "lr=0"),
+    ("lr=fast", "lr='fast': must be a number"),
+    ("max_steps=0", "max_steps=0: must be >= 1"),
+    ("max_steps=2.5", "max_steps=2.5: must be an integer"),
+    ("rel_tol=-1", "rel_tol=-1: must be >= 0"),
+    ("precision=fp8", "precision=fp8: must be one of auto, fp32, bf16, fp16"),
+    ("lr=-0.1", "lr=-0.1: must be > 0"),
+    ("resume=maybe", "resume=maybe: must be one of auto, restart"),
+])
+def test_a_bad_setting_is_refused_by_validate_before_anything_is_built(override, message, capsys, monkeypatch):
+    """In process: validate() is run()'s first call, and the CLI cases below show its GloError reach the
+    console as one line with nothing written."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=[override], return_hydra_config=True)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
+    HydraConfig.instance().set_config(cfg)  # as hydra.main sets it (the logger's directory refers to it),
+    with open_dict(cfg):
+        del cfg["hydra"]  # and hands the job its config without the hydra node
+    with pytest.raises(SystemExit), one_line_errors("glo"):  # as glo.run's main wraps run()
+        validate(cfg)
+    err = capsys.readouterr().err
+    assert err.startswith("glo: error: ") and message in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("overrides,message", [
-    (["lr=0"], "lr=0"),
-    (["lr=fast"], "lr='fast': must be a number"),
-    (["max_steps=0"], "max_steps=0: must be >= 1"),
-    (["max_steps=2.5"], "max_steps=2.5: must be an integer"),
-    (["rel_tol=-1"], "rel_tol=-1: must be >= 0"),
-    (["precision=fp8"], "precision=fp8: must be one of auto, fp32, bf16, fp16"),
-    (["lr=-0.1"], "lr=-0.1: must be > 0"),
     (["data.size=60"], "data.size=60: must be a positive multiple of 8"),
     (["data=folder", "data.path=MISSING"], "no such directory"),
     (["data=folder", "data.path=EMPTY"], "no image files"),
@@ -121,7 +144,6 @@ def bad_folder(tmp_path, kind):
     (["seed=-1"], "seed=-1: must be in [0, 2**32)"),
     (["data.limit=abc"], "data.limit='abc': must be an integer >= 1"),
     (["data.limit=-1"], "data.limit=-1: must be an integer >= 1"),
-    (["resume=maybe"], "resume=maybe: must be one of auto, restart"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, message):
     paths = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(bad_folder(tmp_path, "empty")),
@@ -179,11 +201,6 @@ def test_an_added_key_that_nothing_reads_is_one_line_not_a_run_on_the_defaults(t
     ("+foo=1", True), ("+trainer.profiler=simple", False), ("+hydra.job.env_set.A=1", False), ("lr=0.3", False),
 ])
 def test_only_added_keys_outside_any_target_are_refused(override, refused):
-    from hydra import compose, initialize_config_dir
-
-    from glo.cli import NoUnreadKeys
-    from tests.conftest import ROOT
-
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="run", overrides=[override], return_hydra_config=True)
     with pytest.raises(SystemExit) if refused else contextlib.nullcontext():
