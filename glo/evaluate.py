@@ -63,6 +63,11 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
     missing = [str(i) for i in arrays["ids"] if str(i) not in index]
     if missing:
         raise GloError(f"{find_latents(run)}: ids not in the run's data: {', '.join(missing[:5])}")
+    now = dataset.digests()  # rows from before `source_sha256` existed are not checked
+    changed = [str(i) for i, h in zip(arrays["ids"], arrays.get("source_sha256", [])) if now[str(i)] != h]
+    if changed:  # its metrics would compare a latent with pixels it was not fitted to
+        raise GloError(f"{find_latents(run)}: image '{changed[0]}' has changed since its latent was made "
+                       f"({len(changed)} in all); run the glo.run command that made {run} again to recompute them")
 
     metrics, notes = dict(METRICS), []
     lp, why = lpips_metric()

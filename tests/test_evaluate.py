@@ -3,12 +3,14 @@ import csv
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from glo.data import SampleDataset
 from glo.evaluate import main as evaluate_main
 from glo.latents import DRIFT, summarize
 from glo.metrics import known_psnr, mae, ms_ssim, psnr, ssim
@@ -129,3 +131,16 @@ def test_drift_rows_are_the_summary_by_hand():
         {"measure": "high-frequency power share", "encoder": "0.2000", "optimized": "0.3000", "ratio": "x1.50"},
         {"measure": "re-encode error ||E(D(z)) - z|| / ||z||", "encoder": "0.0000", "optimized": "0.5000", "ratio": "—"},
         {"measure": "distance ||z - z0|| / ||z0||", "encoder": "0", "optimized": "0.1250", "ratio": "—"}]
+
+
+def test_metrics_of_an_image_changed_since_its_latent_was_made_are_refused(finished_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = (run / "metrics.csv").read_bytes()
+    real = SampleDataset.digests
+    monkeypatch.setattr(SampleDataset, "digests", lambda self: {**real(self), "coffee": "0" * 64})  # as if edited
+    with pytest.raises(SystemExit):
+        evaluate_main([str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image 'coffee' has changed since its latent was made (1 in all)" in err[0], err
+    assert (run / "metrics.csv").read_bytes() == before
