@@ -54,9 +54,14 @@ def emulated(precision: str, device: torch.device) -> bool:
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """`auto` -> the fastest precision this device runs natively, with the reason; anything else is forced."""
     check_precision(requested)
-    if requested != "auto":  # forcing it on the wrong CPU is allowed, but never a silent 100x slow-down
-        slow = "; this CPU has no native bf16, so it is emulated: each pass over 100x slower than fp32"
-        return requested, f"forced by precision={requested}{slow if emulated(requested, device) else ''}"
+    if requested != "auto":  # forcing it on the wrong hardware is allowed, but never silently
+        note = ""
+        if emulated(requested, device):
+            note = "; this CPU has no native bf16, so it is emulated: each pass over 100x slower than fp32"
+        elif requested == "bf16" and device.type == "cuda" and not gpu_native_bf16(device):
+            note = (f"; {torch.cuda.get_device_name(device)} has no native bf16 (before Ampere), so it is emulated: "
+                    "fp16 is this GPU's fast dtype")
+        return requested, f"forced by precision={requested}{note}"
     if device.type == "cuda":
         if gpu_native_bf16(device):
             return "bf16", f"auto: {torch.cuda.get_device_name(device)} has native bf16"

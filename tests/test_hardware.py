@@ -51,6 +51,17 @@ def test_an_explicit_precision_is_never_overridden_but_an_emulated_one_says_so(m
     assert reason == f"forced by precision={forced}" + (slow if forced != "fp32" and not native else "")
 
 
+@pytest.mark.parametrize("capability,forced,warned", [((7, 5), "bf16", True), ((7, 5), "fp16", False),
+                                                      ((8, 0), "bf16", False)])
+def test_bf16_forced_on_a_gpu_before_ampere_says_it_is_emulated(monkeypatch, capability, forced, warned):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    used, reason = hardware.resolve_precision(forced, torch.device("cuda"))
+    assert used == forced and reason.startswith(f"forced by precision={forced}")
+    assert ("Tesla T4 has no native bf16 (before Ampere), so it is emulated" in reason) == warned, reason
+
+
 def test_machine_names_cpu_and_capability():
     m = hardware.machine()
     assert m["cpu"] and m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
