@@ -9,6 +9,7 @@ one side or the other).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from collections.abc import Sequence
@@ -21,18 +22,21 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from glo import GloError, is_number
-from glo.data import IMAGE_SUFFIXES, open_image, resize_center_crop
+from glo.data import IMAGE_SUFFIXES, open_image, resize_center_crop, sha256_file
 
 MAX_SHAPES = 1000
 
 
 class MaskSource(Protocol):
     """(id, original (h, w), size) -> (size, size) hole mask; `known_only`: fit the masked image's latent on
-    the known pixels only (the hole is the inpainter's to fill)."""
+    the known pixels only (the hole is the inpainter's to fill). `digest(ids)`: what identifies these images'
+    masks beyond the settings, for a run directory's fingerprint (None where the settings determine them)."""
 
     known_only: bool
 
     def check(self, ids: list[str]) -> None: ...
+
+    def digest(self, ids: list[str]) -> str | None: ...
 
     def __call__(self, image_id: str, original: tuple[int, int], size: int) -> np.ndarray: ...
 
@@ -73,6 +77,9 @@ class RandomMasks:
 
     def check(self, ids: list[str]) -> None:
         """Every id gets a mask: nothing to check."""
+
+    def digest(self, ids: list[str]) -> None:
+        return None  # drawn from the settings, the seed and each id, which the fingerprint holds already
 
     def __call__(self, image_id: str, original: tuple[int, int], size: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, zlib.crc32(image_id.encode())))
@@ -129,6 +136,14 @@ class FolderMasks:
         if missing:
             raise GloError(f"mask.path={self.path}: no mask for image id(s) {', '.join(missing[:5])}"
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+    def digest(self, ids: list[str]) -> str:
+        """One SHA-256 over these images' mask files: a mask edited since a run began makes its directory refuse
+        to resume, instead of mixing rows made with the old mask and the new."""
+        h = hashlib.sha256()
+        for i in ids:
+            h.update(f"{i} {sha256_file(self.files[i])}\n".encode())
+        return f"{len(ids)} masks, sha256 {h.hexdigest()[:16]}"
 
     def __call__(self, image_id: str, original: tuple[int, int], size: int) -> np.ndarray:
         self.check([image_id])

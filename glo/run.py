@@ -119,7 +119,8 @@ def run(cfg: DictConfig) -> float:
     precision, reason = resolve_precision(cfg.precision, pick_device(cfg.device))
     if rank_zero_only.rank == 0:  # other DDP ranks start later, inside this run's lock and checks
         held = rundir.lock(exporter.out)  # noqa: F841 (the lock lasts as long as this file stays open)
-        rundir.claim(exporter.out, rundir.fingerprint(cfg, dataset.ids, precision), cfg.resume)
+        mask_files = masks.digest(dataset.ids) if masks else None
+        rundir.claim(exporter.out, rundir.fingerprint(cfg, dataset.ids, precision, mask_files), cfg.resume)
         exporter.verify(dataset.digests())
     done = exporter.done_ids()
     todo = [i for i, name in enumerate(dataset.ids) if name not in done]

@@ -151,6 +151,12 @@ def test_folder_masks_run_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     m = load_latents(out / "latents.npz")["masks"]
     assert 0.05 < m.mean() < 0.2  # a quarter by a quarter of each image, after the centre crop
+    before = (out / "latents.npz").read_bytes()
+    Image.open(folder / "coffee.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "coffee.png")
+    p = run_glo(*FAST, "data.limit=2", "mask=folder", f"mask.path={folder}", "report=false", f"hydra.run.dir={out}")
+    errors = [line for line in p.stderr.splitlines() if line.startswith("glo: error:")]
+    assert p.returncode == 1 and len(errors) == 1 and "mask.files: '2 masks, sha256 " in errors[0], p.stderr[-2000:]
+    assert (out / "latents.npz").read_bytes() == before  # an edited mask is not mixed in with the old ones
 
 
 def test_gradfree_cannot_be_known_only(tmp_path):
