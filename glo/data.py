@@ -35,6 +35,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_files(files: dict[str, Path]) -> str:
+    """One SHA-256 over named files, from each one's name and SHA-256 in the given order: what a run directory's
+    fingerprint holds for a VAE's weights or a folder of masks."""
+    h = hashlib.sha256()
+    for name, path in files.items():
+        h.update(f"{name} {sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
 def check_size(size: int, name: str = "data.size") -> int:
     if not isinstance(size, int) or size < 8 or size % 8:
         raise GloError(f"{name}={size}: must be a positive multiple of 8 (the VAE downsamples by 8)")

@@ -9,7 +9,6 @@ one side or the other).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import zlib
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from glo import GloError, is_number
-from glo.data import IMAGE_SUFFIXES, open_image, resize_center_crop, sha256_file
+from glo.data import IMAGE_SUFFIXES, open_image, resize_center_crop, sha256_files
 
 MAX_SHAPES = 1000
 
@@ -140,10 +139,7 @@ class FolderMasks:
     def digest(self, ids: list[str]) -> str:
         """One SHA-256 over these images' mask files: a mask edited since a run began makes its directory refuse
         to resume, instead of mixing rows made with the old mask and the new."""
-        h = hashlib.sha256()
-        for i in ids:
-            h.update(f"{i} {sha256_file(self.files[i])}\n".encode())
-        return f"{len(ids)} masks, sha256 {h.hexdigest()[:16]}"
+        return f"{len(ids)} masks, sha256 {sha256_files({i: self.files[i] for i in ids})[:16]}"
 
     def __call__(self, image_id: str, original: tuple[int, int], size: int) -> np.ndarray:
         self.check([image_id])

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glo import GloError
 from glo.atomic import save_json
-from glo.data import sha256_file
+from glo.data import sha256_files
 from glo.engine import FP16_GRAD_SCALE
 from glo.latents import ROWS_VERSION
 
@@ -42,10 +42,7 @@ def weights_sha256(folder: Path | None) -> str | None:
         return None
     if not (folder / "config.json").is_file() and (folder / "vae").is_dir():
         folder = folder / "vae"
-    h = hashlib.sha256()
-    for f in sorted(p for pattern in WEIGHT_FILES for p in folder.glob(pattern)):
-        h.update(f"{f.name} {sha256_file(f)}\n".encode())
-    return h.hexdigest()
+    return sha256_files({f.name: f for f in sorted(p for pattern in WEIGHT_FILES for p in folder.glob(pattern))})
 
 
 def vae_folder(vae: DictConfig) -> Path | None:
