@@ -26,10 +26,11 @@ def tiny_vae() -> FrozenVAE:
     return instantiate(OmegaConf.load(ROOT / "conf/vae/tiny_random.yaml"))
 
 
-def run_config(*overrides: str) -> DictConfig:
-    """conf/run.yaml composed as `python -m glo.run` composes it."""
+def run_config(*overrides: str, hydra_node: bool = False) -> DictConfig:
+    """conf/run.yaml composed as `python -m glo.run` composes it (with `hydra_node`, Hydra's own settings too, as
+    its callbacks and HydraConfig see them)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="run", overrides=list(overrides))
+        return compose(config_name="run", overrides=list(overrides), return_hydra_config=hydra_node)
 
 
 @cache

@@ -4,14 +4,13 @@ import json
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from PIL import Image
 
 from glo.cli import NoUnreadKeys, one_line_errors
 from glo.run import validate
-from tests.conftest import FAST, ROOT, run_glo
+from tests.conftest import FAST, run_config, run_glo
 
 SUMMARY_KEYS = {"num_images", "psnr_initial_mean", "psnr_final_mean", "psnr_gain_mean", "images_improved",
                 "steps_mean", "seconds_total", "images_per_second"}
@@ -119,8 +118,7 @@ def bad_folder(tmp_path, kind):
 def test_a_bad_setting_is_refused_by_validate_before_anything_is_built(override, message, capsys, monkeypatch):
     """In process: validate() is run()'s first call, and the CLI cases below show its GloError reach the
     console as one line with nothing written."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="run", overrides=[override], return_hydra_config=True)
+    cfg = run_config(override, hydra_node=True)
     monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
     HydraConfig.instance().set_config(cfg)  # as hydra.main sets it (the logger's directory refers to it),
     with open_dict(cfg):
@@ -201,7 +199,6 @@ def test_an_added_key_that_nothing_reads_is_one_line_not_a_run_on_the_defaults(t
     ("+foo=1", True), ("+trainer.profiler=simple", False), ("+hydra.job.env_set.A=1", False), ("lr=0.3", False),
 ])
 def test_only_added_keys_outside_any_target_are_refused(override, refused):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="run", overrides=[override], return_hydra_config=True)
+    cfg = run_config(override, hydra_node=True)
     with pytest.raises(SystemExit) if refused else contextlib.nullcontext():
         NoUnreadKeys().on_run_start(cfg)
