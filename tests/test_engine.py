@@ -186,8 +186,10 @@ def test_lbfgs_lowers_the_loss_counts_its_passes_and_keeps_samples_apart(tiny_va
     assert torch.equal(r.latents[2], alone.latents[0])
     with torch.no_grad():
         assert torch.allclose(r.final_loss, L2(tiny_vae.decode(r.latents), x), rtol=1e-4)
-        assert torch.allclose(r.decoded, tiny_vae.decode(r.latents), atol=1e-5)
-        assert torch.allclose(r.initial_decoded, tiny_vae.decode(z0), atol=1e-5)
+        # L-BFGS decodes one sample at a time, under autograd: on an AVX-512 CPU that alone moved a decode by up to
+        # 1.2e-5 from this batched one (on AVX2 by less than 1e-5); decoding the wrong latents moves it by far more
+        assert torch.allclose(r.decoded, tiny_vae.decode(r.latents), atol=1e-4)
+        assert torch.allclose(r.initial_decoded, tiny_vae.decode(z0), atol=1e-4)
 
 
 def test_lbfgs_stops_a_sample_whose_loss_stopped_changing_by_the_same_rule_as_adam(tiny_vae):
@@ -214,17 +216,21 @@ def test_lbfgs_reverts_a_sample_that_meets_a_non_finite_loss():
     assert torch.allclose(L2(decode(r.latents), target), r.final_loss)
 
 
-def rank_one_decoder() -> callable:
-    """A linear decoder that reaches only a 1-D colour subspace: losses plateau, so samples converge."""
+def low_rank_decoder() -> callable:
+    """A linear decoder that reaches only a 2-D colour subspace, one direction 10x weaker than the other: losses
+    plateau, so samples converge, and each after its own number of steps, set by how its error splits between the
+    two directions. (With one direction, L-BFGS solved every sample in the same evaluations in exact arithmetic, so
+    whether their stops differed came down to one CPU's rounding.)"""
     torch.manual_seed(0)
-    weight = (torch.randn(3, 1) @ torch.randn(1, 4)).reshape(3, 4, 1, 1)
+    u, v = torch.linalg.qr(torch.randn(3, 3))[0], torch.linalg.qr(torch.randn(4, 4))[0]
+    weight = (u @ torch.diag(torch.tensor([1.0, 0.1, 0.0])) @ v[:3]).reshape(3, 4, 1, 1)
     return lambda z: torch.nn.functional.conv2d(z, weight)
 
 
 @pytest.mark.parametrize("optim", ["adam", "lbfgs"])
 def test_samples_stopping_at_different_steps_get_what_they_would_get_alone(optim):
     """After one sample stops, the others must still be fitted against their own targets."""
-    decode = rank_one_decoder()
+    decode = low_rank_decoder()
     torch.manual_seed(1)
     z0 = torch.randn(3, 4, 8, 8)
     target = decode(z0) + torch.randn(3, 3, 8, 8) * torch.tensor([0.2, 1.0, 3.0])[:, None, None, None]
@@ -241,7 +247,7 @@ def test_samples_stopping_at_different_steps_get_what_they_would_get_alone(optim
 
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
 def test_the_stopping_rule_is_relative_so_scaling_the_problem_does_not_move_it(scale):
-    decode = rank_one_decoder()
+    decode = low_rank_decoder()
     torch.manual_seed(2)
     z0 = torch.randn(2, 4, 8, 8)
     target = decode(z0) + torch.randn(2, 3, 8, 8)
