@@ -29,6 +29,7 @@ log = logging.getLogger("glo")
 FINGERPRINT = "fingerprint.json"
 RESUME = ("auto", "restart")
 OTHER_RESULTS = ("tile_size", "seed")  # besides the engine's settings (tiling blends seams; seed draws masks)
+PRECISION_KEYS = {"precision", "fp16_grad_scale"}  # what precision=auto may change between machines
 NOT_RESULTS = {"data": ("on_error", "cache_in_memory", "limit"), "vae": ("path",)}  # ids and weights cover them
 RESULTS = ("shards", "latents.npz", "latents.h5", "metadata.json", "summary.json", "metrics.csv", "report.md",
            "grids.png", "loss_curves.png", "psnr_scatter.png", "psnr_gain.png", "steps.png", "gain_vs_drift.png",
@@ -120,6 +121,8 @@ def claim(run_dir: Path, expected: dict[str, Any], resume: str) -> None:
         if differ:
             shown = "; ".join(f"{k}: {found.get(k)!r} -> {expected.get(k)!r}" for k in differ[:4])
             more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+            if "precision" in differ and set(differ) <= PRECISION_KEYS:  # the same command on another machine
+                fix = f"run with precision={found['precision']} to resume it as it was made, or {fix}"
             raise GloError(f"{run_dir}: made with other settings ({shown}{more}); {fix}")
         return
     elif any(any(run_dir.glob(name)) for name in ("shards/manifest-*.json", "latents.npz", "latents.h5")):

@@ -151,6 +151,34 @@ def test_results_from_a_glo_with_other_row_columns_are_refused_before_any_work(c
     assert files(copy_of) == before
 
 
+def test_a_run_made_where_auto_chose_another_precision_says_which_resumes_it(copy_of):
+    """A killed run resumed on another machine: precision=auto chose bf16 there (native bf16) and fp32 here. The
+    rows must not mix the two, so it is refused, and the line names the one setting that resumes it as made."""
+    stored = json.loads((copy_of / "fingerprint.json").read_text())
+    (copy_of / "fingerprint.json").write_text(json.dumps({**stored, "precision": "bf16"}))
+    before = files(copy_of)
+    p = run_glo(*RUN, f"hydra.run.dir={copy_of}")
+    line = one_error(p)
+    assert p.returncode == 1 and "precision: 'bf16' -> 'fp32'" in line, line
+    assert "run with precision=bf16 to resume it as it was made" in line and files(copy_of) == before
+    again = run_glo(*RUN, "precision=bf16", f"hydra.run.dir={copy_of}")  # nothing left to do: no bf16 pass runs
+    assert again.returncode == 0 and "0 of 3 images to do (3 already exported)" in again.stdout, again.stderr[-2000:]
+
+
+def test_the_precision_hint_is_only_given_where_the_precision_alone_differs(tmp_path):
+    from glo.rundir import claim
+
+    claim(tmp_path, fingerprint_of(), "auto")  # made where auto chose fp32
+    claim(tmp_path, fingerprint_of("precision=auto"), "auto")  # auto and a forced fp32 are the same rows: resumes
+    for made, now in ((fingerprint_of(), fingerprint_of("lr=0.05", precision="bf16")),
+                      (fingerprint_of(precision="fp16"), fingerprint_of(precision="bf16"))):
+        (tmp_path / "fingerprint.json").write_text(json.dumps(made))
+        with pytest.raises(GloError) as e:
+            claim(tmp_path, now, "auto")
+        hint = f"run with precision={made['precision']} to resume it as it was made"
+        assert (hint in str(e.value)) == ("lr" not in str(e.value)), str(e.value)
+
+
 def test_results_without_a_fingerprint_are_refused(copy_of):
     (copy_of / "fingerprint.json").unlink()
     p = run_glo(*RUN, f"hydra.run.dir={copy_of}")
