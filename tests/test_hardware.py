@@ -48,7 +48,9 @@ def test_an_explicit_precision_is_never_overridden_but_an_emulated_one_says_so(m
     used, reason = hardware.resolve_precision(forced, torch.device("cpu"))
     assert used == forced
     slow = "; this CPU has no native bf16, so it is emulated: each pass over 100x slower than fp32"
-    assert reason == f"forced by precision={forced}" + (slow if forced != "fp32" and not native else "")
+    fp16 = "; fp16 is meant for GPUs without bf16: on a CPU with native bf16, bf16 is the fast dtype"
+    note = slow if forced != "fp32" and not native else fp16 if forced == "fp16" else ""
+    assert reason.startswith(f"forced by precision={forced}{note}") and (note or reason.endswith(forced)), reason
 
 
 @pytest.mark.parametrize("capability,forced,warned", [((7, 5), "bf16", True), ((7, 5), "fp16", False),
