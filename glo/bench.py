@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from glo import GloError
-from glo.cli import one_line_errors
+from glo.cli import hydra_main, one_line_errors
 from glo.drift import drift, pooled_channel_stats
 from glo.engine import Settings
 from glo.fit import fit_batch
@@ -217,4 +217,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_main(main)

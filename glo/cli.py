@@ -3,20 +3,28 @@ from __future__ import annotations
 
 import difflib
 import errno
+import os
 import sys
 import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import (
+    ConfigCompositionException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from glo import GloError
 
 USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+COMMAND_LINE_ERRORS = (ConfigCompositionException, MissingConfigException, OverrideParseException)  # not a bug's
 
 
 @contextmanager
@@ -44,6 +52,41 @@ def one_line_errors(prog: str) -> Iterator[None]:
             raise
         print(f"{prog}: error: {cause}", file=sys.stderr)
         sys.exit(getattr(cause, "exit_code", 1))
+
+
+def hydra_main(main: Callable[[], Any]) -> None:
+    """Call a @hydra.main function, with Hydra's errors about the command line (a mistyped key, an option that does
+    not exist, a malformed value) as one line, like every other bad input. Hydra's own span several lines and, for a
+    key, suggest adding it with `+`, which would change nothing. Anything else keeps its traceback."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors instead of printing them
+    try:
+        main()
+    except COMMAND_LINE_ERRORS as e:
+        print(f"glo: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def one_line(e: Exception) -> str:
+    """A Hydra error about the command line, as one line naming the override."""
+    cause = e.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:  # max_step=50: no such key
+        line = next((a for a in sys.argv[1:] if a.startswith(f"{cause.full_key}=")), cause.full_key)
+        return no_such_setting(line, cause.full_key, cause.parent_node or {})
+    if isinstance(e, MissingConfigException) and e.options is not None:  # loss=l3: no such file in conf/loss
+        group, _, name = (e.missing_cfg_file or "").rpartition("/")
+        return f"{group}={name}: there is no {group} {name}; choose one of {', '.join(e.options)}"
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{e.override}: cannot read it: {text}" if isinstance(e, OverrideParseException) else text
+
+
+def no_such_setting(line: str, key: str, known: Iterable[str], why: str = "") -> str:
+    """`line` (key=value) sets `key`, which glo does not have: the message, with the nearest of `known` (the keys
+    beside it) as a hint."""
+    parent, _, name = key.rpartition(".")
+    near = difflib.get_close_matches(name, [k for k in known if k not in (name, "hydra")], n=1)
+    prefix = f"{parent}." if parent else ""
+    hint = f" (did you mean {prefix}{near[0]}={line.split('=', 1)[1]}?)" if near and "=" in line else ""
+    return f"{line}: glo has no setting {key}{why}{hint}; the settings are the keys in conf/ and the README"
 
 
 def _main_thread_reports(args: threading.ExceptHookArgs) -> None:
@@ -91,9 +134,6 @@ class NoUnreadKeys(Callback):
         for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
             key = override.key_or_group
             if override.is_add() and "." not in key:
-                near = difflib.get_close_matches(key, [k for k in config if k not in (key, "hydra")], n=1)
-                value = override.input_line.split("=", 1)[1]
-                hint = f" (did you mean {near[0]}={value}?)" if near else ""
-                print(f"glo: error: {override.input_line}: glo has no setting {key}, so it would change nothing"
-                      f"{hint}; the settings are the keys in conf/ and the README", file=sys.stderr)
+                print(f"glo: error: {no_such_setting(override.input_line, key, config, ', so it would change nothing')}",
+                      file=sys.stderr)
                 sys.exit(1)

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from glo import GloError
-from glo.cli import one_line_errors
+from glo.cli import hydra_main, one_line_errors
 from glo.engine import Settings
 from glo.fit import fit
 from glo.losses import PixelLoss
@@ -120,4 +120,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_main(main)

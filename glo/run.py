@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from glo import GloError, rundir
-from glo.cli import one_line_errors
+from glo.cli import hydra_main, one_line_errors
 from glo.engine import Settings
 from glo.evaluate import evaluate
 from glo.export import LatentExporter
@@ -177,4 +177,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_main(main)

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from glo import GloError
-from glo.cli import one_line_errors
+from glo.cli import hydra_main, one_line_errors
 from glo.data import FolderDataset, check_size, to_tensor
 from glo.engine import lr_factor
 from glo.hardware import resolve_precision
@@ -163,4 +163,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_main(main)

@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from PIL import Image
 
-from glo.cli import NoUnreadKeys, one_line_errors
+from glo.cli import COMMAND_LINE_ERRORS, NoUnreadKeys, one_line, one_line_errors
 from glo.run import validate
 from tests.conftest import FAST, run_config, run_glo
 
@@ -193,6 +193,35 @@ def test_an_added_key_that_nothing_reads_is_one_line_not_a_run_on_the_defaults(t
     errors = [line for line in p.stderr.splitlines() if line.startswith("glo: error:")]
     assert p.returncode == 1 and len(errors) == 1 and "did you mean max_steps=50?" in errors[0], p.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("module,override,hint", [
+    ("glo.run", "max_step=50", "max_step=50: glo has no setting max_step (did you mean max_steps=50?)"),
+    ("glo.bench", "repeat=3", "repeat=3: glo has no setting repeat (did you mean repeats=3?)"),
+    ("glo.roundtrip", "trip=3", "trip=3: glo has no setting trip (did you mean trips=3?)"),
+    ("glo.train_vae", "sed=1", "sed=1: glo has no setting sed (did you mean seed=1?)"),
+])
+def test_a_mistyped_key_is_one_line_naming_the_nearest_in_every_tool(tmp_path, module, override, hint):
+    """Hydra's own message spans several lines and suggests adding the key with `+`, which would change nothing."""
+    p = run_glo(override, f"hydra.run.dir={tmp_path}/run", module=module)
+    errors = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and len(errors) == 1 and errors[0].startswith(f"glo: error: {hint}"), p.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override,line", [
+    ("data.sise=256", "data.sise=256: glo has no setting data.sise (did you mean data.size=256?); the settings are"),
+    ("export.fromat=hdf5", "export.fromat=hdf5: glo has no setting export.fromat (did you mean export.format=hdf5?)"),
+    ("zzz=1", "zzz=1: glo has no setting zzz; the settings are the keys in conf/ and the README"),
+    ("loss=l3", "loss=l3: there is no loss l3; choose one of l1, l1_l2, l2"),
+    ("experiment=protoype", "experiment=protoype: there is no experiment protoype; choose one of prototype"),
+    ("betas=[0.5", "betas=[0.5: cannot read it: no viable alternative at input '[0.5'; See https://hydra.cc/"),
+])
+def test_hydra_errors_about_the_command_line_become_one_line(monkeypatch, override, line):
+    monkeypatch.setattr("sys.argv", ["glo.run", override])
+    with pytest.raises(COMMAND_LINE_ERRORS) as e:
+        run_config(override)
+    assert one_line(e.value).startswith(line) and "\n" not in one_line(e.value), one_line(e.value)
 
 
 @pytest.mark.parametrize("override,refused", [
