@@ -44,6 +44,11 @@ def validate(cfg: DictConfig) -> tuple[Settings, Speed]:
     for key in INTEGERS:
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
             raise GloError(f"{key}={cfg[key]!r}: must be an integer")
+    for key in PATHS:  # data.path=2024: Hydra reads a folder named with digits as a number
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not isinstance(value, str):
+            raise GloError(f"{key}={value!r}: read as a number, not a path; write the folder with a slash "
+                           f"({key}=./NAME) or in quotes ('{key}=\"NAME\"')")
     limit = cfg.data.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise GloError(f"data.limit={limit!r}: must be an integer >= 1, or null for every image")

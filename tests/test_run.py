@@ -114,6 +114,7 @@ def bad_folder(tmp_path, kind):
     ("precision=fp8", "precision=fp8: must be one of auto, fp32, bf16, fp16"),
     ("lr=-0.1", "lr=-0.1: must be > 0"),
     ("resume=maybe", "resume=maybe: must be one of auto, restart"),
+    ("vae.path=2024", "vae.path=2024: read as a number, not a path; write the folder with a slash (vae.path=./NAME)"),
 ])
 def test_a_bad_setting_is_refused_by_validate_before_anything_is_built(override, message, capsys, monkeypatch):
     """In process: validate() is run()'s first call, and the CLI cases below show its GloError reach the
