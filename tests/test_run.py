@@ -208,15 +208,20 @@ def test_a_mistyped_key_is_one_line_naming_the_nearest_in_every_tool(tmp_path, m
 
 @pytest.mark.parametrize("override,line", [
     ("data.sise=256", "data.sise=256: glo has no setting data.sise (did you mean data.size=256?); the settings are"),
-    ("export.fromat=hdf5", "export.fromat=hdf5: glo has no setting export.fromat (did you mean export.format=hdf5?)"),
-    ("zzz=1", "zzz=1: glo has no setting zzz; the settings are the keys in conf/ and the README"),
-    ("experiment=protoype", "experiment=protoype: there is no experiment protoype; choose one of prototype"),
+    ("max_stepz=3", "max_stepz=3: glo has no setting max_stepz (did you mean max_steps=3?); the settings are"),
+    ("callbacks.export.fromat=x", "callbacks.export.fromat=x: glo has no setting callbacks.export.fromat (did you "
+                                  "mean callbacks.export.format=x?)"),
+    ("hydr=1", "hydr=1: glo has no setting hydr; the settings are the keys in conf/ and the README"),  # not Hydra's
+    ("mask=boxs", "mask=boxs: there is no mask boxs; choose one of boxes, folder, none, strokes"),
+    ("hydra/launcher=foo", "hydra/launcher=foo: there is no hydra/launcher foo; choose one of basic, submitit_local"),
     ("betas=[0.5", "betas=[0.5: cannot read it: no viable alternative at input '[0.5'; See https://hydra.cc/"),
+    ("lr=0.1,0.2", "Ambiguous value for argument 'lr=0.1,0.2'; 1. To use it as a list, use key=[value1,value2]; 2."),
+    (None, "data.sise: glo has no setting data.sise; the settings are"),  # composed inside a tool (bench's methods)
 ])
 def test_hydra_errors_about_the_command_line_become_one_line(monkeypatch, override, line):
-    monkeypatch.setattr("sys.argv", ["glo.run", override])
+    monkeypatch.setattr("sys.argv", ["glo.run", *([override] if override else [])])
     with pytest.raises(COMMAND_LINE_ERRORS) as e:
-        run_config(override)
+        run_config(override or "data.sise=1", hydra_node=True)
     assert one_line(e.value).startswith(line) and "\n" not in one_line(e.value), one_line(e.value)
 
 
