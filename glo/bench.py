@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from glo import GloError
-from glo.cli import hydra_main, one_line_errors
+from glo.cli import COMMAND_LINE_ERRORS, hydra_main, one_line, one_line_errors
 from glo.drift import drift, pooled_channel_stats
 from glo.engine import Settings
 from glo.fit import fit_batch
@@ -136,6 +136,12 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     if isinstance(cfg.repeats, bool) or not isinstance(cfg.repeats, int) or cfg.repeats < 1:
         raise GloError(f"repeats={cfg.repeats}: must be an integer >= 1")
     names = [n for n in cfg.methods if not cfg.only or n in cfg.only]
+    for name, overrides in [("reference", cfg.reference), *((n, cfg.methods[n]) for n in names)]:
+        try:  # a mistyped override stops the bench now, not after the rows before it have run for minutes
+            checked = glo_config(common + list(overrides))
+        except COMMAND_LINE_ERRORS as e:
+            raise GloError(f"{name} {list(overrides)}: {one_line(e)}") from None
+        instantiate(checked.engine), instantiate(checked.speed)
     rounds = []  # each round runs every row once, so a row's speedup compares it with the reference of its own round
     for k in range(cfg.repeats):
         rows = [run_isolated("reference", common, list(cfg.reference), reference=True)]

@@ -3,10 +3,12 @@ import json
 
 import numpy as np
 import pytest
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from glo import GloError
 from glo.bench import median_row
 from glo.hardware import cpu_native_bf16, describe
 from tests.conftest import ROOT, run_config, run_glo
@@ -81,6 +83,21 @@ def test_every_bench_method_composes_into_valid_settings(name):
     cfg = run_config("vae=tiny_random", *OmegaConf.load(ROOT / "conf/bench.yaml").methods[name])
     settings, speed = instantiate(cfg.engine), instantiate(cfg.speed)
     assert settings.max_steps >= 1 and speed.tile_size >= 0
+
+
+def test_a_mistyped_row_stops_the_bench_before_any_row_runs(monkeypatch, tmp_path):
+    """Rows run in order, the reference first (minutes each): a typo in the last row must not cost them all."""
+    from hydra import compose, initialize_config_dir
+
+    import glo.bench
+
+    monkeypatch.setattr(glo.bench, "run_isolated", lambda *a, **k: pytest.fail("a row ran"))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("bench", ["vae=tiny_random", 'only=[default,mine]', '+methods.mine=["max_step=5"]'])
+    with pytest.raises(GloError, match=r"mine \['max_step=5'\]: max_step: glo has no setting max_step"):
+        glo.bench.bench(cfg, tmp_path)
+    with pytest.raises(InstantiationException, match="max_steps=0: must be >= 1"):  # a bad value, as glo.run says it
+        glo.bench.bench(OmegaConf.merge(cfg, {"methods": {"mine": ["max_steps=0"]}}), tmp_path)
 
 
 @pytest.mark.slow
