@@ -26,11 +26,16 @@ def tiny_vae() -> FrozenVAE:
     return instantiate(OmegaConf.load(ROOT / "conf/vae/tiny_random.yaml"))
 
 
-def run_config(*overrides: str, hydra_node: bool = False) -> DictConfig:
-    """conf/run.yaml composed as `python -m glo.run` composes it (with `hydra_node`, Hydra's own settings too, as
-    its callbacks and HydraConfig see them)."""
+def compose_config(name: str, *overrides: str, hydra_node: bool = False) -> DictConfig:
+    """conf/<name>.yaml composed as `python -m glo.<tool>` composes it (with `hydra_node`, Hydra's own settings too,
+    as its callbacks and HydraConfig see them)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="run", overrides=list(overrides), return_hydra_config=hydra_node)
+        return compose(config_name=name, overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def run_config(*overrides: str, hydra_node: bool = False) -> DictConfig:
+    """conf/run.yaml, as `python -m glo.run` composes it."""
+    return compose_config("run", *overrides, hydra_node=hydra_node)
 
 
 @cache

@@ -11,7 +11,7 @@ from PIL import Image
 from glo import GloError
 from glo.bench import median_row
 from glo.hardware import cpu_native_bf16, describe
-from tests.conftest import ROOT, run_config, run_glo
+from tests.conftest import ROOT, compose_config, run_config, run_glo
 
 ONLY = ["default", "fp32_batch8", "bf16", "steps16_eps0.3", "gradfree"]  # each code path once
 
@@ -87,13 +87,10 @@ def test_every_bench_method_composes_into_valid_settings(name):
 
 def test_a_mistyped_row_stops_the_bench_before_any_row_runs(monkeypatch, tmp_path):
     """Rows run in order, the reference first (minutes each): a typo in the last row must not cost them all."""
-    from hydra import compose, initialize_config_dir
-
     import glo.bench
 
     monkeypatch.setattr(glo.bench, "run_isolated", lambda *a, **k: pytest.fail("a row ran"))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("bench", ["vae=tiny_random", 'only=[default,mine]', '+methods.mine=["max_step=5"]'])
+    cfg = compose_config("bench", "vae=tiny_random", "only=[default,mine]", '+methods.mine=["max_step=5"]')
     with pytest.raises(GloError, match=r"mine \['max_step=5'\]: max_step: glo has no setting max_step"):
         glo.bench.bench(cfg, tmp_path)
     with pytest.raises(InstantiationException, match="max_steps=0: must be >= 1"):  # a bad value, as glo.run says it

@@ -4,11 +4,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from glo.latents import LatentDataset, load_latents
 from glo.to_hf import main as to_hf_main
-from tests.conftest import FAST, ROOT, run_glo
+from tests.conftest import FAST, run_config, run_glo
 
 datasets = pytest.importorskip("datasets", reason="the 'hf' extra (pip install -e '.[hf]') is not installed")
 
@@ -38,21 +37,17 @@ def test_hf_conversion_refuses_to_overwrite(finished_run, tmp_path, capsys):
     assert e.value.code == 1 and capsys.readouterr().err.strip() == f"glo.to_hf: error: {tmp_path / 'hf'}: already exists; remove it or name another OUT"
 
 
-def _hydra_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="run", overrides=list(overrides), return_hydra_config=True)
-
-
 def test_submitit_slurm_launcher_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
-    cfg = _hydra_cfg("hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=1")
+    cfg = run_config("hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=1",
+                     hydra_node=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.partition == "gpu"
 
 
 @pytest.mark.slow
 def test_a_two_trial_optuna_sweep_finishes_with_its_best_value(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper is not installed")
-    cfg = _hydra_cfg("hparams_search=optuna")
+    cfg = run_config("hparams_search=optuna", hydra_node=True)
     assert cfg.hydra.sweeper.direction == "maximize" and {"lr", "anderson"} <= set(cfg.hydra.sweeper.params)
     p = run_glo(*FAST, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "report=false",
                 f"hydra.sweep.dir={tmp_path}", "--multirun")

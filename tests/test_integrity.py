@@ -21,7 +21,7 @@ from PIL import Image
 
 from glo import GloError
 from glo.latents import LatentDataset, load_latents
-from tests.conftest import FAST, ROOT, run_glo
+from tests.conftest import FAST, ROOT, run_config, run_glo
 
 RUN = [*FAST, "loss=l2", "lr=0.1"]  # what the session's finished_run was made with
 
@@ -46,12 +46,9 @@ def copy_of(finished_run, tmp_path):
 
 
 def fingerprint_of(*overrides: str, precision: str = "fp32") -> dict:
-    from hydra import compose, initialize_config_dir
-
     from glo.rundir import fingerprint
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="run", overrides=[*RUN, *overrides])
+    cfg = run_config(*RUN, *overrides)
     return fingerprint(cfg, ["a", "b", "c"][: cfg.data.limit], precision)
 
 
