@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from glo import GloError
 
+CONF = Path(__file__).resolve().parents[1] / "conf"  # every tool's config_path
 USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 COMMAND_LINE_ERRORS = (ConfigCompositionException, MissingConfigException, OverrideParseException)  # not a bug's
 
@@ -59,6 +60,10 @@ def hydra_main(main: Callable[[], Any]) -> None:
     not exist, a malformed value) as one line, like every other bad input. Hydra's own span several lines and, for a
     key, suggest adding it with `+`, which would change nothing. Anything else keeps its traceback."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors instead of printing them
+    line = null_group(sys.argv[1:])
+    if line:
+        print(f"glo: error: {line}", file=sys.stderr)
+        sys.exit(1)
     try:
         main()
     except COMMAND_LINE_ERRORS as e:
@@ -77,6 +82,17 @@ def one_line(e: Exception) -> str:
         return f"{group}={name}: there is no {group} {name}; choose one of {', '.join(e.options)}"
     text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
     return f"{e.override}: cannot read it: {text}" if isinstance(e, OverrideParseException) else text
+
+
+def null_group(args: list[str]) -> str | None:
+    """`logger=null`: Hydra cannot set a config group to null, and says so in a ValueError's traceback. The line
+    instead, with the group's options (a group that can be off has a `none` option)."""
+    for arg in args:
+        group, _, value = arg.partition("=")
+        if value == "null" and (CONF / group).is_dir():
+            options = ", ".join(sorted(f.stem for f in (CONF / group).glob("*.yaml")))
+            return f"{arg}: a config group cannot be null; choose one of {options}, or leave {group} out for its default"
+    return None
 
 
 def no_such_setting(line: str, key: str, known: Iterable[str], why: str = "") -> str:

@@ -118,9 +118,10 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
 
     images = write_plots(arrays, run)
     images["grids"] = save_figure(grid_figure([rows[k] for k in sorted(rows, key=lambda k: -gain[k])]), run / "grids.png")
-    with SummaryWriter(str(run)) as tb:
-        for name, path in images.items():
-            tb.add_image(f"report/{name}", np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+    if cfg.get("logger"):  # the run's logger=none (or ~logger) asked for no event files
+        with SummaryWriter(str(run)) as tb:
+            for name, path in images.items():
+                tb.add_image(f"report/{name}", np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
     write_report(run, summary, images, metadata["config"], notes)
     return summary
 

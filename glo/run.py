@@ -130,7 +130,8 @@ def run(cfg: DictConfig) -> float:
     done = exporter.done_ids()
     todo = [i for i, name in enumerate(dataset.ids) if name not in done]
     quiet_third_parties()
-    trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False  # logger=none or ~logger: no event files
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     processes = trainer.num_devices * trainer.num_nodes
     if 0 < len(todo) < processes:  # Lightning's sampler gives every process at least one image, or fails
         raise GloError(f"{exporter.out}: {len(todo)} image(s) to do for {processes} processes; run the same command "

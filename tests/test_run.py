@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from PIL import Image
 
-from glo.cli import COMMAND_LINE_ERRORS, NoUnreadKeys, one_line, one_line_errors
+from glo.cli import COMMAND_LINE_ERRORS, NoUnreadKeys, hydra_main, one_line, one_line_errors
 from glo.run import validate
 from tests.conftest import FAST, run_config, run_glo
 
@@ -40,9 +40,11 @@ def test_run_writes_the_dataset_and_resumes_without_redoing(finished_run):
     shards = sorted((out / "shards").glob("*.npz"))
     assert len(shards) == 2
 
-    again = run_glo(*FAST, "loss=l2", "lr=0.1", f"hydra.run.dir={out}")
+    events = sorted(out.glob("events.out.tfevents.*"))
+    again = run_glo(*FAST, "loss=l2", "lr=0.1", "logger=none", f"hydra.run.dir={out}")  # the logger is not a result
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted((out / "shards").glob("*.npz")) == shards  # nothing was redone
+    assert sorted(out.glob("events.out.tfevents.*")) == events  # logger=none: the report wrote no event file
     b = np.load(out / "latents.npz")
     assert all(np.array_equal(a[k], b[k]) for k in ("ids", "latents", "steps"))
 
@@ -223,6 +225,22 @@ def test_hydra_errors_about_the_command_line_become_one_line(monkeypatch, overri
     with pytest.raises(COMMAND_LINE_ERRORS) as e:
         run_config(override or "data.sise=1", hydra_node=True)
     assert one_line(e.value).startswith(line) and "\n" not in one_line(e.value), one_line(e.value)
+
+
+@pytest.mark.parametrize("args,line", [
+    (["lr=0.1", "logger=null"], "logger=null: a config group cannot be null; choose one of none, tensorboard, or leave "
+                                "logger out for its default"),
+    (["mask=null"], "mask=null: a config group cannot be null; choose one of boxes, folder, none, strokes, or leave"),
+    (["lr=null", "hydra/launcher=null", "logger=none"], None),  # not a glo group, or not null: Hydra's to judge
+])
+def test_a_config_group_set_to_null_is_one_line_with_its_options(monkeypatch, capsys, args, line):
+    """Hydra refuses `group=null` with a ValueError's traceback."""
+    monkeypatch.setattr("sys.argv", ["glo.run", *args])
+    ran = []
+    with pytest.raises(SystemExit) if line else contextlib.nullcontext():
+        hydra_main(lambda: ran.append(True))
+    assert ran == ([] if line else [True])
+    assert capsys.readouterr().err.startswith(f"glo: error: {line}" if line else "")
 
 
 @pytest.mark.parametrize("override,refused", [
