@@ -77,6 +77,13 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
     return "fp32", f"auto: no reduced precision chosen for {device.type}"
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """The device ran out of memory: torch.OutOfMemoryError on a GPU; a RuntimeError from the CPU's (or MPS's)
+    allocator, which torch gives no class of its own."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("can't allocate memory", "out of memory")))
+
+
 def machine() -> dict:
     """The machine a figure was measured on: CPU model and capability, threads, GPU if any."""
     return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -26,7 +26,7 @@ from glo.cli import hydra_main, one_line_errors
 from glo.engine import Settings
 from glo.evaluate import evaluate
 from glo.export import LatentExporter
-from glo.hardware import machine, resolve_precision
+from glo.hardware import machine, out_of_memory, resolve_precision
 from glo.vae import FrozenVAE, Speed, pick_device
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -109,6 +109,18 @@ def hparams(cfg: DictConfig) -> dict[str, str | float | int]:
                                    "precision", "seed")}}
 
 
+def memory_line(cfg: DictConfig, speed: Speed, size: int, device: object, e: RuntimeError) -> str:
+    """Out of memory: what to change. A smaller batch and checkpointing change memory, not the method (they are
+    not in the fingerprint), so the same directory resumes after the finished images; tiles and a smaller size
+    change the results."""
+    same = [f"batch_size={cfg.batch_size // 2}"] if cfg.batch_size > 1 else []
+    same += [] if speed.checkpointing else ["checkpointing=true"]
+    new = ([] if speed.tile_size or size <= 256 else ["tile_size=256"]) + [f"data.size={size // 2}"]
+    resume = f"run the same command with {' '.join(same)} to resume after them, or " if same else ""
+    return (f"out of memory on {device} fitting {cfg.batch_size} image(s) of {size} px ({str(e).splitlines()[0]}); "
+            f"the images finished are kept: {resume}start a new directory with {' or '.join(new)}")
+
+
 def run(cfg: DictConfig) -> float:
     settings, speed = validate(cfg)
     absolute_paths(cfg)
@@ -150,7 +162,12 @@ def run(cfg: DictConfig) -> float:
                              skipped=getattr(dataset, "skipped", []), exif_turned=getattr(dataset, "turned", []))
     if todo:
         loader = DataLoader(Subset(dataset, todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-        trainer.predict(module, loader, return_predictions=False)
+        try:
+            trainer.predict(module, loader, return_predictions=False)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not out_of_memory(e):
+                raise
+            raise GloError(memory_line(cfg, speed, dataset.size, vae.device, e)) from None
         if not trainer.is_global_zero:
             return float("nan")  # rank 0 merges, reports and returns the sweep objective
     else:

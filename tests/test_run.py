@@ -4,12 +4,20 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from glo.cli import COMMAND_LINE_ERRORS, NoUnreadKeys, hydra_main, one_line, one_line_errors
-from glo.run import validate
+from glo.cli import (
+    COMMAND_LINE_ERRORS,
+    NoUnreadKeys,
+    hydra_main,
+    one_line,
+    one_line_errors,
+)
+from glo.run import memory_line, validate
 from tests.conftest import FAST, run_config, run_glo
 
 SUMMARY_KEYS = {"num_images", "psnr_initial_mean", "psnr_final_mean", "psnr_gain_mean", "images_improved",
@@ -63,6 +71,49 @@ def test_two_process_ddp_exports_every_image_exactly_once(tmp_path):
     assert sorted(set(a["rank"])) == [0, 1] and summary["images_per_second"] == pytest.approx(5 / busiest)
 
 
+def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_finished_images(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """The second batch meets the CPU allocator's real error; glo.run runs in this process, as its __main__ does."""
+    import glo.module
+    import glo.run
+
+    fit_batch, calls = glo.module.fit_batch, []
+
+    def second_runs_out(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            torch.empty(2**60, dtype=torch.uint8)  # more than any address space: the CPU allocator's own error
+        return fit_batch(*args, **kwargs)
+
+    monkeypatch.setattr(glo.module, "fit_batch", second_runs_out)
+    args = [*FAST, "data.limit=2", "batch_size=1", "logger=none", "report=false"]
+    with pytest.raises(SystemExit), one_line_errors("glo"):  # as glo.run's main wraps run()
+        glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glo: error:")]
+    assert len(errors) == 1 and errors[0].startswith("glo: error: out of memory on cpu fitting 1 image(s) of 64 px "
+                                                     "(") and "can't allocate memory" in errors[0], errors
+    assert errors[0].endswith("the images finished are kept: run the same command with checkpointing=true to resume "
+                              "after them, or start a new directory with data.size=32")
+    (shard,) = (tmp_path / "shards").glob("*.npz")
+    kept = shard.read_bytes()
+
+    monkeypatch.setattr(glo.module, "fit_batch", fit_batch)
+    glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args, "checkpointing=true"))
+    assert list(np.load(tmp_path / "latents.npz")["ids"]) == ["astronaut", "coffee"] and shard.read_bytes() == kept
+
+
+@pytest.mark.parametrize("overrides,fix", [
+    (["batch_size=4", "checkpointing=true", "data.size=512"], "run the same command with batch_size=2 to resume after "
+                                                              "them, or start a new directory with tile_size=256 or data.size=256"),
+    (["checkpointing=true", "tile_size=256", "data.size=512"], "kept: start a new directory with data.size=256"),
+])
+def test_out_of_memory_names_only_the_switches_not_yet_used(overrides, fix):
+    cfg = run_config(*overrides)
+    line = memory_line(cfg, instantiate(cfg.speed), cfg.data.size, "cpu", RuntimeError("can't allocate memory\nmore"))
+    assert line.startswith(f"out of memory on cpu fitting {cfg.batch_size} image(s) of 512 px (can't allocate memory)")
+    assert line.endswith(fix), line
+
+
 def test_fewer_images_left_than_processes_is_one_line_and_one_process_finishes(tmp_path):
     ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
     common = ["vae=tiny_random", "data.limit=1", "data.size=64", "max_steps=2", "report=false", f"hydra.run.dir={tmp_path}"]
@@ -107,6 +158,18 @@ def bad_folder(tmp_path, kind):
     return folder
 
 
+def as_in_hydra_main(monkeypatch, out, *overrides: str) -> DictConfig:
+    """glo.run's config as hydra.main hands it to the job, writing to `out`: Hydra's node set aside (the output
+    directories refer to it) and removed."""
+    cfg = run_config(*overrides, hydra_node=True)
+    cfg.hydra.runtime.output_dir = str(out)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
 @pytest.mark.parametrize("override,message", [
     ("lr=0", "lr=0"),
     ("lr=fast", "lr='fast': must be a number"),
@@ -118,16 +181,11 @@ def bad_folder(tmp_path, kind):
     ("resume=maybe", "resume=maybe: must be one of auto, restart"),
     ("vae.path=2024", "vae.path=2024: read as a number, not a path; write the folder with a slash (vae.path=./NAME)"),
 ])
-def test_a_bad_setting_is_refused_by_validate_before_anything_is_built(override, message, capsys, monkeypatch):
+def test_a_bad_setting_is_refused_by_validate_before_anything_is_built(override, message, capsys, monkeypatch, tmp_path):
     """In process: validate() is run()'s first call, and the CLI cases below show its GloError reach the
     console as one line with nothing written."""
-    cfg = run_config(override, hydra_node=True)
-    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
-    HydraConfig.instance().set_config(cfg)  # as hydra.main sets it (the logger's directory refers to it),
-    with open_dict(cfg):
-        del cfg["hydra"]  # and hands the job its config without the hydra node
     with pytest.raises(SystemExit), one_line_errors("glo"):  # as glo.run's main wraps run()
-        validate(cfg)
+        validate(as_in_hydra_main(monkeypatch, tmp_path, override))
     err = capsys.readouterr().err
     assert err.startswith("glo: error: ") and message in err and err.count("\n") == 1, err
 
