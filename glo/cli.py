@@ -14,12 +14,13 @@ from typing import Any, Callable, Iterable, Iterator
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import (
     ConfigCompositionException,
+    InstantiationException,
     MissingConfigException,
     OverrideParseException,
 )
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationKeyError
 
 from glo import GloError
 
@@ -69,6 +70,13 @@ def hydra_main(main: Callable[[], Any]) -> None:
     except COMMAND_LINE_ERRORS as e:
         print(f"glo: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    except (InterpolationKeyError, ConfigAttributeError, ConfigKeyError, InstantiationException) as e:
+        deleted = [a for a in sys.argv[1:] if a.startswith("~")]  # `~lr`: a key the run reads is gone
+        if not deleted:
+            raise  # glo's own bug
+        print(f"glo: error: {' '.join(deleted)}: the run needs what was deleted ({_joined(e)}); set a value instead "
+              "of deleting it", file=sys.stderr)
+        sys.exit(1)
 
 
 def one_line(e: Exception) -> str:
@@ -80,8 +88,12 @@ def one_line(e: Exception) -> str:
     if isinstance(e, MissingConfigException) and e.options is not None:  # loss=l3: no such file in conf/loss
         group, _, name = (e.missing_cfg_file or "").rpartition("/")
         return f"{group}={name}: there is no {group} {name}; choose one of {', '.join(e.options)}"
-    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    text = _joined(e)
     return f"{e.override}: cannot read it: {text}" if isinstance(e, OverrideParseException) else text
+
+
+def _joined(e: Exception) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def null_group(args: list[str]) -> str | None:

@@ -8,6 +8,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from omegaconf.errors import ConfigAttributeError
 from PIL import Image
 
 from glo.cli import (
@@ -299,6 +300,23 @@ def test_a_config_group_set_to_null_is_one_line_with_its_options(monkeypatch, ca
         hydra_main(lambda: ran.append(True))
     assert ran == ([] if line else [True])
     assert capsys.readouterr().err.startswith(f"glo: error: {line}" if line else "")
+
+
+@pytest.mark.parametrize("args,cause", [
+    (["~lr"], "Interpolation key 'lr' not found"),
+    (["~engine.lr"], "Error in call to target 'glo.engine.Settings':; TypeError"),
+    (["lr=0.1"], None),
+])
+def test_deleting_a_key_the_run_reads_is_one_line_and_any_other_such_error_keeps_its_traceback(monkeypatch, capsys,
+                                                                                               args, cause):
+    monkeypatch.setattr("sys.argv", ["glo.run", *args])
+    cfg = run_config(*args)
+    with pytest.raises(SystemExit if cause else ConfigAttributeError):
+        hydra_main(lambda: instantiate(cfg.engine) if cause else cfg.engine.no_such_key)  # the latter: glo's bug
+    err = capsys.readouterr().err
+    assert err == "" if not cause else (err.count("\n") == 1 and err.startswith(
+        f"glo: error: {args[0]}: the run needs what was deleted ({cause}") and err.endswith(
+        "); set a value instead of deleting it\n")), err
 
 
 @pytest.mark.parametrize("override,refused", [
