@@ -98,6 +98,7 @@ class LatentExporter(pl.Callback):
             raise GloError(f"export.format={format}: must be one of {', '.join(FORMATS)}")
         self.out, self.format = Path(out_dir), format
         self.shards = self.out / "shards"
+        self.sessions = self.shards / "sessions.json"
         self.metadata: dict[str, Any] = {}
         self.summary: dict[str, float | int] = {}
 
@@ -137,6 +138,10 @@ class LatentExporter(pl.Callback):
 
     def on_predict_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.metadata["start_time"] = datetime.now(timezone.utc).isoformat()
+        if trainer.is_global_zero:  # each run that computes images here, so a resumed dataset names every machine
+            earlier = json.loads(self.sessions.read_text()) if self.sessions.is_file() else []
+            now = {k: self.metadata.get(k) for k in ("start_time", "machine", "precision")}
+            save_json(self.sessions, [*earlier, {**now, "images_done_before": len(self.done_ids())}])
 
     def on_predict_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: dict[str, np.ndarray],
                              batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -168,6 +173,8 @@ class LatentExporter(pl.Callback):
         stale = self.out / ("latents.npz" if self.format == "hdf5" else "latents.h5")
         stale.unlink(missing_ok=True)  # another format's file from an earlier run would be read instead
         self.metadata["end_time"] = datetime.now(timezone.utc).isoformat()
+        if self.sessions.is_file():
+            self.metadata["sessions"] = json.loads(self.sessions.read_text())
         if self.format == "hdf5":
             with atomic_path(self.out / "latents.h5") as tmp, h5py.File(tmp, "w") as f:
                 # HDF5 files describe themselves: one copied without metadata.json still says what made it

@@ -74,7 +74,8 @@ def test_two_process_ddp_exports_every_image_exactly_once(tmp_path):
 
 def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_finished_images(tmp_path, monkeypatch,
                                                                                              capsys):
-    """The second batch meets the CPU allocator's real error; glo.run runs in this process, as its __main__ does."""
+    """The second batch meets the CPU allocator's real error; glo.run runs in this process, as its __main__ does.
+    The resumed run, on "another CPU", adds its session beside the first in metadata.json."""
     import glo.module
     import glo.run
 
@@ -99,8 +100,12 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
     kept = shard.read_bytes()
 
     monkeypatch.setattr(glo.module, "fit_batch", fit_batch)
+    here = glo.run.machine()
+    monkeypatch.setattr(glo.run, "machine", lambda: {**here, "cpu": "another CPU"})  # resumed elsewhere
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args, "checkpointing=true"))
     assert list(np.load(tmp_path / "latents.npz")["ids"]) == ["astronaut", "coffee"] and shard.read_bytes() == kept
+    sessions = json.loads((tmp_path / "metadata.json").read_text())["sessions"]  # both machines named
+    assert [(s["machine"]["cpu"], s["images_done_before"]) for s in sessions] == [(here["cpu"], 0), ("another CPU", 1)]
 
 
 @pytest.mark.parametrize("overrides,fix", [
