@@ -109,9 +109,9 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
 
 
 @pytest.mark.parametrize("overrides,fix", [
-    (["batch_size=4", "checkpointing=true", "data.size=512"], "run the same command with batch_size=2 to resume after "
-                                                              "them, or start a new directory with tile_size=256 or data.size=256"),
-    (["checkpointing=true", "tile_size=256", "data.size=512"], "kept: start a new directory with data.size=256"),
+    (["batch_size=4", "data.size=512"], "run the same command with batch_size=2 checkpointing=true to resume after "
+                                         "them, or start a new directory with data.size=256"),
+    (["checkpointing=true", "data.size=512"], "kept: start a new directory with data.size=256"),
 ])
 def test_out_of_memory_names_only_the_switches_not_yet_used(overrides, fix):
     cfg = run_config(*overrides)
