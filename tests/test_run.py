@@ -11,6 +11,8 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigAttributeError
 from PIL import Image
 
+import glo.module
+import glo.run
 from glo.cli import (
     COMMAND_LINE_ERRORS,
     NoUnreadKeys,
@@ -76,9 +78,6 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
                                                                                              capsys):
     """The second batch meets the CPU allocator's real error; glo.run runs in this process, as its __main__ does.
     The resumed run, on "another CPU", adds its session beside the first in metadata.json."""
-    import glo.module
-    import glo.run
-
     fit_batch, calls = glo.module.fit_batch, []
 
     def second_runs_out(*args, **kwargs):
@@ -210,15 +209,17 @@ def test_a_bad_setting_is_refused_by_validate_before_anything_is_built(override,
     (["data.limit=abc"], "data.limit='abc': must be an integer >= 1"),
     (["data.limit=-1"], "data.limit=-1: must be an integer >= 1"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, message):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, overrides, message):
+    """In process, as glo.run's main calls run() (the CLI's subprocess tests show such a line reach the console)."""
     paths = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(bad_folder(tmp_path, "empty")),
              "CORRUPT": str(bad_folder(tmp_path, "corrupt"))}
     overrides = [o.replace(o.split("=")[1], paths.get(o.split("=")[1], o.split("=")[1])) for o in overrides]
     out = tmp_path / "run"
-    p = run_glo(*overrides, "data.size=64" if "data.size=60" not in overrides else "max_steps=2", f"hydra.run.dir={out}")
-    assert p.returncode == 1
-    errors = [line for line in p.stderr.splitlines() if line.startswith("glo: error:")]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in p.stderr, p.stderr[-2000:]
+    cfg = as_in_hydra_main(monkeypatch, out, *overrides, "data.size=64" if "data.size=60" not in overrides else "max_steps=2")
+    with pytest.raises(SystemExit), one_line_errors("glo"):
+        glo.run.run(cfg)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glo: error:")]
+    assert len(errors) == 1 and message in errors[0], errors
     assert not (out / "latents.npz").exists() and not (out / "summary.json").exists()
     assert not (out / "fingerprint.json").exists() and not (out / "shards").exists()
 
