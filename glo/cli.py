@@ -34,7 +34,8 @@ def one_line_errors(prog: str) -> Iterator[None]:
     """Print a GloError (also when Hydra's instantiate wrapped it) as one line and exit 1.
 
     A full disk, a read-only or immutable directory is the user's to fix, not a bug: one line too (every
-    file is written atomically, so nothing half-written is left). Anything else is a bug and keeps its traceback.
+    file is written atomically, so nothing half-written is left), and so is running out of memory. Anything else
+    is a bug and keeps its traceback.
     """
     threading.excepthook = _main_thread_reports
     try:
@@ -50,8 +51,14 @@ def one_line_errors(prog: str) -> Iterator[None]:
         cause: BaseException | None = e
         while cause is not None and not isinstance(cause, GloError):
             cause = cause.__cause__
-        if cause is None:
-            raise
+        if cause is None:  # torch is imported only here: glo.compare never needs it otherwise
+            from glo.hardware import out_of_memory
+
+            if not out_of_memory(e):
+                raise
+            print(f"{prog}: error: out of memory ({str(e).splitlines()[0]}); run it again with a smaller batch size "
+                  "or image size", file=sys.stderr)  # glo.run names its own switches (a GloError)
+            sys.exit(1)
         print(f"{prog}: error: {cause}", file=sys.stderr)
         sys.exit(getattr(cause, "exit_code", 1))
 

@@ -107,6 +107,15 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
     assert [(s["machine"]["cpu"], s["images_done_before"]) for s in sessions] == [(here["cpu"], 0), ("another CPU", 1)]
 
 
+@pytest.mark.parametrize("out_of_memory", [True, False])
+def test_out_of_memory_in_any_tool_is_one_line_and_other_runtime_errors_keep_their_traceback(capsys, out_of_memory):
+    with pytest.raises(SystemExit if out_of_memory else RuntimeError) as e, one_line_errors("glo.evaluate"):
+        torch.empty(2**60, dtype=torch.uint8) if out_of_memory else torch.ones(2) @ torch.ones(3)
+    err = capsys.readouterr().err
+    assert err == "" if not out_of_memory else (e.value.code == 1 and err.count("\n") == 1 and err.startswith(
+        "glo.evaluate: error: out of memory (") and err.endswith("run it again with a smaller batch size or image size\n"))
+
+
 @pytest.mark.parametrize("overrides,fix", [
     (["batch_size=2", "data.size=512"], "run the same command with batch_size=1 checkpointing=true to resume after "
                                          "them, or start a new directory with data.size=256"),
