@@ -115,6 +115,33 @@ def test_injected_nan_reverts_that_sample_and_the_batch_goes_on():
     assert (r.final_loss < r.initial_loss).all()
 
 
+class OverflowInSample1(torch.autograd.Function):
+    """The identity, whose backward sends an infinite gradient into sample 1: what an fp16 decoder's overflow does
+    while the loss itself stays finite."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[1] = float("inf")
+        return grad
+
+
+def test_an_overflowing_gradient_reverts_that_sample_and_leaves_the_others_as_they_were():
+    torch.manual_seed(1)
+    z0, target = torch.randn(3, 4, 8, 8), torch.randn(3, 3, 8, 8)
+    s = settings(lr=0.05, max_steps=10, rel_tol=0.0, window=3)  # Anderson mixing on, as by default
+    clean = optimize(CountingDecoder(), z0, target, L2, s)
+    decode = CountingDecoder()
+    r = optimize(lambda z: decode(OverflowInSample1.apply(z) if len(decode.sizes) == 3 else z), z0, target, L2, s)
+    assert r.nonfinite.tolist() == [False, True, False] and torch.isfinite(r.latents).all()
+    assert torch.equal(r.latents[[0, 2]], clean.latents[[0, 2]])  # batch-mates untouched
+    assert r.final_loss[1] == clean.loss_curves[1, :4].min()  # its best latent from before the overflow
+
+
 @pytest.mark.parametrize("optim", ["adam", "gradfree"])  # lbfgs: exactly, in its own test below
 def test_a_sample_gets_the_same_result_alone_or_in_a_batch(tiny_vae, optim):
     """Per-sample losses and per-sample optimizer state: batch size must not change the optimization."""
