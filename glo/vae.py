@@ -1,6 +1,7 @@
 """Load a frozen diffusers AutoencoderKL and expose encode/decode in SD latent units."""
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from huggingface_hub.utils import logging as hub_logging
 from torch import Tensor, nn
 
 from glo import GloError
+
+log = logging.getLogger("glo")
 
 
 def pick_device(name: str) -> torch.device:
@@ -142,6 +145,8 @@ def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:
            f"download it where there is network, or pass vae.path=DIR (a diffusers VAE directory)")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise GloError(fix)
+    # Unreachable, the hub retries for tens of seconds before it gives up: say what the wait is
+    log.info("%s is not in the Hugging Face cache: downloading it (HF_HUB_OFFLINE=1 fails at once when offline)", repo)
     try:
         return _pretrained(repo, subfolder=subfolder)
     except OSError:

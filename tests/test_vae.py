@@ -1,4 +1,5 @@
 """Loading real diffusers VAE directories offline, and the one-line errors when weights are missing."""
+import logging
 import re
 
 import pytest
@@ -7,6 +8,7 @@ from diffusers import AutoencoderKL
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import glo.vae
 from glo import GloError
 from glo.vae import load_vae, pick_device
 from tests.conftest import ROOT, photos, run_glo
@@ -76,6 +78,23 @@ def test_offline_hub_model_says_how_to_fix_it(tmp_path):
     assert len(lines) == 1, p.stderr
     assert "stabilityai/sd-vae-ft-mse" in lines[0] and "vae.path=" in lines[0]
     assert not (tmp_path / "latents.npz").exists()
+
+
+def test_an_uncached_hub_model_says_why_it_waits_then_how_to_fix_it(monkeypatch, caplog):
+    """Unreachable, the hub retries for tens of seconds (23 s here) before the one-line error."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    tried = []
+
+    def unreachable(source, **kwargs):
+        tried.append(kwargs.get("local_files_only", False))
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(glo.vae, "_pretrained", unreachable)
+    with caplog.at_level(logging.INFO, logger="glo"), pytest.raises(GloError, match="not in the Hugging Face cache and"):
+        load_vae("sd15", pretrained="runwayml/stable-diffusion-v1-5", subfolder="vae")
+    assert tried == [True, False]  # the cache, then the hub
+    assert caplog.messages == ["runwayml/stable-diffusion-v1-5 is not in the Hugging Face cache: downloading it "
+                               "(HF_HUB_OFFLINE=1 fails at once when offline)"]
 
 
 @pytest.mark.parametrize("name,fix", [("cuda", "use device=auto or device=cpu, or install torch's CUDA build into .venv"),
