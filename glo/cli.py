@@ -90,6 +90,10 @@ def one_line(e: Exception) -> str:
     """A Hydra error about the command line, as one line naming the override."""
     cause = e.__cause__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:  # max_step=50: no such key
+        if f"~{cause.full_key}" in sys.argv[1:]:  # ~data data.limit=1
+            under = next((a for a in sys.argv[1:] if a.startswith(f"{cause.full_key}.")), "a setting under it")
+            return (f"~{cause.full_key} {under}: {cause.full_key} was deleted, so nothing under it can be set; drop "
+                    f"~{cause.full_key} or {under}")
         line = next((a for a in sys.argv[1:] if a.startswith(f"{cause.full_key}=")), cause.full_key)
         return no_such_setting(line, cause.full_key, cause.parent_node or {})
     if isinstance(e, MissingConfigException) and e.options is not None:  # loss=l3: no such file in conf/loss

@@ -317,6 +317,14 @@ def test_a_config_group_set_to_null_is_one_line_with_its_options(monkeypatch, ca
     assert capsys.readouterr().err.startswith(f"glo: error: {line}" if line else "")
 
 
+def test_setting_a_key_under_a_deleted_group_is_one_line_naming_both(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["glo.run", "~data", "data.limit=1"])
+    with pytest.raises(COMMAND_LINE_ERRORS) as e:
+        run_config("~data", "data.limit=1", hydra_node=True)
+    assert one_line(e.value) == ("~data data.limit=1: data was deleted, so nothing under it can be set; drop ~data or "
+                                 "data.limit=1")
+
+
 @pytest.mark.parametrize("args,cause", [
     (["~lr"], "Interpolation key 'lr' not found"),
     (["~engine.lr"], "Error in call to target 'glo.engine.Settings':; TypeError"),
