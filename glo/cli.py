@@ -69,21 +69,20 @@ def hydra_main(main: Callable[[], Any]) -> None:
     key, suggest adding it with `+`, which would change nothing. Anything else keeps its traceback."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors instead of printing them
     line = null_group(sys.argv[1:])
-    if line:
-        print(f"glo: error: {line}", file=sys.stderr)
-        sys.exit(1)
-    try:
-        main()
-    except COMMAND_LINE_ERRORS as e:
-        print(f"glo: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
-    except (InterpolationKeyError, ConfigAttributeError, ConfigKeyError, InstantiationException) as e:
-        deleted = [a for a in sys.argv[1:] if a.startswith("~")]  # `~lr`: a key the run reads is gone
-        if not deleted:
-            raise  # glo's own bug
-        print(f"glo: error: {' '.join(deleted)}: the run needs what was deleted ({_joined(e)}); set a value instead "
-              "of deleting it", file=sys.stderr)
-        sys.exit(1)
+    if not line:
+        try:
+            main()
+            return
+        except COMMAND_LINE_ERRORS as e:
+            line = one_line(e)
+        except (InterpolationKeyError, ConfigAttributeError, ConfigKeyError, InstantiationException) as e:
+            deleted = [a for a in sys.argv[1:] if a.startswith("~")]  # `~lr`: a key the run reads is gone
+            if not deleted:
+                raise  # glo's own bug
+            line = (f"{' '.join(deleted)}: the run needs what was deleted ({_joined(e)}); set a value instead of "
+                    "deleting it")
+    print(f"glo: error: {line}", file=sys.stderr)
+    sys.exit(1)
 
 
 def one_line(e: Exception) -> str:

@@ -196,8 +196,7 @@ def as_in_hydra_main(monkeypatch, out, *overrides: str) -> DictConfig:
     ("vae.path=2024", "vae.path=2024: read as a number, not a path; write the folder with a slash (vae.path=./NAME)"),
 ])
 def test_a_bad_setting_is_refused_by_validate_before_anything_is_built(override, message, capsys, monkeypatch, tmp_path):
-    """In process: validate() is run()'s first call, and the CLI cases below show its GloError reach the
-    console as one line with nothing written."""
+    """In process: validate() is run()'s first call; the cases below run all of run() with nothing written."""
     with pytest.raises(SystemExit), one_line_errors("glo"):  # as glo.run's main wraps run()
         validate(as_in_hydra_main(monkeypatch, tmp_path, override))
     err = capsys.readouterr().err
@@ -219,7 +218,8 @@ def test_a_bad_setting_is_refused_by_validate_before_anything_is_built(override,
     (["data.limit=-1"], "data.limit=-1: must be an integer >= 1"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, overrides, message):
-    """In process, as glo.run's main calls run() (the CLI's subprocess tests show such a line reach the console)."""
+    """In process, as glo.run's main calls run(). A GloError from run() reaches the console as one line in the
+    subprocess tests (test_masks' bad masks, fewer images than processes here)."""
     paths = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(bad_folder(tmp_path, "empty")),
              "CORRUPT": str(bad_folder(tmp_path, "corrupt"))}
     overrides = [o.replace(o.split("=")[1], paths.get(o.split("=")[1], o.split("=")[1])) for o in overrides]
