@@ -12,6 +12,7 @@ import platform
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from glo import GloError
 
@@ -82,6 +83,36 @@ def out_of_memory(e: BaseException) -> bool:
     allocator, which torch gives no class of its own."""
     return isinstance(e, torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and any(s in str(e) for s in ("can't allocate memory", "out of memory")))
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give: a GPU's free memory, or Linux's MemAvailable (RAM; cgroup limits are not
+    read); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text() if device.type == "cpu" else ""
+    except OSError:
+        return None
+    kb = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+    return None if kb is None else kb * 1024
+
+
+def saved_bytes(vae: torch.nn.Module, z: Tensor, dtype: torch.dtype | None) -> int:
+    """Bytes autograd keeps for the backward of vae.decode(z), weights not counted: the least a decode + backward
+    needs. All of it grows with the image, so a small z tells what a big one needs at least."""
+    weights = {p.data_ptr() for p in vae.parameters()}
+    kept: dict[tuple, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        if t.data_ptr() not in weights:  # a tensor saved twice counts once
+            kept[t.data_ptr(), t.dtype, tuple(t.shape)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(), \
+            torch.autocast(z.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        vae.decode(z.detach().requires_grad_())
+    return sum(kept.values())
 
 
 def machine() -> dict:

@@ -94,7 +94,7 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
     assert len(errors) == 1 and errors[0].startswith("glo: error: out of memory on cpu fitting 1 image(s) of 64 px "
                                                      "(") and "can't allocate memory" in errors[0], errors
     assert errors[0].endswith("the images finished are kept: run the same command with checkpointing=true to resume "
-                              "after them, or start a new directory with data.size=32")
+                              "after them, or start a new directory with data.size=32 or less")
     (shard,) = (tmp_path / "shards").glob("*.npz")
     kept = shard.read_bytes()
 
@@ -118,14 +118,34 @@ def test_out_of_memory_in_any_tool_is_one_line_and_other_runtime_errors_keep_the
 
 @pytest.mark.parametrize("overrides,fix", [
     (["batch_size=2", "data.size=512"], "run the same command with batch_size=1 checkpointing=true to resume after "
-                                         "them, or start a new directory with data.size=256"),
-    (["checkpointing=true", "data.size=512"], "kept: start a new directory with data.size=256"),
+                                         "them, or start a new directory with data.size=256 or less"),
+    (["checkpointing=true", "data.size=512"], "kept: start a new directory with data.size=256 or less"),
 ])
 def test_out_of_memory_names_only_the_switches_not_yet_used(overrides, fix):
     cfg = run_config(*overrides)
-    line = memory_line(cfg, instantiate(cfg.speed), cfg.data.size, "cpu", RuntimeError("can't allocate memory\nmore"))
-    assert line.startswith(f"out of memory on cpu fitting {cfg.batch_size} image(s) of 512 px (can't allocate memory)")
-    assert line.endswith(fix), line
+    line = memory_line(cfg, instantiate(cfg.speed), "too big", cfg.data.size // 2)
+    assert line.startswith("too big; the images finished are kept: ") and line.endswith(fix), line
+
+
+def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that_fits(tmp_path, monkeypatch, capsys):
+    """Where the kernel's OOM killer acts first, a run too big is killed without a word; glo refuses it up front."""
+    vae = glo.run.load_model(run_config(*FAST), instantiate(run_config(*FAST).speed))
+    per_64px = glo.run.saved_bytes(vae, torch.zeros(1, 4, 8, 8), None)
+    assert glo.run.saved_bytes(vae, torch.zeros(1, 4, 16, 16), None) == pytest.approx(4 * per_64px, rel=0.02)  # by area
+    assert glo.run.saved_bytes(vae, torch.zeros(1, 4, 8, 8), torch.bfloat16) < 0.75 * per_64px  # autocast counted
+    monkeypatch.setattr(glo.run, "available_memory", lambda device: int(per_64px * 4 * 2 * 0.5))  # half of 2 at 128 px
+    args = [*FAST, "data.size=128", "batch_size=2", "logger=none", "report=false"]
+    with pytest.raises(SystemExit), one_line_errors("glo"):
+        glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glo: error:")]
+    assert errors == [f"glo: error: 2 image(s) of 128 px need at least {per_64px * 8 / 2**30:.1f} GiB on cpu for the "
+                      f"decoder's backward, and {per_64px * 4 / 2**30:.1f} GiB is available; the images finished are "
+                      "kept: run the same command with batch_size=1 checkpointing=true to resume after them, or start "
+                      "a new directory with data.size=88 or less"]  # 128 * sqrt(1/2) = 90.5, down to a multiple of 8
+    assert not list((tmp_path / "shards").glob("*.npz"))
+    monkeypatch.setattr(glo.run, "available_memory", lambda device: int(per_64px * 4 * 2))  # just enough
+    glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
+    assert len(np.load(tmp_path / "latents.npz")["ids"]) == 3
 
 
 def test_fewer_images_left_than_processes_is_one_line_and_one_process_finishes(tmp_path):
