@@ -103,10 +103,10 @@ def test_fp16_latents_get_the_fp32_gradient_at_sd_sizes(optim):
 
 def test_available_memory_is_linux_memavailable_or_the_gpus_free_memory(monkeypatch):
     meminfo = "MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    600 kB\n"
-    monkeypatch.setattr(hardware.Path, "read_text", lambda self: meminfo)
+    monkeypatch.setattr(hardware.Path, "read_text", lambda self: meminfo if str(self) == "/proc/meminfo" else "")
     assert hardware.available_memory(torch.device("cpu")) == 600 * 1024  # free + reclaimable cache, not MemFree
     assert hardware.available_memory(torch.device("mps")) is None  # no figure there: no check
     meminfo = "MemTotal:       1000 kB\n"  # a kernel without the field
     assert hardware.available_memory(torch.device("cpu")) is None
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123, 456))  # (free, total)
-    assert hardware.available_memory(torch.device("cuda")) == 123
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123 + device.index, 456))  # (free, total)
+    assert hardware.available_memory(torch.device("cuda", 1)) == 124  # that GPU's, not the current one's
