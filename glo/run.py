@@ -5,6 +5,7 @@ Returns the mean PSNR gain, so Hydra sweepers can maximize it over a --multirun.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -127,19 +128,20 @@ def memory_line(cfg: DictConfig, speed: Speed, why: str, smaller: int) -> str:
     return f"{why}; the images finished are kept: {resume}start a new directory with data.size={smaller} or less"
 
 
-def check_memory(cfg: DictConfig, speed: Speed, vae: FrozenVAE, size: int, precision: str, processes: int) -> None:
+def check_memory(cfg: DictConfig, speed: Speed, vae: FrozenVAE, size: int, precision: str, batch: int,
+                 processes: int) -> None:
     """Refuse a batch the device cannot hold before computing anything: where the kernel's OOM killer acts first,
     such a run is killed without a word (at 8192 px the stand-in ran 7 minutes first). The estimate is what
     autograd keeps at 64 px, scaled to the image's area: a lower bound, so a run that fits in memory is never
-    refused."""
+    refused. batch: the largest batch this process will decode (fewer images may be left than batch_size)."""
     free = available_memory(vae.device)
     if free is None:
         return
     probe = torch.zeros(1, vae.model.config.latent_channels, 8, 8, device=vae.device)
-    need = saved_bytes(vae, probe, PRECISIONS[precision]) * (size / 64) ** 2 * cfg.batch_size
+    need = saved_bytes(vae, probe, PRECISIONS[precision]) * (size / 64) ** 2 * batch
     need *= processes if vae.device.type == "cpu" else 1  # this machine's processes share its RAM
     if need > free:
-        why = (f"{cfg.batch_size} image(s) of {size} px need at least {need / 2**30:.1f} GiB on {vae.device} for the "
+        why = (f"{batch} image(s) of {size} px need at least {need / 2**30:.1f} GiB on {vae.device} for the "
                f"decoder's backward, and {free / 2**30:.1f} GiB is available")
         raise GloError(memory_line(cfg, speed, why, max(8, int(size * (free / need) ** 0.5) // 8 * 8)))
 
@@ -173,7 +175,8 @@ def run(cfg: DictConfig) -> float:
                        "with trainer.devices=1 trainer.num_nodes=1 to finish them (what is done is kept)")
     vae = load_model(cfg, speed)
     if todo:
-        check_memory(cfg, speed, vae, dataset.size, precision, trainer.num_devices)
+        batch = min(cfg.batch_size, math.ceil(len(todo) / processes))
+        check_memory(cfg, speed, vae, dataset.size, precision, batch, trainer.num_devices)
     resumed = f" ({len(dataset.ids) - len(todo)} already exported)" if done else ""
     if rank_zero_only.rank == 0:
         print(f"glo: VAE {vae.name} ({vae.source}) on {vae.device}, precision {precision} ({reason}); "

@@ -144,6 +144,7 @@ def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that
                       "a new directory with data.size=88 or less"]  # 128 * sqrt(1/2) = 90.5, down to a multiple of 8
     assert not list((tmp_path / "shards").glob("*.npz"))
     monkeypatch.setattr(glo.run, "available_memory", lambda device: int(per_64px * 4 * 2))  # just enough
+    glo.run.run(as_in_hydra_main(monkeypatch, tmp_path / "big_batch", *args, "data.limit=2", "batch_size=8"))  # 2 left
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
     assert len(np.load(tmp_path / "latents.npz")["ids"]) == 3
 
