@@ -129,7 +129,8 @@ def test_out_of_memory_names_only_the_switches_not_yet_used(overrides, fix):
 
 def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that_fits(tmp_path, monkeypatch, capsys):
     """Where the kernel's OOM killer acts first, a run too big is killed without a word; glo refuses it up front."""
-    vae = glo.run.load_model(run_config(*FAST), instantiate(run_config(*FAST).speed))
+    cfg = run_config(*FAST)
+    vae = glo.run.load_model(cfg, instantiate(cfg.speed))
     per_64px = glo.run.saved_bytes(vae, torch.zeros(1, 4, 8, 8), None)
     assert glo.run.saved_bytes(vae, torch.zeros(1, 4, 16, 16), None) == pytest.approx(4 * per_64px, rel=0.02)  # by area
     assert glo.run.saved_bytes(vae, torch.zeros(1, 4, 8, 8), torch.bfloat16) < 0.75 * per_64px  # autocast counted
