@@ -118,32 +118,38 @@ def hparams(cfg: DictConfig) -> dict[str, str | float | int]:
                                    "precision", "seed")}}
 
 
-def memory_line(cfg: DictConfig, speed: Speed, why: str, smaller: int) -> str:
+def memory_line(why: str, switches: list[str], smaller: int) -> str:
     """Out of memory: what to change. A smaller batch and checkpointing change memory, not the method (they are
     not in the fingerprint), so the same directory resumes after the finished images; a smaller size changes the
     results. tile_size is not offered: without checkpointing it doubled the stand-in's peak memory at 1024 px."""
-    same = [f"batch_size={cfg.batch_size // 2}"] if cfg.batch_size > 1 else []
-    same += [] if speed.checkpointing else ["checkpointing=true"]
-    resume = f"run the same command with {' '.join(same)} to resume after them, or " if same else ""
+    resume = f"run the same command with {' '.join(switches)} to resume after them, or " if switches else ""
     return f"{why}; the images finished are kept: {resume}start a new directory with data.size={smaller} or less"
 
 
-def check_memory(cfg: DictConfig, speed: Speed, vae: FrozenVAE, size: int, precision: str, batch: int,
-                 processes: int) -> None:
+def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch: int, processes: int) -> None:
     """Refuse a batch the device cannot hold before computing anything: where the kernel's OOM killer acts first,
     such a run is killed without a word (at 8192 px the stand-in ran 7 minutes first). The estimate is what
     autograd keeps at 64 px, scaled to the image's area: a lower bound, so a run that fits in memory is never
-    refused. batch: the largest batch this process will decode (fewer images may be left than batch_size)."""
+    refused, and a switch is offered unless even its lower bound is too much. batch: the largest batch this
+    process will decode (fewer images may be left than batch_size, and halving batch_size would change nothing)."""
     free = available_memory(vae.device)
     if free is None:
         return
     probe = torch.zeros(1, vae.model.config.latent_channels, 8, 8, device=vae.device)
-    need = saved_bytes(vae, probe, PRECISIONS[precision]) * (size / 64) ** 2 * batch
-    need *= processes if vae.device.type == "cpu" else 1  # this machine's processes share its RAM
-    if need > free:
-        why = (f"{batch} image(s) of {size} px need at least {need / 2**30:.1f} GiB on {vae.device} for the "
-               f"decoder's backward, and {free / 2**30:.1f} GiB is available")
-        raise GloError(memory_line(cfg, speed, why, max(8, int(size * (free / need) ** 0.5) // 8 * 8)))
+    scale = (size / 64) ** 2 * (processes if vae.device.type == "cpu" else 1)  # this machine's processes share RAM
+    per_image = saved_bytes(vae, probe, PRECISIONS[precision]) * scale
+    need = per_image * batch
+    if need <= free:
+        return
+    switches = [f"batch_size={int(free // per_image)}"] if per_image <= free else []
+    if not speed.checkpointing:
+        vae.model.enable_gradient_checkpointing()
+        if saved_bytes(vae, probe, PRECISIONS[precision]) * scale * batch <= free:
+            switches.append("checkpointing=true")
+        vae.model.disable_gradient_checkpointing()
+    why = (f"{batch} image(s) of {size} px need at least {need / 2**30:.1f} GiB on {vae.device} for the "
+           f"decoder's backward, and {free / 2**30:.1f} GiB is available")
+    raise GloError(memory_line(why, switches, max(8, int(size * (free / need) ** 0.5) // 8 * 8)))
 
 
 def run(cfg: DictConfig) -> float:
@@ -174,9 +180,9 @@ def run(cfg: DictConfig) -> float:
         raise GloError(f"{exporter.out}: {len(todo)} image(s) to do for {processes} processes; run the same command "
                        "with trainer.devices=1 trainer.num_nodes=1 to finish them (what is done is kept)")
     vae = load_model(cfg, speed)
+    batch = min(cfg.batch_size, math.ceil(len(todo) / processes))  # the largest batch a process will decode
     if todo:
-        batch = min(cfg.batch_size, math.ceil(len(todo) / processes))
-        check_memory(cfg, speed, vae, dataset.size, precision, batch, trainer.num_devices)
+        check_memory(speed, vae, dataset.size, precision, batch, trainer.num_devices)
     resumed = f" ({len(dataset.ids) - len(todo)} already exported)" if done else ""
     if rank_zero_only.rank == 0:
         print(f"glo: VAE {vae.name} ({vae.source}) on {vae.device}, precision {precision} ({reason}); "
@@ -195,9 +201,10 @@ def run(cfg: DictConfig) -> float:
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             if not out_of_memory(e):
                 raise
-            why = (f"out of memory on {vae.device} fitting {cfg.batch_size} image(s) of {dataset.size} px "
+            why = (f"out of memory on {vae.device} fitting {batch} image(s) of {dataset.size} px "
                    f"({str(e).splitlines()[0]})")
-            raise GloError(memory_line(cfg, speed, why, dataset.size // 2)) from None
+            switches = [f"batch_size={batch // 2}"] * (batch > 1) + ["checkpointing=true"] * (not speed.checkpointing)
+            raise GloError(memory_line(why, switches, dataset.size // 2)) from None
         if not trainer.is_global_zero:
             return float("nan")  # rank 0 merges, reports and returns the sweep objective
     else:

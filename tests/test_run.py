@@ -13,6 +13,7 @@ from PIL import Image
 
 import glo.module
 import glo.run
+from glo import GloError
 from glo.cli import (
     COMMAND_LINE_ERRORS,
     NoUnreadKeys,
@@ -20,7 +21,7 @@ from glo.cli import (
     one_line,
     one_line_errors,
 )
-from glo.run import memory_line, validate
+from glo.run import validate
 from tests.conftest import FAST, run_config, run_glo
 
 SUMMARY_KEYS = {"num_images", "psnr_initial_mean", "psnr_final_mean", "psnr_gain_mean", "images_improved",
@@ -116,15 +117,30 @@ def test_out_of_memory_in_any_tool_is_one_line_and_other_runtime_errors_keep_the
         "glo.evaluate: error: out of memory (") and err.endswith("run it again with a smaller batch size or image size\n"))
 
 
-@pytest.mark.parametrize("overrides,fix", [
-    (["batch_size=2", "data.size=512"], "run the same command with batch_size=1 checkpointing=true to resume after "
-                                         "them, or start a new directory with data.size=256 or less"),
-    (["checkpointing=true", "data.size=512"], "kept: start a new directory with data.size=256 or less"),
+@pytest.mark.parametrize("checkpointing,free,switches,size", [  # size: 64 px * sqrt(free / need), to a multiple of 8
+    (False, lambda plain, ckpt: 1.5 * plain, "batch_size=1 checkpointing=true", 40),
+    (False, lambda plain, ckpt: 3 * ckpt, "checkpointing=true", 24),  # a batch of 1 is too much already
+    (False, lambda plain, ckpt: 3 * ckpt - 1, None, 24),
+    (True, lambda plain, ckpt: 2 * ckpt, "batch_size=2", 48),
 ])
-def test_out_of_memory_names_only_the_switches_not_yet_used(overrides, fix):
-    cfg = run_config(*overrides)
-    line = memory_line(cfg, instantiate(cfg.speed), "too big", cfg.data.size // 2)
-    assert line.startswith("too big; the images finished are kept: ") and line.endswith(fix), line
+def test_a_memory_refusal_offers_only_the_switches_whose_lower_bound_fits(checkpointing, free, switches, size,
+                                                                            monkeypatch):
+    cfg = run_config(*FAST)
+    vae = glo.run.load_model(cfg, instantiate(cfg.speed))
+    probe = torch.zeros(1, 4, 8, 8)
+    plain = glo.run.saved_bytes(vae, probe, None)
+    vae.model.enable_gradient_checkpointing()
+    ckpt = glo.run.saved_bytes(vae, probe, None)
+    assert 3 * ckpt < plain  # checkpointing 3 images takes less than 1 without
+    if not checkpointing:
+        vae.model.disable_gradient_checkpointing()
+    monkeypatch.setattr(glo.run, "available_memory", lambda device: int(free(plain, ckpt)))
+    speed = instantiate(run_config(*FAST, f"checkpointing={checkpointing}").speed)
+    with pytest.raises(GloError, match="^3 image\\(s\\) of 64 px need at least") as e:
+        glo.run.check_memory(speed, vae, 64, "fp32", 3, 1)
+    resume = f"run the same command with {switches} to resume after them, or " if switches else ""
+    assert str(e.value).split("kept: ")[1] == f"{resume}start a new directory with data.size={size} or less", str(e.value)
+    assert glo.run.saved_bytes(vae, probe, None) == (ckpt if checkpointing else plain)  # the VAE is left as it was
 
 
 def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that_fits(tmp_path, monkeypatch, capsys):
@@ -137,12 +153,12 @@ def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that
     monkeypatch.setattr(glo.run, "available_memory", lambda device: int(per_64px * 4 * 2 * 0.5))  # half of 2 at 128 px
     args = [*FAST, "data.size=128", "batch_size=2", "logger=none", "report=false"]
     with pytest.raises(SystemExit), one_line_errors("glo"):
-        glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
+        glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args, "batch_size=4"))  # 3 images: a batch of 3
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glo: error:")]
-    assert errors == [f"glo: error: 2 image(s) of 128 px need at least {per_64px * 8 / 2**30:.1f} GiB on cpu for the "
+    assert errors == [f"glo: error: 3 image(s) of 128 px need at least {per_64px * 12 / 2**30:.1f} GiB on cpu for the "
                       f"decoder's backward, and {per_64px * 4 / 2**30:.1f} GiB is available; the images finished are "
                       "kept: run the same command with batch_size=1 checkpointing=true to resume after them, or start "
-                      "a new directory with data.size=88 or less"]  # 128 * sqrt(1/2) = 90.5, down to a multiple of 8
+                      "a new directory with data.size=72 or less"]  # 128 * sqrt(1/3) = 73.9, down to a multiple of 8
     assert not list((tmp_path / "shards").glob("*.npz"))
     monkeypatch.setattr(glo.run, "available_memory", lambda device: int(per_64px * 4 * 2))  # just enough
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path / "big_batch", *args, "data.limit=2", "batch_size=8"))  # 2 left
