@@ -38,7 +38,10 @@ WEIGHT_FILES = ("*.json", "*.safetensors", "*.bin")
 
 
 def weights_sha256(folder: Path | None) -> str | None:
-    """Hash of a diffusers model directory's config and weights (the VAE's own `vae/` inside a pipeline)."""
+    """Hash of a diffusers model directory's config and weights (the VAE's own `vae/` inside a pipeline), or of a
+    single weights file (vae=sd_file), whatever its name: a file moved or renamed still resumes."""
+    if folder is not None and folder.is_file():
+        return sha256_files({"weights": folder})
     if folder is None or not folder.is_dir():
         return None
     if not (folder / "config.json").is_file() and (folder / "vae").is_dir():

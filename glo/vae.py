@@ -9,6 +9,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_vae_checkpoint,
+    load_single_file_checkpoint,
+)
 from huggingface_hub.utils import logging as hub_logging
 from torch import Tensor, nn
 
@@ -105,10 +109,11 @@ ASSETS = Path(__file__).parent / "assets"
 
 def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = None, path: str | None = None,
              asset: str | None = None, config: dict | None = None, seed: int = 0) -> FrozenVAE:
-    """Build the VAE a config names: a local directory (`path`) wins, then weights shipped in glo/assets
-    (`asset`), then a random `config`, then a hub id."""
+    """Build the VAE a config names: a local directory or weights file (`path`, a file in `config`'s architecture)
+    wins, then weights shipped in glo/assets (`asset`), then a random `config`, then a hub id."""
     if path:
-        return FrozenVAE(_from_directory(Path(path)), name, str(Path(path).resolve()))
+        model = _from_file(Path(path), config) if Path(path).is_file() else _from_directory(Path(path))
+        return FrozenVAE(model, name, str(Path(path).resolve()))
     if asset:
         return FrozenVAE(_from_directory(ASSETS / asset), name, f"glo/assets/{asset}")
     if config:
@@ -121,9 +126,6 @@ def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = N
 
 def _from_directory(path: Path) -> AutoencoderKL:
     """Accept a VAE directory or a whole SD pipeline directory (whose VAE lives in `vae/`)."""
-    if path.is_file():  # e.g. vae-ft-mse-840000-ema-pruned.safetensors, as SD's original releases ship VAEs
-        raise GloError(f"vae.path={path}: a single weights file; glo loads a diffusers directory: convert it once with "
-                       f"AutoencoderKL.from_single_file(FILE).save_pretrained(DIR) and pass vae.path=DIR")
     if not path.is_dir():
         raise GloError(f"vae.path={path}: no such directory")
     for folder in (path, path / "vae"):
@@ -133,6 +135,31 @@ def _from_directory(path: Path) -> AutoencoderKL:
             except (OSError, ValueError) as e:
                 raise GloError(f"vae.path={folder}: not a loadable AutoencoderKL directory ({_first_line(e)})") from None
     raise GloError(f"vae.path={path}: no config.json (expected a directory written by AutoencoderKL.save_pretrained)")
+
+
+def _from_file(path: Path, config: dict | None) -> AutoencoderKL:
+    """One weights file, as SD's original releases ship VAEs (vae-ft-mse-840000-ema-pruned.safetensors) or inside a
+    whole SD checkpoint. It holds no architecture, so vae.config gives it (vae=sd_file), and nothing is fetched.
+    diffusers' from_single_file leaves weights the file lacks at random, silently: glo loads strictly instead."""
+    if not config:
+        raise GloError(f"vae.path={path}: a single weights file holds no architecture; run with vae=sd_file "
+                       f"vae.path={path} (the SD VAE's; SDXL's file also needs vae.config.scaling_factor=0.13025)")
+    model = AutoencoderKL(**config)
+    try:
+        state = load_single_file_checkpoint(str(path), local_files_only=True)
+    except Exception as e:  # safetensors, torch.load and pickle each raise their own kinds
+        raise GloError(f"vae.path={path}: not a readable weights file ({_first_line(e)})") from None
+    if set(state) != set(model.state_dict()):  # not diffusers' names: the original (LDM) layout, renamed
+        state = convert_ldm_vae_checkpoint(state, model.config)
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise GloError(f"vae.path={path}: {len(missing)} of the VAE's {len(model.state_dict())} weights are not in "
+                       f"the file (e.g. {missing[0]}); it holds no SD VAE, or not one of vae.config's architecture")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # "Error(s) in loading state_dict ...", then one line per mismatch
+        raise GloError(f"vae.path={path}: not vae.config's architecture ({str(e).splitlines()[1].strip()})") from None
+    return model
 
 
 def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:

@@ -17,7 +17,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from glo import GloError
 from glo.latents import LatentDataset, load_latents
@@ -66,6 +68,15 @@ def test_every_setting_that_changes_results_is_in_the_fingerprint(override, key)
                                       "image_every_n_batches=0", "device=cpu", "resume=restart", "channels_last=true"])
 def test_settings_that_do_not_change_results_are_not_in_the_fingerprint(override):
     assert fingerprint_of() == fingerprint_of(override)
+
+
+def test_a_single_weights_file_is_identified_by_its_content_not_its_name(tmp_path):
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "moved" / "b.safetensors", tmp_path / "c.safetensors"
+    b.parent.mkdir()
+    for file, value in ((a, 0.0), (b, 0.0), (c, 1.0)):
+        save_file({"w": torch.full((2,), value)}, file)
+    digests = [fingerprint_of("vae=sd_file", f"vae.path={file}")["vae.weights_sha256"] for file in (a, b, c)]
+    assert digests[0] == digests[1] != digests[2] and len(digests[0]) == 64
 
 
 def test_the_precision_used_is_in_the_fingerprint():

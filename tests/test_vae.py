@@ -1,4 +1,5 @@
 """Loading real diffusers VAE directories offline, and the one-line errors when weights are missing."""
+import json
 import logging
 import re
 
@@ -7,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 import glo.vae
 from glo import GloError
@@ -42,19 +44,24 @@ def test_vae_path_loads_a_save_pretrained_directory(tmp_path, tiny_vae, layout):
 
 
 @pytest.mark.slow
-def test_sd_architecture_directory_runs_end_to_end(tmp_path):
-    """The real loading path with the full SD v1 VAE config (random weights): glo.run vae=sd15 vae.path=DIR."""
+@pytest.mark.parametrize("vae,layout", [("sd15", "pipeline_dir"), ("sd_file", "original_file")])
+def test_sd_architecture_weights_run_end_to_end(tmp_path, vae, layout):
+    """The real loading paths with the full SD v1 VAE config (random weights): glo.run vae=sd15 vae.path=DIR, and
+    vae=sd_file vae.path=FILE with the file in SD's original layout, as its releases ship VAEs."""
     torch.manual_seed(0)
-    AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
-        sample_size=512, scaling_factor=0.18215,
-    ).save_pretrained(tmp_path / "sd15" / "vae")
+    model = AutoencoderKL(**OmegaConf.to_container(OmegaConf.load(ROOT / "conf/vae/sd_file.yaml").config))
+    where = tmp_path / "sd15"
+    if layout == "pipeline_dir":
+        model.save_pretrained(where / "vae")
+    else:
+        where = tmp_path / "vae-ft-mse-840000-ema-pruned.safetensors"
+        save_file(original_layout(model.state_dict(), 2), where)
     out = tmp_path / "run"
-    p = run_glo("vae=sd15", f"vae.path={tmp_path / 'sd15'}", "data.size=64", "data.limit=1", "max_steps=2", "precision=fp32",
+    p = run_glo(f"vae={vae}", f"vae.path={where}", "data.size=64", "data.limit=1", "max_steps=2", "precision=fp32",
                 f"hydra.run.dir={out}")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert '"scaling_factor": 0.18215' in (out / "metadata.json").read_text()
+    vae_info = json.loads((out / "metadata.json").read_text())["vae"]
+    assert vae_info == {"name": vae, "source": str(where), "scaling_factor": 0.18215, "shift_factor": 0.0}
 
 
 def test_missing_directory_is_one_clear_error(tmp_path):
@@ -67,8 +74,63 @@ def test_missing_directory_is_one_clear_error(tmp_path):
     with pytest.raises(GloError, match=r"broken: not a loadable AutoencoderKL directory \(.*config\.json.*\)$"):
         load_vae("sd15", path=str(tmp_path / "broken"))
     (tmp_path / "vae.safetensors").write_bytes(b"")
-    with pytest.raises(GloError, match=r"vae\.safetensors: a single weights file; .*from_single_file\(FILE\)"):
+    with pytest.raises(GloError, match=r"vae\.safetensors: a single weights file holds no architecture; run with "
+                                       r"vae=sd_file vae\.path=.*vae\.safetensors \(the SD VAE's; SDXL's"):
         load_vae("sd15", path=str(tmp_path / "vae.safetensors"))
+
+
+def original_layout(state: dict[str, torch.Tensor], resnets: int) -> dict[str, torch.Tensor]:
+    """diffusers' AutoencoderKL names -> the original LDM ones (first_stage_model.*), as SD's own releases hold them
+    (the inverse of diffusers' conversion script; its attention weights are 1x1 convolutions)."""
+    pairs = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"), ("mid.attn_1.", "mid_block.attentions.0."),
+             *[(f"mid.block_{i + 1}.", f"mid_block.resnets.{i}.") for i in range(2)]]
+    for i in range(4):
+        pairs += [(f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.") for j in range(resnets)]
+        pairs += [(f"decoder.up.{3 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.") for j in range(resnets + 1)]
+        pairs += [(f"down.{i}.downsample.", f"down_blocks.{i}.downsamplers.0."),
+                  (f"up.{3 - i}.upsample.", f"up_blocks.{i}.upsamplers.0.")] if i < 3 else []
+    attention = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
+    out = {}
+    for key, value in state.items():
+        for ldm, hf in pairs + (attention if "attentions" in key else []):
+            key = key.replace(hf, ldm)
+        out[f"first_stage_model.{key}"] = value[..., None, None] if "attn_1" in key and value.ndim == 2 else value
+    return out
+
+
+TINY = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/vae/tiny_random.yaml").config)
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers", "whole_sd_ckpt"])
+def test_a_single_weights_file_loads_offline_into_vae_config(tmp_path, tiny_vae, layout):
+    """SD's releases ship VAEs as one file in the original layout, and whole checkpoints hold one beside the UNet
+    and text encoder; a file of diffusers' names loads as well."""
+    state = {k: v.clone() for k, v in tiny_vae.model.state_dict().items()}
+    file = tmp_path / ("sd.ckpt" if layout == "whole_sd_ckpt" else "vae.safetensors")
+    if layout == "whole_sd_ckpt":
+        others = {"model.diffusion_model.out.2.bias": torch.ones(4), "cond_stage_model.transformer.w": torch.ones(2)}
+        torch.save({"state_dict": {**original_layout(state, TINY["layers_per_block"]), **others}, "global_step": 470000}, file)
+    else:
+        save_file(original_layout(state, TINY["layers_per_block"]) if layout == "original" else state, file)
+    vae = load_vae("sd_file", path=str(file), config=TINY)
+    assert vae.source == str(file.resolve())
+    assert all(torch.equal(v, state[k]) for k, v in vae.model.state_dict().items())
+
+
+def test_a_weights_file_missing_a_weight_or_of_another_architecture_is_refused_in_one_line(tmp_path, tiny_vae):
+    """diffusers' from_single_file leaves a weight the file lacks at random, silently."""
+    state = original_layout(tiny_vae.model.state_dict(), TINY["layers_per_block"])
+    save_file({k: v for k, v in state.items() if k != "first_stage_model.decoder.conv_out.bias"}, tmp_path / "a.safetensors")
+    with pytest.raises(GloError, match=r"a\.safetensors: 1 of the VAE's 180 weights are not in the file \(e\.g\. "
+                                       r"decoder\.conv_out\.bias\); it holds no SD VAE, or not one of vae\.config's"):
+        load_vae("sd_file", path=str(tmp_path / "a.safetensors"), config=TINY)
+    save_file(state, tmp_path / "c.safetensors")
+    with pytest.raises(GloError, match=r"c\.safetensors: not vae\.config's architecture \(size mismatch for "
+                                       r"encoder\.conv_out\.weight: .*\)$"):
+        load_vae("sd_file", path=str(tmp_path / "c.safetensors"), config={**TINY, "latent_channels": 8})
+    (tmp_path / "b.safetensors").write_bytes(b"not weights")
+    with pytest.raises(GloError, match=r"b\.safetensors: not a readable weights file \(.+\)$"):
+        load_vae("sd_file", path=str(tmp_path / "b.safetensors"), config=TINY)
 
 
 def test_offline_hub_model_says_how_to_fix_it(tmp_path):
