@@ -49,7 +49,7 @@ def validate(cfg: DictConfig) -> tuple[Settings, Speed]:
     Returns the engine's settings and the decoder's speed switches, each checked by its own class."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise GloError(f"{missing[0]}: must be set (e.g. {missing[0]}=DIR)")
+        raise GloError(f"{missing[0]}: must be set (e.g. {missing[0]}={'FILE' if missing[0] == 'vae.path' else 'DIR'})")
     for key in INTEGERS:
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
             raise GloError(f"{key}={cfg[key]!r}: must be an integer")

@@ -153,10 +153,10 @@ def test_an_uncached_hub_model_says_why_it_waits_then_how_to_fix_it(monkeypatch,
 
     monkeypatch.setattr(glo.vae, "_pretrained", unreachable)
     with caplog.at_level(logging.INFO, logger="glo"), pytest.raises(GloError, match="not in the Hugging Face cache and"):
-        load_vae("sd15", pretrained="runwayml/stable-diffusion-v1-5", subfolder="vae")
+        load_vae("sd15", pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="vae")
     assert tried == [True, False]  # the cache, then the hub
-    assert caplog.messages == ["runwayml/stable-diffusion-v1-5 is not in the Hugging Face cache: downloading it "
-                               "(HF_HUB_OFFLINE=1 fails at once when offline)"]
+    assert caplog.messages == ["stable-diffusion-v1-5/stable-diffusion-v1-5 is not in the Hugging Face cache: "
+                               "downloading it (HF_HUB_OFFLINE=1 fails at once when offline)"]
 
 
 @pytest.mark.parametrize("name,fix", [("cuda", "use device=auto or device=cpu, or install torch's CUDA build into .venv"),
