@@ -13,6 +13,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     load_single_file_checkpoint,
 )
+from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import logging as hub_logging
 from torch import Tensor, nn
 
@@ -176,7 +177,11 @@ def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:
     log.info("%s is not in the Hugging Face cache: downloading it (HF_HUB_OFFLINE=1 fails at once when offline)", repo)
     try:
         return _pretrained(repo, subfolder=subfolder)
-    except OSError:
+    except OSError as e:
+        if isinstance(e.__context__, RepositoryNotFoundError):  # the hub answered: no such repository, for you
+            raise GloError(f"cannot load VAE '{name}': the Hugging Face hub has no repository {repo} you may read "
+                           f"(removed, renamed, or gated: accept its terms and log in with `hf auth login`); set "
+                           f"vae.pretrained=REPO, or pass vae.path=DIR") from None
         raise GloError(fix) from None
 
 

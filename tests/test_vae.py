@@ -3,9 +3,11 @@ import json
 import logging
 import re
 
+import diffusers.configuration_utils
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from huggingface_hub.errors import RepositoryNotFoundError
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
@@ -157,6 +159,20 @@ def test_an_uncached_hub_model_says_why_it_waits_then_how_to_fix_it(monkeypatch,
     assert tried == [True, False]  # the cache, then the hub
     assert caplog.messages == ["stable-diffusion-v1-5/stable-diffusion-v1-5 is not in the Hugging Face cache: "
                                "downloading it (HF_HUB_OFFLINE=1 fails at once when offline)"]
+
+
+def test_a_repository_the_hub_does_not_have_is_named_as_such_not_as_unreachable(monkeypatch):
+    """runwayml/stable-diffusion-v1-5 left the hub in 2024: "unreachable" would send its users to their network."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from httpx2 import Request, Response  # huggingface_hub's HTTP client
+
+    def gone(*args, **kwargs):  # what the hub's client raises on a 404 for the repository
+        raise RepositoryNotFoundError("404", response=Response(404, request=Request("GET", "https://huggingface.co")))
+
+    monkeypatch.setattr(diffusers.configuration_utils, "hf_hub_download", gone)
+    with pytest.raises(GloError, match=r"^cannot load VAE 'sd15': the Hugging Face hub has no repository "
+                                       r"runwayml/stable-diffusion-v1-5 you may read \(removed, renamed, or gated"):
+        load_vae("sd15", pretrained="runwayml/stable-diffusion-v1-5", subfolder="vae")
 
 
 @pytest.mark.parametrize("name,fix", [("cuda", "use device=auto or device=cpu, or install torch's CUDA build into .venv"),
