@@ -135,6 +135,14 @@ def test_a_weights_file_missing_a_weight_or_of_another_architecture_is_refused_i
         load_vae("sd_file", path=str(tmp_path / "b.safetensors"), config=TINY)
 
 
+@pytest.mark.parametrize("name,repo", [("sd14", "CompVis/stable-diffusion-v1-4"), ("sdxl", "stabilityai/sdxl-vae"),
+                                       ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5")])
+def test_each_hub_vae_names_its_repository_when_offline(monkeypatch, name, repo):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(GloError, match=f"^cannot load VAE '{name}' \\({repo}\\): not in the Hugging Face cache"):
+        load_vae(**{k: v for k, v in OmegaConf.load(ROOT / f"conf/vae/{name}.yaml").items() if k != "_target_"})
+
+
 def test_offline_hub_model_says_how_to_fix_it(tmp_path):
     p = run_glo("vae=sd_vae_ft_mse", f"hydra.run.dir={tmp_path}", "data.limit=1")
     assert p.returncode == 1
