@@ -147,9 +147,12 @@ def _from_file(path: Path, config: dict | None) -> AutoencoderKL:
                        f"vae.path={path} (the SD VAE's; SDXL's file also needs vae.config.scaling_factor=0.13025)")
     model = AutoencoderKL(**config)
     try:
-        state = load_single_file_checkpoint(str(path), local_files_only=True)
-    except Exception as e:  # safetensors, torch.load and pickle each raise their own kinds
-        raise GloError(f"vae.path={path}: not a readable weights file ({_first_line(e)})") from None
+        state = load_single_file_checkpoint(str(path))  # a file that exists: never the hub
+    except Exception as e:  # safetensors, torch.load and pickle each raise their own kinds, wrapped by diffusers
+        root = e
+        while root.__cause__ or root.__context__:
+            root = root.__cause__ or root.__context__
+        raise GloError(f"vae.path={path}: not a readable weights file ({_first_line(root)})") from None
     if set(state) != set(model.state_dict()):  # not diffusers' names: the original (LDM) layout, renamed
         state = convert_ldm_vae_checkpoint(state, model.config)
     missing = sorted(set(model.state_dict()) - set(state))
@@ -171,7 +174,7 @@ def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:
         pass
     fix = (f"cannot load VAE '{name}' ({repo}): not in the Hugging Face cache and the hub is unreachable; "
            f"download it where there is network, or pass vae.path=DIR (a diffusers VAE directory)")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "on", "true", "yes"):  # huggingface_hub's spellings
         raise GloError(fix)
     # Unreachable, the hub retries for tens of seconds before it gives up: say what the wait is
     log.info("%s is not in the Hugging Face cache: downloading it (HF_HUB_OFFLINE=1 fails at once when offline)", repo)

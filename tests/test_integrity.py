@@ -70,13 +70,24 @@ def test_settings_that_do_not_change_results_are_not_in_the_fingerprint(override
     assert fingerprint_of() == fingerprint_of(override)
 
 
-def test_a_single_weights_file_is_identified_by_its_content_not_its_name(tmp_path):
-    a, b, c = tmp_path / "a.safetensors", tmp_path / "moved" / "b.safetensors", tmp_path / "c.safetensors"
-    b.parent.mkdir()
-    for file, value in ((a, 0.0), (b, 0.0), (c, 1.0)):
-        save_file({"w": torch.full((2,), value)}, file)
-    digests = [fingerprint_of("vae=sd_file", f"vae.path={file}")["vae.weights_sha256"] for file in (a, b, c)]
-    assert digests[0] == digests[1] != digests[2] and len(digests[0]) == 64
+def test_the_vae_weights_are_identified_by_their_content_wherever_they_are(tmp_path):
+    """A weights file by its bytes whatever its name; a diffusers directory by its config and weights, a whole
+    pipeline's by its vae/ (so a run may move from one to the other); any other weights, another digest."""
+    def digest(path: Path, vae: str = "sd_file") -> str:
+        return fingerprint_of(f"vae={vae}", f"vae.path={path}")["vae.weights_sha256"]
+
+    files = {"a.safetensors": 0.0, "moved/b.safetensors": 0.0, "c.safetensors": 1.0, "d/vae/w.safetensors": 0.0,
+             "e/w.safetensors": 0.0, "f/w.safetensors": 1.0}
+    for name, value in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.full((2,), value)}, tmp_path / name)
+    for folder in ("d/vae", "e", "f"):
+        (tmp_path / folder / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    (tmp_path / "d" / "model_index.json").write_text("{}")  # the pipeline's, not the VAE's
+    a, b, c = (digest(tmp_path / name) for name in ("a.safetensors", "moved/b.safetensors", "c.safetensors"))
+    assert a == b != c and len(a) == 64
+    d, e, f = (digest(tmp_path / name, "sd15") for name in ("d", "e", "f"))
+    assert d == e != f and len(d) == 64 and d != a
 
 
 def test_the_precision_used_is_in_the_fingerprint():
