@@ -86,16 +86,63 @@ def out_of_memory(e: BaseException) -> bool:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes the device can still give: a GPU's free memory, or Linux's MemAvailable (RAM; cgroup limits are not
-    read); None where unknown."""
+    """Bytes the device can still give: a GPU's free memory, or on Linux the RAM this process may still use
+    (MemAvailable, or less where a cgroup caps it); None where unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
     try:
-        meminfo = Path("/proc/meminfo").read_text() if device.type == "cpu" else ""
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        meminfo = ""
+    kb = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+    known = [b for b in (None if kb is None else kb * 1024, cgroup_memory_left()) if b is not None]
+    return min(known) if known else None
+
+
+PROC_CGROUP, CGROUP_FS = Path("/proc/self/cgroup"), Path("/sys/fs/cgroup")
+
+
+def cgroup_memory_left() -> int | None:
+    """What this process's cgroups still allow: the tightest limit on its cgroup or an ancestor, less what is
+    used there, reclaimable file cache counted as free; None without a limit. Containers and SLURM jobs cap
+    memory so, and MemAvailable shows the whole machine's: their OOM killer ends a run without a word."""
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
     except OSError:
         return None
-    kb = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
-    return None if kb is None else kb * 1024
+    left = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2, where it is mounted whole (in v1+v2 hybrids it holds no memory files)
+            root, files = CGROUP_FS, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # v1
+            root, files = CGROUP_FS / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        folder = root / path.lstrip("/")  # in a container's namespace this may not exist: its root is its own
+        for level in [folder, *folder.parents]:
+            left.append(_limit_left(level, *files))
+            if level == root:
+                break
+    left = [b for b in left if b is not None]
+    return min(left) if left else None
+
+
+def _limit_left(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        limit, usage = (folder / limit_file).read_text().strip(), int((folder / usage_file).read_text())
+    except (OSError, ValueError):
+        return None
+    if limit == "max" or int(limit) >= 2**62:  # v1 writes "no limit" as about 2**63
+        return None
+    try:
+        stat = (folder / "memory.stat").read_text()
+    except OSError:
+        stat = ""
+    inactive = next((int(line.split()[1]) for line in stat.splitlines() if line.startswith(f"{inactive_key} ")), 0)
+    return int(limit) - usage + inactive
 
 
 def saved_bytes(vae: torch.nn.Module, z: Tensor, dtype: torch.dtype | None) -> int:

@@ -110,3 +110,31 @@ def test_available_memory_is_linux_memavailable_or_the_gpus_free_memory(monkeypa
     assert hardware.available_memory(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123 + device.index, 456))  # (free, total)
     assert hardware.available_memory(torch.device("cuda", 1)) == 124  # that GPU's, not the current one's
+
+
+@pytest.mark.parametrize("proc,files,left", [
+    ("0::/slurm/job_7/step_0", {"slurm/job_7/memory.max": "4000000", "slurm/job_7/memory.current": "1000000",
+                                "slurm/job_7/memory.stat": "anon 9\ninactive_file 500000\nactive_file 7\n",
+                                "slurm/job_7/step_0/memory.max": "max", "slurm/job_7/step_0/memory.current": "1"},
+     3500000),  # v2: the job's limit, an ancestor's, binds; its reclaimable file cache counts as free
+    ("0::/docker/abc", {"memory.max": "3000", "memory.current": "1000"}, 2000),  # a container sees its own as root
+    ("12:memory:/a\n0::/", {"memory/a/memory.limit_in_bytes": "2000", "memory/a/memory.usage_in_bytes": "500",
+                             "memory/a/memory.stat": "inactive_file 9\ntotal_inactive_file 100\n",
+                             "memory/memory.limit_in_bytes": "9000", "memory/memory.usage_in_bytes": "4000"},
+     1600),  # v1: the tighter level (2000 - 500 + 100 against 9000 - 4000), with v1's hierarchical file cache
+    ("4:memory:/a", {"memory/a/memory.limit_in_bytes": "9223372036854771712", "memory/a/memory.usage_in_bytes": "5"},
+     None),  # v1's "no limit"
+    ("1:cpu:/", {}, None),
+])
+def test_a_cgroup_memory_limit_caps_the_available_memory(monkeypatch, tmp_path, proc, files, left):
+    """Containers and SLURM jobs cap memory in a cgroup, where MemAvailable shows the whole machine's."""
+    (tmp_path / "cgroup").write_text(proc + "\n")
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text + "\n")
+    monkeypatch.setattr(hardware, "PROC_CGROUP", tmp_path / "cgroup")
+    monkeypatch.setattr(hardware, "CGROUP_FS", tmp_path / "fs")
+    assert hardware.cgroup_memory_left() == left
+    machine = hardware.available_memory(torch.device("cpu"))
+    monkeypatch.setattr(hardware, "cgroup_memory_left", lambda: None)
+    assert machine == (hardware.available_memory(torch.device("cpu")) if left is None else left)  # the machine's
