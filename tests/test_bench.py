@@ -106,3 +106,11 @@ def test_bench_load_exports_every_image_once_in_both_formats(tmp_path):
     assert [(r["images"], r["format"]) for r in result["rows"]] == [(3, "npz"), (3, "hdf5"), (12, "npz"), (12, "hdf5")]
     assert all(r["exported"] == r["unique"] == r["images"] and r["peak_rss_mb"] > 50 for r in result["rows"])
     assert set(result["peak_growth_largest_over_smallest"]) == {"npz", "hdf5"}
+
+
+@pytest.mark.parametrize("channels", [4, 16])
+def test_the_unit_cost_is_timed_on_the_vaes_own_latent_channels(channels):
+    """SD 1/2 and SDXL latents have 4 channels, SD3's and Flux's 16: the bench times any of them."""
+    from glo.bench import decode_backward_seconds
+
+    assert decode_backward_seconds(["vae=tiny_random", f"vae.config.latent_channels={channels}"], 16, repeats=1) > 0
