@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import errno
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -76,9 +77,10 @@ def hydra_main(main: Callable[[], Any]) -> None:
         except COMMAND_LINE_ERRORS as e:
             line = one_line(e)
         except (InterpolationKeyError, ConfigAttributeError, ConfigKeyError, InstantiationException) as e:
-            deleted = [a for a in sys.argv[1:] if a.startswith("~")]  # `~lr`: a key the run reads is gone
+            deleted = [a for a in sys.argv[1:] if a.startswith("~")  # `~lr`: a key the run reads is gone
+                       and re.search(rf"\b{re.escape(a[1:].split('=')[0].rpartition('.')[2])}\b", _joined(e))]
             if not deleted:
-                raise  # glo's own bug
+                raise  # glo's own bug, even beside a deletion it does not name
             line = (f"{' '.join(deleted)}: the run needs what was deleted ({_joined(e)}); set a value instead of "
                     "deleting it")
     print(f"glo: error: {line}", file=sys.stderr)

@@ -368,6 +368,7 @@ def test_setting_a_key_under_a_deleted_group_is_one_line_naming_both(monkeypatch
     (["~lr"], "Interpolation key 'lr' not found"),
     (["~engine.lr"], "Error in call to target 'glo.engine.Settings':; TypeError"),
     (["lr=0.1"], None),
+    (["~report"], None),  # deleted, and read nowhere the error names: the error is glo's bug, not the deletion's
 ])
 def test_deleting_a_key_the_run_reads_is_one_line_and_any_other_such_error_keeps_its_traceback(monkeypatch, capsys,
                                                                                                args, cause):
