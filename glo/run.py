@@ -16,7 +16,6 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
@@ -31,10 +30,10 @@ from glo.export import LatentExporter
 from glo.hardware import (
     PRECISIONS,
     available_memory,
+    decode_memory,
     machine,
     out_of_memory,
     resolve_precision,
-    saved_bytes,
 )
 from glo.vae import FrozenVAE, Speed, pick_device
 
@@ -129,27 +128,30 @@ def memory_line(why: str, switches: list[str], smaller: int) -> str:
 def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch: int, processes: int) -> None:
     """Refuse a batch the device cannot hold before computing anything: where the kernel's OOM killer acts first,
     such a run is killed without a word (at 8192 px the stand-in ran 7 minutes first). The estimate is what
-    autograd keeps at 64 px, scaled to the image's area: a lower bound, so a run that fits in memory is never
-    refused, and a switch is offered unless even its lower bound is too much. batch: the largest batch this
-    process will decode (fewer images may be left than batch_size, and halving batch_size would change nothing)."""
+    autograd keeps, from probes at 64 and 128 px: a lower bound, so a run that fits in memory is never refused,
+    and a switch is offered unless even its lower bound is too much. batch: the largest batch this process will
+    decode (fewer images may be left than batch_size, and halving batch_size would change nothing)."""
     free = available_memory(vae.device)
     if free is None:
         return
-    probe = torch.zeros(1, vae.model.config.latent_channels, 8, 8, device=vae.device)
-    scale = (size / 64) ** 2 * (processes if vae.device.type == "cpu" else 1)  # this machine's processes share RAM
-    per_image = saved_bytes(vae, probe, PRECISIONS[precision]) * scale
-    need = per_image * batch
+    share = processes if vae.device.type == "cpu" else 1  # this machine's processes share its RAM
+    area, dtype = (size / 64) ** 2, PRECISIONS[precision]
+    fixed, per_image = decode_memory(vae, dtype)
+    need = (fixed + per_image * area * batch) * share
     if need <= free:
         return
-    switches = [f"batch_size={int(free // per_image)}"] if per_image <= free else []
+    room = free / share - fixed  # what the images may take
+    switches = [f"batch_size={int(room // (per_image * area))}"] if room >= per_image * area else []
     if not speed.checkpointing:
         vae.model.enable_gradient_checkpointing()
-        if saved_bytes(vae, probe, PRECISIONS[precision]) * scale * batch <= free:
-            switches.append("checkpointing=true")
+        fixed_ckpt, per_image_ckpt = decode_memory(vae, dtype)
         vae.model.disable_gradient_checkpointing()
+        if (fixed_ckpt + per_image_ckpt * area * batch) * share <= free:
+            switches.append("checkpointing=true")
     why = (f"{batch} image(s) of {size} px need at least {need / 2**30:.1f} GiB on {vae.device} for the "
            f"decoder's backward, and {free / 2**30:.1f} GiB is available")
-    raise GloError(memory_line(why, switches, max(8, int(size * (free / need) ** 0.5) // 8 * 8)))
+    smaller = max(8, int(64 * (max(room, 0) / (per_image * batch)) ** 0.5) // 8 * 8)
+    raise GloError(memory_line(why, switches, smaller))
 
 
 def run(cfg: DictConfig) -> float:

@@ -1,6 +1,7 @@
 """`python -m glo.run` as a user types it: outputs, contract keys, multirun, resume, bad input."""
 import contextlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from glo.cli import (
     one_line,
     one_line_errors,
 )
+from glo.hardware import decode_memory, saved_bytes
 from glo.run import validate
 from tests.conftest import FAST, run_config, run_glo
 
@@ -117,50 +119,73 @@ def test_out_of_memory_in_any_tool_is_one_line_and_other_runtime_errors_keep_the
         "glo.evaluate: error: out of memory (") and err.endswith("run it again with a smaller batch size or image size\n"))
 
 
-@pytest.mark.parametrize("checkpointing,free,switches,size", [  # size: 64 px * sqrt(free / need), to a multiple of 8
-    (False, lambda plain, ckpt: 1.5 * plain, "batch_size=1 checkpointing=true", 40),
-    (False, lambda plain, ckpt: 3 * ckpt, "checkpointing=true", 24),  # a batch of 1 is too much already
-    (False, lambda plain, ckpt: 3 * ckpt - 1, None, 24),
-    (True, lambda plain, ckpt: 2 * ckpt, "batch_size=2", 48),
+@pytest.mark.parametrize("checkpointing,free,switches,size", [  # size: 64 px * sqrt(room / need), to a multiple of 8
+    (False, lambda plain, ckpt: plain[0] + 1.95 * plain[1], "batch_size=1 checkpointing=true", 48),
+    (False, lambda plain, ckpt: ckpt[0] + 3 * ckpt[1], "checkpointing=true", 24),  # a batch of 1 is too much already
+    (False, lambda plain, ckpt: ckpt[0] + 3 * ckpt[1] - 1, None, 24),
+    (True, lambda plain, ckpt: ckpt[0] + 2 * ckpt[1], "batch_size=2", 48),
 ])
 def test_a_memory_refusal_offers_only_the_switches_whose_lower_bound_fits(checkpointing, free, switches, size,
                                                                             monkeypatch):
+    """In bf16, where autocast's weight copies are kept once and the activations per image (fixed, per image)."""
     cfg = run_config(*FAST)
     vae = glo.run.load_model(cfg, instantiate(cfg.speed))
-    probe = torch.zeros(1, 4, 8, 8)
-    plain = glo.run.saved_bytes(vae, probe, None)
+    plain = decode_memory(vae, torch.bfloat16)
     vae.model.enable_gradient_checkpointing()
-    ckpt = glo.run.saved_bytes(vae, probe, None)
-    assert 3 * ckpt < plain  # checkpointing 3 images takes less than 1 without
+    ckpt = decode_memory(vae, torch.bfloat16)
+    assert ckpt[0] + 3 * ckpt[1] < plain[0] + plain[1]  # checkpointing 3 images takes less than 1 without
     if not checkpointing:
         vae.model.disable_gradient_checkpointing()
-    monkeypatch.setattr(glo.run, "available_memory", lambda device: int(free(plain, ckpt)))
+    monkeypatch.setattr(glo.run, "available_memory", lambda device: math.ceil(free(plain, ckpt)))
     speed = instantiate(run_config(*FAST, f"checkpointing={checkpointing}").speed)
     with pytest.raises(GloError, match="^3 image\\(s\\) of 64 px need at least") as e:
-        glo.run.check_memory(speed, vae, 64, "fp32", 3, 1)
+        glo.run.check_memory(speed, vae, 64, "bf16", 3, 1)
     resume = f"run the same command with {switches} to resume after them, or " if switches else ""
     assert str(e.value).split("kept: ")[1] == f"{resume}start a new directory with data.size={size} or less", str(e.value)
-    assert glo.run.saved_bytes(vae, probe, None) == (ckpt if checkpointing else plain)  # the VAE is left as it was
+    assert decode_memory(vae, torch.bfloat16) == (ckpt if checkpointing else plain)  # the VAE is left as it was
+
+
+def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch):
+    cfg = run_config(*FAST)
+    vae = glo.run.load_model(cfg, instantiate(cfg.speed))
+    fixed, per_image = decode_memory(vae, None)
+    monkeypatch.setattr(glo.run, "available_memory", lambda device: math.ceil(fixed + 3 * per_image))
+    glo.run.check_memory(instantiate(cfg.speed), vae, 64, "fp32", 3, 1)  # 3 images of 64 px fit once
+    with pytest.raises(GloError, match="^3 image"):
+        glo.run.check_memory(instantiate(cfg.speed), vae, 64, "fp32", 3, 2)  # not twice
+
+
+def test_the_memory_count_grows_with_the_area_and_autocasts_weight_copies_are_kept_once():
+    """From probes at 64 and 128 px, the count at 256 px; counting the bf16 weight copies per image of 64 px, as
+    session 14 did, made the SD VAE's estimate at 512 px 3x too big."""
+    cfg = run_config(*FAST)
+    vae = glo.run.load_model(cfg, instantiate(cfg.speed))
+    fixed, per_image = decode_memory(vae, None)
+    assert 0 <= fixed < 0.001 * per_image  # fp32: everything grows with the image
+    bf16_fixed, bf16_per_image = decode_memory(vae, torch.bfloat16)
+    convolutions = [m for m in vae.model.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert bf16_fixed == pytest.approx(2 * sum(m.weight.numel() for m in convolutions), rel=0.05)  # bf16 weights
+    assert bf16_per_image == pytest.approx(per_image / 2, rel=0.05)  # bf16 activations
+    for dtype, (f, p) in ((None, (fixed, per_image)), (torch.bfloat16, (bf16_fixed, bf16_per_image))):
+        assert saved_bytes(vae, torch.zeros(1, 4, 32, 32), dtype) == pytest.approx(f + 16 * p, rel=0.001)
 
 
 def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that_fits(tmp_path, monkeypatch, capsys):
     """Where the kernel's OOM killer acts first, a run too big is killed without a word; glo refuses it up front."""
     cfg = run_config(*FAST)
-    vae = glo.run.load_model(cfg, instantiate(cfg.speed))
-    per_64px = glo.run.saved_bytes(vae, torch.zeros(1, 4, 8, 8), None)
-    assert glo.run.saved_bytes(vae, torch.zeros(1, 4, 16, 16), None) == pytest.approx(4 * per_64px, rel=0.02)  # by area
-    assert glo.run.saved_bytes(vae, torch.zeros(1, 4, 8, 8), torch.bfloat16) < 0.75 * per_64px  # autocast counted
-    monkeypatch.setattr(glo.run, "available_memory", lambda device: int(per_64px * 4 * 2 * 0.5))  # half of 2 at 128 px
+    fixed, per_64px = decode_memory(glo.run.load_model(cfg, instantiate(cfg.speed)), None)
+    free = fixed + per_64px * 4 * 2 * 0.5  # half of 2 images at 128 px
+    monkeypatch.setattr(glo.run, "available_memory", lambda device: math.ceil(free))
     args = [*FAST, "data.size=128", "batch_size=2", "logger=none", "report=false"]
     with pytest.raises(SystemExit), one_line_errors("glo"):
         glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args, "batch_size=4"))  # 3 images: a batch of 3
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glo: error:")]
-    assert errors == [f"glo: error: 3 image(s) of 128 px need at least {per_64px * 12 / 2**30:.1f} GiB on cpu for the "
-                      f"decoder's backward, and {per_64px * 4 / 2**30:.1f} GiB is available; the images finished are "
-                      "kept: run the same command with batch_size=1 checkpointing=true to resume after them, or start "
-                      "a new directory with data.size=72 or less"]  # 128 * sqrt(1/3) = 73.9, down to a multiple of 8
+    assert errors == [f"glo: error: 3 image(s) of 128 px need at least {(fixed + per_64px * 12) / 2**30:.1f} GiB on "
+                      f"cpu for the decoder's backward, and {math.ceil(free) / 2**30:.1f} GiB is available; the images "
+                      "finished are kept: run the same command with batch_size=1 checkpointing=true to resume after "
+                      "them, or start a new directory with data.size=72 or less"]  # 128 * sqrt(2/3) / 2 = 73.9
     assert not list((tmp_path / "shards").glob("*.npz"))
-    monkeypatch.setattr(glo.run, "available_memory", lambda device: int(per_64px * 4 * 2))  # just enough
+    monkeypatch.setattr(glo.run, "available_memory", lambda device: math.ceil(fixed + per_64px * 4 * 2))  # just enough
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path / "big_batch", *args, "data.limit=2", "batch_size=8"))  # 2 left
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
     assert len(np.load(tmp_path / "latents.npz")["ids"]) == 3
