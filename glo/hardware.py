@@ -118,7 +118,8 @@ def cgroup_memory_left() -> int | None:
         if controllers == "":  # v2, where it is mounted whole (in v1+v2 hybrids it holds no memory files)
             root, files = CGROUP_FS, ("memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):  # v1
-            root, files = CGROUP_FS / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            root = CGROUP_FS / "memory"
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
         else:
             continue
         folder = root / path.lstrip("/")  # in a container's namespace this may not exist: its root is its own

@@ -110,6 +110,18 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
     assert [(s["machine"]["cpu"], s["images_done_before"]) for s in sessions] == [(here["cpu"], 0), ("another CPU", 1)]
 
 
+def test_running_out_of_memory_with_checkpointing_on_offers_a_smaller_batch_only(tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        torch.empty(2**60, dtype=torch.uint8)  # the CPU allocator's own error
+
+    monkeypatch.setattr(glo.module, "fit_batch", out_of_memory)
+    with pytest.raises(SystemExit), one_line_errors("glo"):
+        glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, "checkpointing=true", "logger=none", "report=false"))
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glo: error:")]
+    assert error.endswith("kept: run the same command with batch_size=1 to resume after them, or start a new "
+                          "directory with data.size=32 or less"), error  # FAST: batch_size=2
+
+
 @pytest.mark.parametrize("out_of_memory", [True, False])
 def test_out_of_memory_in_any_tool_is_one_line_and_other_runtime_errors_keep_their_traceback(capsys, out_of_memory):
     with pytest.raises(SystemExit if out_of_memory else RuntimeError) as e, one_line_errors("glo.evaluate"):
