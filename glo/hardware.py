@@ -92,13 +92,8 @@ def available_memory(device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        meminfo = ""
-    kb = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
-    known = [b for b in (None if kb is None else kb * 1024, cgroup_memory_left()) if b is not None]
-    return min(known) if known else None
+    kb = _number(_read(Path("/proc/meminfo")), "MemAvailable:")
+    return min((b for b in (None if kb is None else kb * 1024, cgroup_memory_left()) if b is not None), default=None)
 
 
 PROC_CGROUP, CGROUP_FS = Path("/proc/self/cgroup"), Path("/sys/fs/cgroup")
@@ -108,12 +103,8 @@ def cgroup_memory_left() -> int | None:
     """What this process's cgroups still allow: the tightest limit on its cgroup or an ancestor, less what is
     used there, reclaimable file cache counted as free; None without a limit. Containers and SLURM jobs cap
     memory so, and MemAvailable shows the whole machine's: their OOM killer ends a run without a word."""
-    try:
-        lines = PROC_CGROUP.read_text().splitlines()
-    except OSError:
-        return None
     left = []
-    for line in lines:
+    for line in _read(PROC_CGROUP).splitlines():
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2, where it is mounted whole (in v1+v2 hybrids it holds no memory files)
             root, files = CGROUP_FS, ("memory.max", "memory.current", "inactive_file")
@@ -127,8 +118,7 @@ def cgroup_memory_left() -> int | None:
             left.append(_limit_left(level, *files))
             if level == root:
                 break
-    left = [b for b in left if b is not None]
-    return min(left) if left else None
+    return min((b for b in left if b is not None), default=None)
 
 
 def _limit_left(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
@@ -138,17 +128,26 @@ def _limit_left(folder: Path, limit_file: str, usage_file: str, inactive_key: st
         return None
     if limit == "max" or int(limit) >= 2**62:  # v1 writes "no limit" as about 2**63
         return None
+    return int(limit) - usage + (_number(_read(folder / "memory.stat"), inactive_key) or 0)
+
+
+def _read(path: Path) -> str:
+    """A kernel file's text, or "" where this system has none."""
     try:
-        stat = (folder / "memory.stat").read_text()
+        return path.read_text()
     except OSError:
-        stat = ""
-    inactive = next((int(line.split()[1]) for line in stat.splitlines() if line.startswith(f"{inactive_key} ")), 0)
-    return int(limit) - usage + inactive
+        return ""
+
+
+def _number(text: str, key: str) -> int | None:
+    """The number after `key` in lines of "key number ..." (/proc/meminfo, a cgroup's memory.stat)."""
+    return next((int(line.split()[1]) for line in text.splitlines() if line.split()[:1] == [key]), None)
 
 
 def saved_bytes(vae: torch.nn.Module, z: Tensor, dtype: torch.dtype | None) -> int:
     """Bytes autograd keeps for the backward of vae.decode(z), weights not counted: the least a decode + backward
-    needs. All of it grows with the image, so a small z tells what a big one needs at least."""
+    needs. Autocast's reduced-precision copies of the weights are counted: they do not grow with the image, the
+    rest does (decode_memory tells them apart)."""
     weights = {p.data_ptr() for p in vae.parameters()}
     kept: dict[tuple, int] = {}
 

@@ -153,11 +153,12 @@ def _from_file(path: Path, config: dict | None) -> AutoencoderKL:
         while root.__cause__ or root.__context__:
             root = root.__cause__ or root.__context__
         raise GloError(f"vae.path={path}: not a readable weights file ({_first_line(root)})") from None
-    if set(state) != set(model.state_dict()):  # not diffusers' names: the original (LDM) layout, renamed
+    expected = set(model.state_dict())
+    if set(state) != expected:  # not diffusers' names: the original (LDM) layout, renamed
         state = convert_ldm_vae_checkpoint(state, model.config)
-    missing = sorted(set(model.state_dict()) - set(state))
+    missing = sorted(expected - set(state))
     if missing:
-        raise GloError(f"vae.path={path}: {len(missing)} of the VAE's {len(model.state_dict())} weights are not in "
+        raise GloError(f"vae.path={path}: {len(missing)} of the VAE's {len(expected)} weights are not in "
                        f"the file (e.g. {missing[0]}); it holds no SD VAE, or not one of vae.config's architecture")
     try:
         model.load_state_dict(state)

@@ -157,21 +157,19 @@ def test_a_memory_refusal_offers_only_the_switches_whose_lower_bound_fits(checkp
     assert decode_memory(vae, torch.bfloat16) == (ckpt if checkpointing else plain)  # the VAE is left as it was
 
 
-def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch):
-    cfg = run_config(*FAST)
-    vae = glo.run.load_model(cfg, instantiate(cfg.speed))
-    fixed, per_image = decode_memory(vae, None)
+def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch, tiny_vae):
+    speed = instantiate(run_config(*FAST).speed)
+    fixed, per_image = decode_memory(tiny_vae, None)
     monkeypatch.setattr(glo.run, "available_memory", lambda device: math.ceil(fixed + 3 * per_image))
-    glo.run.check_memory(instantiate(cfg.speed), vae, 64, "fp32", 3, 1)  # 3 images of 64 px fit once
+    glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 1)  # 3 images of 64 px fit once
     with pytest.raises(GloError, match="^3 image"):
-        glo.run.check_memory(instantiate(cfg.speed), vae, 64, "fp32", 3, 2)  # not twice
+        glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 2)  # not twice
 
 
-def test_the_memory_count_grows_with_the_area_and_autocasts_weight_copies_are_kept_once():
+def test_the_memory_count_grows_with_the_area_and_autocasts_weight_copies_are_kept_once(tiny_vae):
     """From probes at 64 and 128 px, the count at 256 px; counting the bf16 weight copies per image of 64 px, as
     session 14 did, made the SD VAE's estimate at 512 px 3x too big."""
-    cfg = run_config(*FAST)
-    vae = glo.run.load_model(cfg, instantiate(cfg.speed))
+    vae = tiny_vae
     fixed, per_image = decode_memory(vae, None)
     assert 0 <= fixed < 0.001 * per_image  # fp32: everything grows with the image
     bf16_fixed, bf16_per_image = decode_memory(vae, torch.bfloat16)
@@ -182,10 +180,10 @@ def test_the_memory_count_grows_with_the_area_and_autocasts_weight_copies_are_ke
         assert saved_bytes(vae, torch.zeros(1, 4, 32, 32), dtype) == pytest.approx(f + 16 * p, rel=0.001)
 
 
-def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that_fits(tmp_path, monkeypatch, capsys):
+def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that_fits(tmp_path, monkeypatch, capsys,
+                                                                                      tiny_vae):
     """Where the kernel's OOM killer acts first, a run too big is killed without a word; glo refuses it up front."""
-    cfg = run_config(*FAST)
-    fixed, per_64px = decode_memory(glo.run.load_model(cfg, instantiate(cfg.speed)), None)
+    fixed, per_64px = decode_memory(tiny_vae, None)  # the VAE of FAST's vae=tiny_random
     free = fixed + per_64px * 4 * 2 * 0.5  # half of 2 images at 128 px
     monkeypatch.setattr(glo.run, "available_memory", lambda device: math.ceil(free))
     args = [*FAST, "data.size=128", "batch_size=2", "logger=none", "report=false"]

@@ -109,11 +109,12 @@ def test_a_single_weights_file_loads_offline_into_vae_config(tmp_path, tiny_vae,
     and text encoder; a file of diffusers' names loads as well."""
     state = {k: v.clone() for k, v in tiny_vae.model.state_dict().items()}
     file = tmp_path / ("sd.ckpt" if layout == "whole_sd_ckpt" else "vae.safetensors")
+    original = original_layout(state, TINY["layers_per_block"])
     if layout == "whole_sd_ckpt":
         others = {"model.diffusion_model.out.2.bias": torch.ones(4), "cond_stage_model.transformer.w": torch.ones(2)}
-        torch.save({"state_dict": {**original_layout(state, TINY["layers_per_block"]), **others}, "global_step": 470000}, file)
+        torch.save({"state_dict": {**original, **others}, "global_step": 470000}, file)
     else:
-        save_file(original_layout(state, TINY["layers_per_block"]) if layout == "original" else state, file)
+        save_file(original if layout == "original" else state, file)
     vae = load_vae("sd_file", path=str(file), config=TINY)
     assert vae.source == str(file.resolve())
     assert all(torch.equal(v, state[k]) for k, v in vae.model.state_dict().items())
