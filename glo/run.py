@@ -1,6 +1,7 @@
 """python -m glo.run: build everything the config names, optimize every image's latent, export the dataset.
 
-Returns the mean PSNR gain, so Hydra sweepers can maximize it over a --multirun.
+Returns the mean PSNR gain, so Hydra sweepers can maximize it over a --multirun. Importing this module loads
+neither torch nor Lightning, so Hydra refuses a mistyped setting in about a second.
 """
 from __future__ import annotations
 
@@ -13,29 +14,19 @@ import warnings
 from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
 
-from glo import GloError, rundir
+from glo import GloError
 from glo.cli import hydra_main, one_line_errors
-from glo.engine import Settings
-from glo.evaluate import evaluate
-from glo.export import LatentExporter
-from glo.hardware import (
-    PRECISIONS,
-    available_memory,
-    decode_memory,
-    machine,
-    out_of_memory,
-    resolve_precision,
-)
-from glo.vae import FrozenVAE, Speed, pick_device
+
+if TYPE_CHECKING:
+    from glo.engine import Settings
+    from glo.vae import FrozenVAE, Speed
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 HPARAM_METRICS = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "steps_mean", "images_per_second")
@@ -60,12 +51,15 @@ def validate(cfg: DictConfig) -> tuple[Settings, Speed]:
     limit = cfg.data.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise GloError(f"data.limit={limit!r}: must be an integer >= 1, or null for every image")
+    # torch comes with this import; every check above is answered without it
+    from glo.rundir import RESUME
+
     checks = [
         (isinstance(cfg.report, bool), f"report={cfg.report!r}: must be true or false"),
         (cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1"),
         (cfg.num_workers >= 0, f"num_workers={cfg.num_workers}: must be >= 0"),
         (0 <= cfg.seed < 2**32, f"seed={cfg.seed}: must be in [0, 2**32)"),
-        (cfg.resume in rundir.RESUME, f"resume={cfg.resume}: must be one of {', '.join(rundir.RESUME)}"),
+        (cfg.resume in RESUME, f"resume={cfg.resume}: must be one of {', '.join(RESUME)}"),
         (cfg.device in DEVICES, f"device={cfg.device}: must be one of {', '.join(DEVICES)}"),
         (not (cfg.optim == "gradfree" and cfg.mask.get("known_only")),
          "optim=gradfree has no pixel loss to restrict: use optim=adam with mask.known_only=true"),
@@ -85,6 +79,8 @@ def quiet_third_parties() -> None:
 
 def load_model(cfg: DictConfig, speed: Speed) -> FrozenVAE:
     """The VAE the config names, with its speed switches, on the configured device."""
+    from glo.vae import pick_device
+
     return instantiate(cfg.vae).set_speed(speed).to(pick_device(cfg.device))
 
 
@@ -131,6 +127,8 @@ def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch:
     autograd keeps, from probes at 64 and 128 px: a lower bound, so a run that fits in memory is never refused,
     and a switch is offered unless even its lower bound is too much. batch: the largest batch this process will
     decode (fewer images may be left than batch_size, and halving batch_size would change nothing)."""
+    from glo.hardware import PRECISIONS, available_memory, decode_memory
+
     free = available_memory(vae.device)
     if free is None:
         return
@@ -156,6 +154,18 @@ def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch:
 
 def run(cfg: DictConfig) -> float:
     settings, speed = validate(cfg)
+    # Imported only once the settings are valid: Lightning, diffusers and torchmetrics take several seconds to
+    # import, and a mistyped setting should be refused at once
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities import rank_zero_only
+    from torch.utils.data import DataLoader, Subset
+
+    from glo import rundir
+    from glo.evaluate import evaluate
+    from glo.export import LatentExporter
+    from glo.hardware import machine, out_of_memory, resolve_precision
+    from glo.vae import pick_device
+
     absolute_paths(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     dataset = instantiate(cfg.data)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigAttributeError
 from PIL import Image
 
+import glo.hardware
 import glo.module
 import glo.run
 from glo import GloError
@@ -102,8 +103,8 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
     kept = shard.read_bytes()
 
     monkeypatch.setattr(glo.module, "fit_batch", fit_batch)
-    here = glo.run.machine()
-    monkeypatch.setattr(glo.run, "machine", lambda: {**here, "cpu": "another CPU"})  # resumed elsewhere
+    here = glo.hardware.machine()
+    monkeypatch.setattr(glo.hardware, "machine", lambda: {**here, "cpu": "another CPU"})  # resumed elsewhere
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args, "checkpointing=true"))
     assert list(np.load(tmp_path / "latents.npz")["ids"]) == ["astronaut", "coffee"] and shard.read_bytes() == kept
     sessions = json.loads((tmp_path / "metadata.json").read_text())["sessions"]  # both machines named
@@ -148,7 +149,7 @@ def test_a_memory_refusal_offers_only_the_switches_whose_lower_bound_fits(checkp
     assert ckpt[0] + 3 * ckpt[1] < plain[0] + plain[1]  # checkpointing 3 images takes less than 1 without
     if not checkpointing:
         vae.model.disable_gradient_checkpointing()
-    monkeypatch.setattr(glo.run, "available_memory", lambda device: math.ceil(free(plain, ckpt)))
+    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(free(plain, ckpt)))
     speed = instantiate(run_config(*FAST, f"checkpointing={checkpointing}").speed)
     with pytest.raises(GloError, match="^3 image\\(s\\) of 64 px need at least") as e:
         glo.run.check_memory(speed, vae, 64, "bf16", 3, 1)
@@ -160,7 +161,7 @@ def test_a_memory_refusal_offers_only_the_switches_whose_lower_bound_fits(checkp
 def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch, tiny_vae):
     speed = instantiate(run_config(*FAST).speed)
     fixed, per_image = decode_memory(tiny_vae, None)
-    monkeypatch.setattr(glo.run, "available_memory", lambda device: math.ceil(fixed + 3 * per_image))
+    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(fixed + 3 * per_image))
     glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 1)  # 3 images of 64 px fit once
     with pytest.raises(GloError, match="^3 image"):
         glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 2)  # not twice
@@ -185,7 +186,7 @@ def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that
     """Where the kernel's OOM killer acts first, a run too big is killed without a word; glo refuses it up front."""
     fixed, per_64px = decode_memory(tiny_vae, None)  # the VAE of FAST's vae=tiny_random
     free = fixed + per_64px * 4 * 2 * 0.5  # half of 2 images at 128 px
-    monkeypatch.setattr(glo.run, "available_memory", lambda device: math.ceil(free))
+    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(free))
     args = [*FAST, "data.size=128", "batch_size=2", "logger=none", "report=false"]
     with pytest.raises(SystemExit), one_line_errors("glo"):
         glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args, "batch_size=4"))  # 3 images: a batch of 3
@@ -195,7 +196,7 @@ def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that
                       "finished are kept: run the same command with batch_size=1 checkpointing=true to resume after "
                       "them, or start a new directory with data.size=72 or less"]  # 128 * sqrt(2/3) / 2 = 73.9
     assert not list((tmp_path / "shards").glob("*.npz"))
-    monkeypatch.setattr(glo.run, "available_memory", lambda device: math.ceil(fixed + per_64px * 4 * 2))  # just enough
+    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(fixed + per_64px * 4 * 2))  # just enough
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path / "big_batch", *args, "data.limit=2", "batch_size=8"))  # 2 left
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
     assert len(np.load(tmp_path / "latents.npz")["ids"]) == 3

@@ -21,6 +21,18 @@ def test_the_library_imports_neither_lightning_nor_hydra(module):
     assert p.stdout.strip() == "[]"
 
 
+def test_a_mistyped_setting_is_refused_before_torch_is_imported():
+    """Importing glo.run loads neither torch, Lightning nor diffusers (seconds each), so Hydra's refusal of a
+    typo comes at once; a top-level import of any of them in glo/run.py fails this."""
+    code = ("import runpy, sys; sys.argv = ['glo.run', 'max_step=5']\n"  # python -m glo.run max_step=5
+            "try:\n    runpy.run_module('glo.run', run_name='__main__', alter_sys=True)\n"
+            "finally:\n    print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'diffusers'}))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert "glo has no setting max_step (did you mean max_steps=5?)" in p.stderr
+    assert p.stdout.strip() == "[]"
+
+
 def test_a_default_lives_in_the_yaml_only():
     """No setting has a Python default that could drift from conf/run.yaml."""
     for cls in (Settings, Speed):
