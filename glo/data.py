@@ -150,7 +150,8 @@ class FileDataset(ImageDataset):
     """Images from files, each vetted (fully decoded) up front: a bad file stops the run before any model is
     loaded (`on_error=fail`), or is left out with one logged line and listed in `skipped` (`on_error=skip`)."""
 
-    def __init__(self, files: list[Path], size: int, limit: int | None, on_error: str) -> None:
+    def __init__(self, files: list[Path], size: int, limit: int | None, on_error: str,
+                 on_error_key: str | None = "data.on_error") -> None:
         super().__init__(size, limit)
         if on_error not in ("fail", "skip"):
             raise GloError(f"data.on_error={on_error}: must be fail or skip")
@@ -168,7 +169,8 @@ class FileDataset(ImageDataset):
                 self.files.append(f)
             except GloError as e:
                 if on_error == "fail":
-                    raise
+                    skip = f", or run with {on_error_key}=skip to leave such files out" if on_error_key else ""
+                    raise GloError(f"{e}; replace or remove it{skip}") from None
                 log.warning("skipping %s", e)
                 self.skipped.append({"source": str(f), "reason": str(e)})
         self.ids = [f.stem for f in self.files]
@@ -210,7 +212,7 @@ class FolderDataset(FileDataset):
             names = subfolders(root)
             hint = f"; it has subfolders ({names}): point {key} at one" if names else ""
             raise GloError(f"{key}={path}: no image files ({', '.join(IMAGE_SUFFIXES)}){hint}")
-        super().__init__(files, size, limit, on_error)
+        super().__init__(files, size, limit, on_error, "data.on_error" if key == "data.path" else None)  # glo.run's
 
     def read(self, path: Path) -> tuple[Image.Image, dict]:
         img, (width, height), orientation = open_image(path, self.size)

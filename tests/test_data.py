@@ -1,6 +1,7 @@
 """One loading path for every image kind, and one-line errors naming the file."""
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -225,6 +226,14 @@ def test_very_large_jpeg_is_resized_and_keeps_its_original_size(tmp_path):
     Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)  # 4500 x 3000
     image, meta = FolderDataset(str(tmp_path), size=256)[0]
     assert image.shape == (3, 256, 256) and (meta["width"], meta["height"]) == (4500, 3000)
+
+
+@pytest.mark.parametrize("key, hint", [("data.path", ", or run with data.on_error=skip"), ("data.train", "")])
+def test_a_bad_file_stops_with_the_way_past_it(tmp_path, key, hint):
+    """glo.run's folder names the setting that skips bad files; glo.train_vae's folders have no such setting."""
+    (tmp_path / "x.png").write_bytes(b"text")
+    with pytest.raises(GloError, match=rf"x\.png: not a readable image \(.*\); replace or remove it{re.escape(hint)}"):
+        FolderDataset(str(tmp_path), size=16, key=key)
 
 
 def test_unknown_on_error_is_rejected(tmp_path):
