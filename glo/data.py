@@ -105,12 +105,6 @@ class ImageDataset(Dataset):
         self.size = check_size(size)
         self.limit = limit
 
-    def _truncate(self, ids: list[str]) -> list[str]:
-        if len(set(ids)) != len(ids):
-            dup = sorted({i for i in ids if ids.count(i) > 1})
-            raise GloError(f"image ids must be unique; these file names repeat: {', '.join(dup)}")
-        return ids[: self.limit] if self.limit else ids
-
     def load(self, i: int) -> tuple[Image.Image, dict]:
         raise NotImplementedError
 
@@ -135,7 +129,7 @@ class SampleDataset(ImageDataset):
 
     def __init__(self, size: int, limit: int | None = None) -> None:
         super().__init__(size, limit)
-        self.ids = self._truncate(list(SAMPLE_PHOTOS))
+        self.ids = list(SAMPLE_PHOTOS)[:limit]
 
     def load(self, i: int) -> tuple[Image.Image, dict]:
         import skimage.data
@@ -159,8 +153,13 @@ class FileDataset(ImageDataset):
         self.turned: list[str] = []  # turned upright by their EXIF orientation (recorded in metadata.json)
         self.files = []
         self._digests: dict[str, str] = {}
-        ids = self._truncate([f.stem for f in files])  # unique, and at most `limit`
-        for f in files[: len(ids)]:
+        stems = [f.stem for f in files]
+        if len(set(stems)) != len(stems):
+            dup = sorted({i for i in stems if stems.count(i) > 1})
+            raise GloError(f"image ids must be unique; these file names repeat: {', '.join(dup)}")
+        for f in files:
+            if len(self.files) == self.limit:  # the first `limit` good ones: a skipped file does not count
+                break
             try:
                 meta = self.read(f)[1]
                 if meta.get("exif_orientation", 1) != 1:

@@ -211,6 +211,16 @@ def test_skip_leaves_bad_files_out_and_lists_them(tmp_path, caplog):
     assert sum("skipping" in r.message for r in caplog.records) == len(bad)
 
 
+def test_a_limit_counts_the_images_kept_not_the_files_tried(tmp_path):
+    """Sorted, cut.png and empty.png come first: data.limit=2 still gives two images, and files after them are
+    not read, so they are not listed as skipped."""
+    write_bad_files(tmp_path)
+    ds = FolderDataset(str(tmp_path), size=32, limit=2, on_error="skip")
+    assert ds.ids == ["good1", "good2"]
+    assert sorted(s["source"].split("/")[-1] for s in ds.skipped) == ["cut.png", "empty.png"]
+    assert FolderDataset(str(tmp_path), size=32, limit=1, on_error="skip").ids == ["good1"]
+
+
 @pytest.mark.parametrize("name", ["empty.png", "text.jpg", "cut.png", "tiny.png"])
 def test_fail_stops_at_the_bad_file_before_any_model(tmp_path, name):
     write_bad_files(tmp_path / "all")
