@@ -69,6 +69,9 @@ def test_exif_orientation_is_applied_and_recorded(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "turn 90 degrees clockwise to view": the photo is a portrait
     Image.fromarray(img).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    Image.fromarray(img).save(tmp_path / "scan.jpg", quality=95)  # no orientation tag: not turned
+    exif[0x0112] = 1
+    Image.fromarray(img).save(tmp_path / "upright.jpg", exif=exif, quality=95)  # tagged upright: not turned
     ds = FolderDataset(str(tmp_path), size=32)
     image, meta = ds[0]
     assert (meta["height"], meta["width"]) == (64, 32) and ds.turned == [str(tmp_path / "phone.jpg")]
@@ -89,7 +92,9 @@ def test_a_dangling_symlink_is_named_not_dropped(tmp_path, on_error):
 
 def test_samples_are_offline_photos():
     ds = SampleDataset(size=64, limit=2)
-    assert len(ds) == 2 and ds[0][1]["source"] == "skimage.data.astronaut"
+    image, meta = ds[1]
+    assert len(ds) == 2 and ds[0][1]["source"] == "skimage.data.astronaut" and image.shape == (3, 64, 64)
+    assert (meta["id"], meta["height"], meta["width"]) == ("coffee", 400, 600)  # the photo's own size
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -139,6 +144,7 @@ def test_prepare_writes_npz_and_stats_that_bsds500dataset_reads(tmp_path):
     assert stats["count"] == 7 and stats["size"] == 64 and len(stats["channel_mean"]) == 3
     assert stats["original_sizes"] == {"321x481": 6, "481x321": 1}
     ds = BSDS500Dataset(str(tmp_path / "out"), "train", cache_in_memory=True, size=64)
+    assert ds.turned == []  # prepared files are upright already
     image, meta = ds[ds.ids.index("landscape")]
     assert image.shape == (3, 64, 64) and meta["source"].endswith("landscape.jpg")
     assert (meta["height"], meta["width"]) == (321, 481)
@@ -185,7 +191,7 @@ def test_bsds500_dataset_rejects_a_wrong_array(tmp_path, array):
     folder = tmp_path / "val" / "images"
     folder.mkdir(parents=True)
     np.savez(folder / "a.npz", image=array, meta=np.array("{}"))
-    with pytest.raises(GloError, match=r"a\.npz: .*expected uint8"):
+    with pytest.raises(GloError, match=r"a\.npz: .*expected uint8.*, or run with data\.on_error=skip to leave such files out$"):
         BSDS500Dataset(str(tmp_path), "val", size=64)[0]
 
 
@@ -208,7 +214,15 @@ def test_skip_leaves_bad_files_out_and_lists_them(tmp_path, caplog):
     assert ds.ids == ["good1", "good2"] and ds[1][0].shape == (3, 32, 32)
     assert {s["source"].split("/")[-1].split(".")[0] for s in ds.skipped} == bad
     assert "smaller than 8 px" in " ".join(s["reason"] for s in ds.skipped)
-    assert sum("skipping" in r.message for r in caplog.records) == len(bad)
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(f"skipping {s['reason']}" for s in ds.skipped)
+
+
+def test_two_files_with_one_id_are_refused(tmp_path):
+    """a.png and a.jpg would both be row 'a': which latent is which could not be told apart."""
+    for name in ("a.png", "a.jpg", "b.png", "b.webp", "c.png"):
+        Image.new("RGB", (16, 16), "red").save(tmp_path / name)
+    with pytest.raises(GloError, match=r"^image ids must be unique; these file names repeat: a, b$"):
+        FolderDataset(str(tmp_path), size=16, limit=1)  # also when the limit would stop before the twin
 
 
 def test_a_limit_counts_the_images_kept_not_the_files_tried(tmp_path):
@@ -238,11 +252,12 @@ def test_very_large_jpeg_is_resized_and_keeps_its_original_size(tmp_path):
     assert image.shape == (3, 256, 256) and (meta["width"], meta["height"]) == (4500, 3000)
 
 
-@pytest.mark.parametrize("key, hint", [("data.path", ", or run with data.on_error=skip"), ("data.train", "")])
+@pytest.mark.parametrize("key, hint", [("data.path", ", or run with data.on_error=skip to leave such files out"),
+                                       ("data.train", "")])
 def test_a_bad_file_stops_with_the_way_past_it(tmp_path, key, hint):
     """glo.run's folder names the setting that skips bad files; glo.train_vae's folders have no such setting."""
     (tmp_path / "x.png").write_bytes(b"text")
-    with pytest.raises(GloError, match=rf"x\.png: not a readable image \(.*\); replace or remove it{re.escape(hint)}"):
+    with pytest.raises(GloError, match=rf"x\.png: not a readable image \(.*\); replace or remove it{re.escape(hint)}$"):
         FolderDataset(str(tmp_path), size=16, key=key)
 
 
