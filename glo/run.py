@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from glo.vae import FrozenVAE, Speed
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+RESUME = ("auto", "restart")  # see glo.rundir.claim
 HPARAM_METRICS = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "steps_mean", "images_per_second")
 INTEGERS = ("batch_size", "seed", "num_workers")
 PATHS = ("data.path", "data.processed_data_dir", "mask.path", "vae.path")  # stored absolute, with ~ expanded
@@ -51,9 +52,6 @@ def validate(cfg: DictConfig) -> tuple[Settings, Speed]:
     limit = cfg.data.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise GloError(f"data.limit={limit!r}: must be an integer >= 1, or null for every image")
-    # torch comes with this import; every check above is answered without it
-    from glo.rundir import RESUME
-
     checks = [
         (isinstance(cfg.report, bool), f"report={cfg.report!r}: must be true or false"),
         (cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1"),

@@ -27,7 +27,6 @@ from glo.latents import ROWS_VERSION
 
 log = logging.getLogger("glo")
 FINGERPRINT = "fingerprint.json"
-RESUME = ("auto", "restart")
 OTHER_RESULTS = ("tile_size", "seed")  # besides the engine's settings (tiling blends seams; seed draws masks)
 PRECISION_KEYS = {"precision", "fp16_grad_scale"}  # what precision=auto may change between machines
 NOT_RESULTS = {"data": ("on_error", "cache_in_memory", "limit"), "vae": ("path",)}  # ids and weights cover them

@@ -21,15 +21,19 @@ def test_the_library_imports_neither_lightning_nor_hydra(module):
     assert p.stdout.strip() == "[]"
 
 
-def test_a_mistyped_setting_is_refused_before_torch_is_imported():
-    """Importing glo.run loads neither torch, Lightning nor diffusers (seconds each), so Hydra's refusal of a
-    typo comes at once; a top-level import of any of them in glo/run.py fails this."""
-    code = ("import runpy, sys; sys.argv = ['glo.run', 'max_step=5']\n"  # python -m glo.run max_step=5
+@pytest.mark.parametrize("override, message", [
+    ("max_step=5", "max_step=5: glo has no setting max_step (did you mean max_steps=5?)"),  # Hydra's refusal
+    ("batch_size=0", "batch_size=0: must be >= 1"),                              # glo.run's validate
+    ("resume=maybe", "resume=maybe: must be one of auto, restart"),
+])
+def test_a_bad_setting_is_refused_before_torch_is_imported(override, message):
+    """glo.run imports neither torch, Lightning nor diffusers (seconds each) before the settings are checked, so a
+    typo is refused at once; a top-level import of any of them in glo/run.py fails this."""
+    code = (f"import runpy, sys; sys.argv = ['glo.run', '{override}']\n"  # python -m glo.run OVERRIDE
             "try:\n    runpy.run_module('glo.run', run_name='__main__', alter_sys=True)\n"
             "finally:\n    print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'diffusers'}))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1
-    assert "glo has no setting max_step (did you mean max_steps=5?)" in p.stderr
+    assert p.returncode == 1 and p.stderr.startswith(f"glo: error: {message}") and p.stderr.count("\n") == 1, p.stderr
     assert p.stdout.strip() == "[]"
 
 
