@@ -229,6 +229,14 @@ class BSDS500Dataset(FileDataset):
         files = sorted(folder.glob("*.npz"))
         if not files:
             raise GloError(f"{folder}: no processed images; run: python -m glo.prepare --split {split}")
+        stats_file = folder.parent / "stats.json"
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        if stats.get("size", size) < size:  # upscaling the shrunk copy would not give what the originals give
+            out = f"{str(processed_data_dir).rstrip('/')}_{size}"
+            raise GloError(f"{folder.parent}: prepared at {stats['size']} px, smaller than data.size={size}; prepare "
+                           f"it at that size: python -m glo.prepare --src {stats.get('source', 'DIR')} --split {split} "
+                           f"--size {size} --out {out}, then add data.processed_data_dir={out} (or run with "
+                           f"data.size={stats['size']})")
         self.cache: dict[Path, tuple[Image.Image, dict]] | None = {} if cache_in_memory else None
         super().__init__(files, size, limit, on_error)
 

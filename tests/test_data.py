@@ -180,6 +180,24 @@ def test_prepare_with_a_split_the_root_lacks_names_the_splits_it_has(tmp_path):
     assert prepare(str(tmp_path / "flat"), str(tmp_path / "out"), "any", size=64)["count"] == 7
 
 
+def test_a_split_prepared_smaller_than_data_size_is_refused_with_a_command_that_works(tmp_path):
+    """Upscaling the 64 px copy to 128 px is not what the originals give at 128 px: refused, and the command the
+    line gives prepares a split that then loads, as the originals would."""
+    make_folder(tmp_path / "src" / "val")
+    prepare(str(tmp_path / "src"), str(tmp_path / "out"), "val", size=64)
+    assert BSDS500Dataset(str(tmp_path / "out"), "val", size=32, limit=1).ids == ["alpha"]  # shrinking is fine
+    with pytest.raises(GloError) as e:
+        BSDS500Dataset(str(tmp_path / "out"), "val", size=128)
+    line = str(e.value)
+    assert line.startswith(f"{tmp_path / 'out' / 'val'}: prepared at 64 px, smaller than data.size=128; ")
+    command = re.search(r"python -m glo.prepare (.*?), then add data.processed_data_dir=(\S+) \(or run with "
+                        r"data.size=64\)$", line)
+    prepare_main(command[1].split())
+    again = BSDS500Dataset(command[2], "val", size=128)
+    direct = FolderDataset(str(tmp_path / "src" / "val"), 128)
+    assert again.ids == direct.ids and np.array_equal(again[0][0], direct[0][0])
+
+
 def test_bsds500_dataset_without_prepare_says_what_to_run(tmp_path):
     with pytest.raises(GloError, match="glo.prepare --split val"):
         BSDS500Dataset(str(tmp_path), "val")
