@@ -167,6 +167,23 @@ def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch, tiny_vae):
         glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 2)  # not twice
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_batch_that_fits_with_little_to_spare_is_run_with_a_warning(monkeypatch, tiny_vae, caplog, checkpointing):
+    """The count is a lower bound (peaks measured 1.6x it): within 2x of the free memory the run goes ahead, and
+    its log says it may still run out, before a kernel OOM kill would end it without a word."""
+    speed = instantiate(run_config(*FAST, f"checkpointing={checkpointing}").speed)
+    fixed, per_image = decode_memory(tiny_vae, None)
+    need = fixed + 3 * per_image
+    for free, warned in ((2.01 * need, False), (1.99 * need, True)):
+        caplog.clear()
+        monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(free))
+        glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 1)
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+            f"3 image(s) of 64 px need at least 0.0 GiB on cpu for the decoder's backward, and 0.0 GiB is available: "
+            f"the count is a lower bound, so the run may still run out of memory (on a CPU the kernel then ends it "
+            f"without a message){'' if checkpointing else '; checkpointing=true needs less'}"] * warned
+
+
 def test_the_memory_count_grows_with_the_area_and_autocasts_weight_copies_are_kept_once(tiny_vae):
     """From probes at 64 and 128 px, the count at 256 px; counting the bf16 weight copies per image of 64 px, as
     session 14 did, made the SD VAE's estimate at 512 px 3x too big."""
