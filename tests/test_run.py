@@ -25,6 +25,7 @@ from glo.cli import (
 )
 from glo.hardware import decode_memory, saved_bytes
 from glo.run import validate
+from glo.vae import load_vae
 from tests.conftest import FAST, run_config, run_glo
 
 SUMMARY_KEYS = {"num_images", "psnr_initial_mean", "psnr_final_mean", "psnr_gain_mean", "images_improved",
@@ -184,12 +185,17 @@ def test_a_batch_that_fits_with_little_to_spare_is_run_with_a_warning(monkeypatc
             f"without a message){'' if checkpointing else '; checkpointing=true needs less'}"] * warned
 
 
-def test_a_checkpointed_count_holds_the_largest_blocks_recompute(tiny_vae):
+@pytest.mark.parametrize("largest", ["up_blocks.3", "mid_block"])
+def test_a_checkpointed_count_holds_the_largest_blocks_recompute(tiny_vae, largest):
     """Backward recomputes a checkpointed block whole before its backward runs: what that block saves is alive at
     once. Counting only what checkpointing keeps put the SD VAE's need at 512 px (bf16) at 408 MiB against 1067.
-    Measured here against the full-resolution up block run alone, with its input from a plain decode."""
+    Measured here against the largest block run alone, with its input from a plain decode: the full-resolution up
+    block, or the middle block where it is wide enough to be larger (it checkpoints blocks of its own inside)."""
     vae, z = tiny_vae, torch.zeros(1, 4, 16, 16)
-    last = vae.model.decoder.up_blocks[-1]
+    if largest == "mid_block":
+        config = {**vae.model.config, "block_out_channels": [2, 2, 2, 256], "norm_num_groups": 2}
+        vae = load_vae("mid_heavy", config={k: v for k, v in config.items() if not k.startswith("_")})
+    last = vae.model.decoder.get_submodule(largest)
     inputs = []
     hook = last.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().requires_grad_()))
     plain = saved_bytes(vae, z, None)
@@ -206,7 +212,7 @@ def test_a_checkpointed_count_holds_the_largest_blocks_recompute(tiny_vae):
         assert saved_bytes(vae, z, None) == kept and vae.model.is_gradient_checkpointing  # left checkpointing
     finally:
         vae.model.disable_gradient_checkpointing()
-    assert recomputed == sum(alone.values())  # the largest block is the full-resolution one
+    assert recomputed == sum(alone.values())
     assert kept < recomputed < plain
     assert fixed + 4 * per_image == pytest.approx(recomputed, rel=0.001)  # 128 px: 4x the area of 64 px
 
