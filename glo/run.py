@@ -123,8 +123,9 @@ def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch:
     """Refuse a batch the device cannot hold before computing anything: where the kernel's OOM killer acts first,
     such a run is killed without a word (at 8192 px the stand-in ran 7 minutes first). The estimate is what
     autograd keeps, from probes at 64 and 128 px: a lower bound, so a run that fits in memory is never refused,
-    and a switch is offered unless even its lower bound is too much. batch: the largest batch this process will
-    decode (fewer images may be left than batch_size, and halving batch_size would change nothing)."""
+    and a switch is offered unless even its lower bound is too much; one that fits with little to spare is run with
+    a warning. batch: the largest batch this process will decode (fewer images may be left than batch_size, and
+    halving batch_size would change nothing)."""
     from glo.hardware import PRECISIONS, available_memory, decode_memory
 
     free = available_memory(vae.device)
