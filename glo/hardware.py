@@ -1,14 +1,15 @@
-"""What this machine is, and which decoder precision it runs natively.
+"""What this machine is, which decoder precision it runs natively, and what a decode needs in memory.
 
 Reduced precision is only a speed-up where the hardware computes in it: on a CPU without native bf16
 (AVX2 only) autocast emulates bf16 and one decode + backward gets over 100x slower. So `precision=auto`
 decides from the hardware's capability, never from one machine's benchmark, and every figure says
-which machine it was measured on.
+which machine it was measured on. Imports no diffusers: glo.run checks the speed switches before loading it.
 """
 from __future__ import annotations
 
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,24 @@ from torch import Tensor
 from glo import GloError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the decoder's autocast dtype
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The decoder's speed and memory switches (`speed:` in conf/run.yaml); none changes the result beyond
+    float rounding (tiling blends seams)."""
+
+    channels_last: bool  # NHWC memory layout
+    checkpointing: bool  # recompute decoder activations in backward instead of storing them
+    tile_size: int       # > 0: decode images larger than this many pixels in overlapping tiles
+
+    def __post_init__(self) -> None:
+        for key in ("channels_last", "checkpointing"):
+            if not isinstance(getattr(self, key), bool):
+                raise GloError(f"{key}={getattr(self, key)!r}: must be true or false")
+        t = self.tile_size
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t % 8:
+            raise GloError(f"tile_size={t!r}: must be 0 or a multiple of 8")
 
 
 def check_precision(requested: str) -> None:

@@ -26,7 +26,8 @@ from glo.cli import hydra_main, one_line_errors
 
 if TYPE_CHECKING:
     from glo.engine import Settings
-    from glo.vae import FrozenVAE, Speed
+    from glo.hardware import Speed
+    from glo.vae import FrozenVAE
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RESUME = ("auto", "restart")  # see glo.rundir.claim

@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL
@@ -18,6 +18,9 @@ from huggingface_hub.utils import logging as hub_logging
 from torch import Tensor, nn
 
 from glo import GloError
+
+if TYPE_CHECKING:
+    from glo.hardware import Speed
 
 log = logging.getLogger("glo")
 
@@ -36,24 +39,6 @@ def pick_device(name: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-
-
-@dataclass(frozen=True)
-class Speed:
-    """The decoder's speed and memory switches (`speed:` in conf/run.yaml); none changes the result beyond
-    float rounding (tiling blends seams)."""
-
-    channels_last: bool  # NHWC memory layout
-    checkpointing: bool  # recompute decoder activations in backward instead of storing them
-    tile_size: int       # > 0: decode images larger than this many pixels in overlapping tiles
-
-    def __post_init__(self) -> None:
-        for key in ("channels_last", "checkpointing"):
-            if not isinstance(getattr(self, key), bool):
-                raise GloError(f"{key}={getattr(self, key)!r}: must be true or false")
-        t = self.tile_size
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t % 8:
-            raise GloError(f"tile_size={t!r}: must be 0 or a multiple of 8")
 
 
 class FrozenVAE(nn.Module):

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from glo import GloError
 from glo.engine import Settings
-from glo.vae import Speed
+from glo.hardware import Speed
 from tests.conftest import ROOT, run_config
 
 
@@ -21,17 +21,21 @@ def test_the_library_imports_neither_lightning_nor_hydra(module):
     assert p.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("max_step=5", "max_step=5: glo has no setting max_step (did you mean max_steps=5?)"),  # Hydra's refusal
-    ("batch_size=0", "batch_size=0: must be >= 1"),                              # glo.run's validate
-    ("resume=maybe", "resume=maybe: must be one of auto, restart"),
+@pytest.mark.parametrize("override, message, needs_torch", [
+    ("max_step=5", "max_step=5: glo has no setting max_step (did you mean max_steps=5?)", False),  # Hydra's
+    ("batch_size=0", "batch_size=0: must be >= 1", False),                                   # glo.run's validate
+    ("resume=maybe", "resume=maybe: must be one of auto, restart", False),
+    ("lr=-1", "lr=-1: must be > 0", True),                                       # the engine's Settings
+    ("tile_size=100", "tile_size=100: must be 0 or a multiple of 8", True),     # Speed: torch, not diffusers
 ])
-def test_a_bad_setting_is_refused_before_torch_is_imported(override, message):
-    """glo.run imports neither torch, Lightning nor diffusers (seconds each) before the settings are checked, so a
-    typo is refused at once; a top-level import of any of them in glo/run.py fails this."""
+def test_a_bad_setting_is_refused_before_the_heavy_libraries_are_imported(override, message, needs_torch):
+    """glo.run imports neither Lightning nor diffusers (seconds each) before the settings are checked, nor torch
+    before those that need no torch, so a typo is refused at once; a top-level import of any of them in
+    glo/run.py, or of diffusers beside Speed, fails this."""
+    forbidden = {"lightning", "diffusers"} | ({"torch"} if not needs_torch else set())
     code = (f"import runpy, sys; sys.argv = ['glo.run', '{override}']\n"  # python -m glo.run OVERRIDE
             "try:\n    runpy.run_module('glo.run', run_name='__main__', alter_sys=True)\n"
-            "finally:\n    print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'diffusers'}))")
+            f"finally:\n    print(sorted({{m.split('.')[0] for m in sys.modules}} & {forbidden!r}))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.startswith(f"glo: error: {message}") and p.stderr.count("\n") == 1, p.stderr
     assert p.stdout.strip() == "[]"
