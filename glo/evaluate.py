@@ -1,8 +1,10 @@
 """python -m glo.evaluate RUN_DIR: per-image quality before vs after, plots, grids and report.md.
 
-Decodes each image's initial and optimized latent with the run's own VAE, scores both against the
-run's own images (both rebuilt from metadata.json, unless the caller hands them over), and writes
-metrics.csv, the plots, best/median/worst grids, report.md, and the means into summary.json.
+Reads each image's scores from its row (glo.fit scored the decodes it made); decodes with the run's own
+VAE, against the run's own images (both rebuilt from metadata.json, unless the caller hands them over),
+only the best, median and worst image for the grids, and every image for a metric a row lacks (LPIPS,
+or rows from a glo before `ms_ssim_*` and `mae_*`). Writes metrics.csv, the plots, the grids, report.md,
+and the means into summary.json.
 """
 from __future__ import annotations
 
@@ -26,12 +28,9 @@ from glo.atomic import atomic_write, save_json
 from glo.cli import one_line_errors
 from glo.data import ImageDataset
 from glo.latents import find_latents, load_latents, summarize
-from glo.metrics import mae, ms_ssim, psnr, ssim
+from glo.metrics import LOWER_IS_BETTER, METRICS
 from glo.report import grid_figure, save_figure, write_plots, write_report
 from glo.vae import FrozenVAE
-
-METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"psnr": psnr, "ssim": ssim, "ms_ssim": ms_ssim, "mae": mae}
-LOWER_IS_BETTER = {"mae", "lpips"}
 
 
 def lpips_metric() -> tuple[Callable[[Tensor, Tensor], Tensor] | None, str | None]:
@@ -78,25 +77,27 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
     gain = arrays["psnr_final"] - arrays["psnr_initial"]
     order = np.argsort(gain)
     picks = {int(order[-1]): "best", int(order[len(order) // 2]): "median", int(order[0]): "worst"}
-    scores: dict[str, list[Tensor]] = {f"{m}_{w}": [] for m in metrics for w in ("initial", "final")}
+    stored = [m for m in metrics if f"{m}_final" in arrays]
+    values = {f"{m}_{w}": arrays[f"{m}_{w}"].astype(np.float64) for m in stored for w in ("initial", "final")}
+    rescore = [m for m in metrics if m not in stored]
+    scores: dict[str, list[Tensor]] = {f"{m}_{w}": [] for m in rescore for w in ("initial", "final")}
     rows: dict[int, dict] = {}
     device = next(vae.parameters()).device
-    for start in range(0, len(arrays["ids"]), batch_size):
-        part = slice(start, start + batch_size)
-        x = torch.stack([dataset[index[str(i)]][0] for i in arrays["ids"][part]])
-        x = x.to(device)
+    todo = list(range(len(arrays["ids"]))) if rescore else sorted(picks)
+    for start in range(0, len(todo), batch_size):
+        part = todo[start : start + batch_size]
+        x = torch.stack([dataset[index[str(arrays["ids"][k])]][0] for k in part]).to(device)
         with torch.no_grad():
             x0 = vae.decode(torch.from_numpy(arrays["initial_latents"][part]).to(device))
             x1 = vae.decode(torch.from_numpy(arrays["latents"][part]).to(device))
-        for m, fn in metrics.items():
-            scores[f"{m}_initial"].append(fn(x0, x).cpu())
-            scores[f"{m}_final"].append(fn(x1, x).cpu())
-        for j in range(len(x)):
-            if start + j in picks:
-                k = start + j
+        for m in rescore:
+            scores[f"{m}_initial"].append(metrics[m](x0, x).cpu())
+            scores[f"{m}_final"].append(metrics[m](x1, x).cpu())
+        for j, k in enumerate(part):
+            if k in picks:
                 rows[k] = {"title": f"{picks[k]}: {arrays['ids'][k]} ({gain[k]:+.2f} dB)", "input": _unit_hwc(x[j]),
                            "initial": _unit_hwc(x0[j]), "optimized": _unit_hwc(x1[j])}
-    values = {k: torch.cat(v).numpy().astype(np.float64) for k, v in scores.items()}
+    values.update({k: torch.cat(v).numpy().astype(np.float64) for k, v in scores.items()})
 
     table = io.StringIO()
     writer = csv.writer(table)

@@ -20,7 +20,7 @@ from glo.drift import drift
 from glo.engine import Result, Settings, optimize
 from glo.hardware import resolve_precision
 from glo.masks import latent_mask
-from glo.metrics import known_psnr, psnr, ssim
+from glo.metrics import METRICS, known_psnr
 from glo.vae import FrozenVAE
 
 
@@ -61,10 +61,8 @@ def fit_batch(vae: FrozenVAE, x: Tensor, s: Settings, loss: Callable[..., Tensor
         "passes": r.passes[:n].numpy(),
         "initial_loss": r.initial_loss[:n].numpy(),
         "final_loss": r.final_loss[:n].numpy(),
-        "psnr_initial": psnr(x0, x).cpu().numpy(),
-        "psnr_final": psnr(x1, x).cpu().numpy(),
-        "ssim_initial": ssim(x0, x).cpu().numpy(),
-        "ssim_final": ssim(x1, x).cpu().numpy(),
+        **{f"{m}_{w}": score(decoded, x).cpu().numpy() for m, score in METRICS.items()
+           for w, decoded in (("initial", x0), ("final", x1))},
         "converged": r.converged[:n].numpy(),
         "nonfinite": r.nonfinite[:n].numpy(),
         "loss_curves": r.loss_curves[:n].numpy(),

@@ -130,8 +130,9 @@ class LatentDataset(Dataset):
                 **{k: torch.from_numpy(np.array(self._arrays[a][i], dtype=np.float32)) for k, a in keys.items()}}
 
 
-# bump when exported rows gain or lose a column (2: `rank`, 3: `source_sha256`): a run directory resumes only its own
-ROWS_VERSION = 3
+# bump when exported rows gain or lose a column (2: `rank`, 3: `source_sha256`, 4: `ms_ssim_*`, `mae_*`): a run
+# directory resumes only its own
+ROWS_VERSION = 4
 DRIFT = ("drift_distance", *(f"{k}_{w}" for k in ("hf_share", "channel_mean", "channel_std", "reencode_error")
                               for w in ("initial", "final")))
 SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "passes", "converged",

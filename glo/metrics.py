@@ -4,6 +4,8 @@ Each function maps (B,3,H,W) pairs to (B,). PSNR of identical images is +inf, an
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 from torchmetrics.functional.image import (
@@ -52,3 +54,9 @@ def known_psnr(pred: Tensor, target: Tensor, known: Tensor) -> Tensor:
     """PSNR in dB over the pixels where known (B,1,H,W) > 0: the region an inpainting pass must keep."""
     mse = weighted_mean((_unit(pred) - _unit(target)).square(), known)
     return 10 * torch.log10(1 / mse)
+
+
+# What every exported row carries, before and after (glo.fit scores them on the decodes it already has, so a report
+# decodes nothing again); LOWER_IS_BETTER says which way improves
+METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"psnr": psnr, "ssim": ssim, "ms_ssim": ms_ssim, "mae": mae}
+LOWER_IS_BETTER = {"mae", "lpips"}

@@ -12,9 +12,11 @@ from PIL import Image
 
 from glo.data import SampleDataset
 from glo.evaluate import main as evaluate_main
-from glo.latents import DRIFT, summarize
+from glo.latents import DRIFT, load_latents, summarize
 from glo.metrics import known_psnr, mae, ms_ssim, psnr, ssim
 from glo.report import drift_rows, markdown_table, write_report
+from glo.vae import FrozenVAE
+from tests.conftest import FAST, run_glo
 from tests.test_export import rows
 
 
@@ -144,3 +146,38 @@ def test_metrics_of_an_image_changed_since_its_latent_was_made_are_refused(finis
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "image 'coffee' has changed since its latent was made (1 in all)" in err[0], err
     assert (run / "metrics.csv").read_bytes() == before
+
+
+def test_a_report_reads_each_rows_scores_and_decodes_only_the_grid_images(tmp_path, monkeypatch):
+    """glo.fit scored every image on the decodes it made: the report decodes again only its best, median and worst
+    image (for the grids), not the whole dataset, and its means are the rows' own."""
+    run = tmp_path / "run"
+    p = run_glo(*FAST, "data.limit=6", "report=false", "logger=none", f"hydra.run.dir={run}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    decoded = []
+    real = FrozenVAE.decode
+    monkeypatch.setattr(FrozenVAE, "decode", lambda self, z: decoded.append(len(z)) or real(self, z))
+    evaluate_main([str(run)])
+    arrays = load_latents(run / "latents.npz")
+    gain = arrays["psnr_final"] - arrays["psnr_initial"]
+    assert sum(decoded) == 2 * len({int(gain.argmax()), int(gain.argmin()), int(np.argsort(gain)[len(gain) // 2])})
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ms_ssim_final_mean"] == pytest.approx(arrays["ms_ssim_final"].mean())
+    assert summary["mae_initial_mean"] == pytest.approx(arrays["mae_initial"].mean())
+
+
+def test_rows_without_a_metric_are_scored_by_decoding_and_agree_with_the_rows_that_have_it(finished_run, tmp_path):
+    """A run from a glo whose rows had no ms_ssim or mae still gets its report, by decoding every image; the scores
+    equal those glo.fit stored (so the stored ones are the same metric on the same decodes)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    arrays = load_latents(run / "latents.npz")
+    old = {k: v for k, v in arrays.items() if not k.startswith(("ms_ssim_", "mae_"))}
+    np.savez(run / "latents.npz", **old)
+    evaluate_main([str(run)])
+    with open(finished_run / "metrics.csv") as f, open(run / "metrics.csv") as g:
+        stored, rescored = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [r["id"] for r in rescored] == [r["id"] for r in stored] and rescored[0].keys() == stored[0].keys()
+    for a, b in zip(stored, rescored):
+        for k in ("ms_ssim_initial", "ms_ssim_final", "mae_initial", "mae_final"):
+            assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-4, abs=1e-6), (k, a["id"])

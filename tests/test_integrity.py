@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from glo import GloError
-from glo.latents import LatentDataset, load_latents
+from glo.latents import ROWS_VERSION, LatentDataset, load_latents
 from tests.conftest import FAST, ROOT, run_config, run_glo
 
 RUN = [*FAST, "loss=l2", "lr=0.1"]  # what the session's finished_run was made with
@@ -166,7 +166,7 @@ def test_results_from_a_glo_with_other_row_columns_are_refused_before_any_work(c
     (copy_of / "fingerprint.json").write_text(json.dumps(stored))
     before = files(copy_of)
     p = run_glo(*RUN, f"hydra.run.dir={copy_of}")
-    assert p.returncode == 1 and "rows_version: None -> 3" in one_error(p) and "resume=restart" in one_error(p)
+    assert p.returncode == 1 and f"rows_version: None -> {ROWS_VERSION}" in one_error(p) and "resume=restart" in one_error(p)
     assert files(copy_of) == before
 
 
