@@ -63,7 +63,8 @@ def glo_method(cfg: DictConfig, settings: Settings, vae, x: torch.Tensor) -> tup
     """What glo.run does for these images, minus Lightning and export: `fit_batch` batch by batch.
     Returns the latents and each image's decoder passes."""
     loss = instantiate(cfg.loss)
-    fitted = [fit_batch(vae, x[i : i + cfg.batch_size], settings, loss).arrays for i in range(0, len(x), cfg.batch_size)]
+    b = cfg.batch_size
+    fitted = [fit_batch(vae, x[i : i + b], settings, loss).arrays for i in range(0, len(x), b)]
     return (torch.from_numpy(np.concatenate([f["latents"] for f in fitted])).to(x.device),
             np.concatenate([f["passes"] for f in fitted]))
 
@@ -95,9 +96,10 @@ def measure(name: str, common: list[str], overrides: list[str], reference: bool)
     peak_mb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     with torch.no_grad():
-        z0 = torch.cat([vae.encode(x[i : i + 1]) for i in range(len(x))])
-        gain = torch.cat([psnr(vae.decode(latents[i : i + 1]), x[i : i + 1]) - psnr(vae.decode(z0[i : i + 1]), x[i : i + 1])
-                          for i in range(len(x))]).cpu().numpy()
+        one = [slice(i, i + 1) for i in range(len(x))]  # each image alone, as the reference ran it
+        z0 = torch.cat([vae.encode(x[i]) for i in one])
+        gain = torch.cat([psnr(vae.decode(latents[i]), x[i]) - psnr(vae.decode(z0[i]), x[i]) for i in one])
+        gain = gain.cpu().numpy()
         before, after = (drift(z, z0, z) for z in (z0, latents))  # no re-encode here: it costs encoder passes
     std_ratio = (pooled_channel_stats(after["channel_mean"].cpu().numpy(), after["channel_std"].cpu().numpy())[1]
                  / pooled_channel_stats(before["channel_mean"].cpu().numpy(), before["channel_std"].cpu().numpy())[1])
@@ -129,7 +131,8 @@ def run_isolated(name: str, common: list[str], overrides: list[str], reference: 
 
 def bench(cfg: DictConfig, out: Path) -> dict:
     common = [f"vae={cfg.vae.name}", "data=folder", f"data.path={cfg.data.path}", f"data.limit={cfg.data.limit}",
-              f"data.size={cfg.data.size}", f"loss={cfg.loss.name}"] + ([f"vae.path={cfg.vae.path}"] if cfg.vae.get("path") else [])
+              f"data.size={cfg.data.size}", f"loss={cfg.loss.name}"]
+    common += [f"vae.path={cfg.vae.path}"] if cfg.vae.get("path") else []
     unknown = sorted(set(cfg.only or ()) - set(cfg.methods))
     if unknown:
         raise GloError(f"only={list(cfg.only)}: no method named {unknown[0]} in conf/bench.yaml")
@@ -158,7 +161,8 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     memory = []
     if cfg.memory.enabled:
         base = [f"vae={cfg.memory.vae}", "data=folder", f"data.path={cfg.data.path}", "data.limit=1",
-                f"data.size={cfg.memory.size}", f"max_steps={cfg.memory.steps}", "rel_tol=0", "batch_size=1", "precision=fp32"]
+                f"data.size={cfg.memory.size}", f"max_steps={cfg.memory.steps}", "rel_tol=0", "batch_size=1",
+                "precision=fp32"]
         memory = [run_isolated(name, base, list(o)) for name, o in cfg.memory.methods.items()]
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         unit = pool.submit(decode_backward_seconds, [o for o in common if o.startswith("vae")], cfg.data.size).result()
@@ -190,27 +194,28 @@ def render(result: dict) -> str:
     repeats = result["config"]["repeats"]
     cols = ("method", "images_per_second", "seconds_per_image", "speedup", *(("speedup_range",) if repeats > 1 else ()),
             "psnr_gain_mean", "gain_vs_reference_db",
-            "improved_fraction", "passes_mean", "drift_distance", "hf_share", "hf_share_encoder", "channel_std_ratio_max",
-            "precision", "peak_memory_mb", "overrides")
-    c = result["config"]
+            "improved_fraction", "passes_mean", "drift_distance", "hf_share", "hf_share_encoder",
+            "channel_std_ratio_max", "precision", "peak_memory_mb", "overrides")
+    c, m = result["config"], result["machine"]
     text = [f"# glo.bench — {result['date'][:10]}", "",
-            f"Machine: {describe(result['machine'])}; {result['machine']['platform']}, torch {result['machine']['torch']}.",
+            f"Machine: {describe(m)}; {m['platform']}, torch {m['torch']}.",
             "",
             f"VAE `{c['vae']}`, {c['data']['limit']} images from `{c['data']['path']}` at {c['data']['size']} px; "
             f"reference: per-image Adam, {c['reference']['max_steps']} steps, lr {c['reference']['lr']}, fp32, batch 1 "
             "(experiment=prototype).", "",
-            f"One fp32 decode + backward, batch 1, at {c['data']['size']} px: {result['decode_backward_seconds']:.3f} s "
-            "(median of 5).", "",
+            f"One fp32 decode + backward, batch 1, at {c['data']['size']} px: "
+            f"{result['decode_backward_seconds']:.3f} s (median of 5).", "",
             *([f"Every row ran {repeats} times, interleaved with the reference; times and speedups are medians, "
                "each speedup against the reference of its own round, with the range over rounds.", ""]
               if repeats > 1 else []),
             markdown_table([{k: r.get(k, "—") for k in cols} for r in result["methods"]]), ""]
     skipped = [r for r in result["methods"] if r["skipped"]]
     if skipped:
-        text += [f"Not measured on this machine: {', '.join(r['method'] for r in skipped)} ({skipped[0]['skipped']}).", ""]
+        names = ", ".join(r["method"] for r in skipped)
+        text += [f"Not measured on this machine: {names} ({skipped[0]['skipped']}).", ""]
     if result["memory"]:
-        text += ["## Peak memory", "", markdown_table([{k: r[k] for k in ("method", "peak_memory_mb", "seconds_per_image",
-                                                                         "overrides")} for r in result["memory"]]), ""]
+        keys = ("method", "peak_memory_mb", "seconds_per_image", "overrides")
+        text += ["## Peak memory", "", markdown_table([{k: r[k] for k in keys} for r in result["memory"]]), ""]
     return "\n".join(text)
 
 

@@ -115,7 +115,8 @@ def null_group(args: list[str]) -> str | None:
         group, _, value = arg.partition("=")
         if value == "null" and (CONF / group).is_dir():
             options = ", ".join(sorted(f.stem for f in (CONF / group).glob("*.yaml")))
-            return f"{arg}: a config group cannot be null; choose one of {options}, or leave {group} out for its default"
+            return (f"{arg}: a config group cannot be null; choose one of {options}, or leave {group} out for its "
+                    "default")
     return None
 
 
@@ -174,6 +175,6 @@ class NoUnreadKeys(Callback):
         for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
             key = override.key_or_group
             if override.is_add() and "." not in key:
-                print(f"glo: error: {no_such_setting(override.input_line, key, config, ', so it would change nothing')}",
-                      file=sys.stderr)
+                line = no_such_setting(override.input_line, key, config, ", so it would change nothing")
+                print(f"glo: error: {line}", file=sys.stderr)
                 sys.exit(1)

@@ -93,7 +93,8 @@ def open_image(path: Path, size: int | None = None) -> tuple[Image.Image, tuple[
             upright = ImageOps.exif_transpose(img)
             return to_rgb(upright), original if upright.size == img.size else original[::-1], orientation
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise GloError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GloError(f"{path}: not a readable image ({why})") from None
 
 
 class ImageDataset(Dataset):

@@ -48,7 +48,8 @@ class Settings:
     anchor: float               # weight of mean(((z - z0) / scale)^2) added to each sample's loss: a pull toward z0
     anchor_to: str              # z0: scale 1 | posterior: scale = the encoder's posterior std (a Mahalanobis pull)
     anderson: int               # > 0: each update starts from the mix of the last `anderson` iterates whose loss, as
-                                # least squares extrapolated linearly, is smallest (Anderson acceleration); optim=adam only
+                                # least squares extrapolated linearly, is smallest (Anderson acceleration);
+                                # optim=adam only
     schedule: str               # constant | cosine (to 0 at max_steps)
     warmup_steps: int
     max_steps: int              # update budget per image
@@ -60,7 +61,8 @@ class Settings:
         betas = self.betas
         ok = isinstance(betas, (list, tuple))
         if not (ok and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)):
-            raise GloError(f"betas={list(betas) if ok else betas}: must be two numbers in [0, 1), e.g. 'betas=[0.9,0.999]'")
+            raise GloError(f"betas={list(betas) if ok else betas}: must be two numbers in [0, 1), "
+                           "e.g. 'betas=[0.9,0.999]'")
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
         for key, kind in (("lr", float), ("eps", float), ("anchor", float), ("rel_tol", float), ("max_steps", int),
                           ("window", int), ("warmup_steps", int), ("anderson", int)):

@@ -118,7 +118,8 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
     save_json(run / "summary.json", summary)
 
     images = write_plots(arrays, run)
-    images["grids"] = save_figure(grid_figure([rows[k] for k in sorted(rows, key=lambda k: -gain[k])]), run / "grids.png")
+    grids = grid_figure([rows[k] for k in sorted(rows, key=lambda k: -gain[k])])  # best first
+    images["grids"] = save_figure(grids, run / "grids.png")
     if cfg.get("logger"):  # the run's logger=none (or ~logger) asked for no event files
         with SummaryWriter(str(run)) as tb:
             for name, path in images.items():
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors("glo.evaluate"):
         s = evaluate(args.run_dir, batch_size=args.batch_size)
     print(f"glo.evaluate: PSNR {s['psnr_initial_mean']:.2f} -> {s['psnr_final_mean']:.2f} dB, "
-          f"SSIM {s['ssim_initial_mean']:.3f} -> {s['ssim_final_mean']:.3f}; report: {Path(args.run_dir) / 'report.md'}")
+          f"SSIM {s['ssim_initial_mean']:.3f} -> {s['ssim_final_mean']:.3f}; "
+          f"report: {Path(args.run_dir) / 'report.md'}")
 
 
 if __name__ == "__main__":

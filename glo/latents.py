@@ -161,7 +161,8 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
         "nonfinite": int(a["nonfinite"].sum()),
         "seconds_total": seconds,
         "images_per_second": len(a["ids"]) / wall if wall > 0 else float("nan"),
-        **{k: v for prefix in ("", "masked_") if f"{prefix}drift_distance" in a for k, v in drift_summary(a, prefix).items()},
+        **{k: v for prefix in ("", "masked_") if f"{prefix}drift_distance" in a
+           for k, v in drift_summary(a, prefix).items()},
         **(known_summary(a) if "psnr_known_final" in a else {}),
     }
 

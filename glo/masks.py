@@ -70,7 +70,8 @@ class RandomMasks:
             raise GloError(f"mask.kind={kind}: must be one of {', '.join(self.KINDS)}")
         pair = list(coverage) if isinstance(coverage, Sequence) and not isinstance(coverage, str) else [coverage]
         if not (len(pair) == 2 and all(is_number(c) for c in pair) and 0 < pair[0] <= pair[1] < 1):
-            raise GloError(f"mask.coverage={pair}: need two numbers 0 < low <= high < 1, e.g. 'mask.coverage=[0.1,0.3]'")
+            raise GloError(f"mask.coverage={pair}: need two numbers 0 < low <= high < 1, "
+                           "e.g. 'mask.coverage=[0.1,0.3]'")
         self.lo, self.hi = pair
         self.kind, self.seed, self.known_only = kind, seed, known_only
 

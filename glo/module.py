@@ -77,7 +77,8 @@ class GLOModule(pl.LightningModule):
             tb.add_scalar("drift/reencode_error", out["reencode_error_final"][i], k)
         self.images_logged += len(x)
         if self.image_every and batch_idx % self.image_every == 0:
-            tb.add_image("grid/input|initial|optimized|error", comparison_grid([x, x0, x1, error_map(x1, x)]), batch_idx)
+            grid = comparison_grid([x, x0, x1, error_map(x1, x)])
+            tb.add_image("grid/input|initial|optimized|error", grid, batch_idx)
 
 
 def error_map(pred: Tensor, target: Tensor) -> Tensor:

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.src:
             raise GloError("no source folder: pass --src DIR or set BSDS500_PATH")
         stats = prepare(args.src, args.out, args.split, args.size)
-    print(f"glo.prepare: {stats['count']} images -> {Path(args.out) / args.split / 'images'} at {args.size}x{args.size}")
+    images = Path(args.out) / args.split / "images"
+    print(f"glo.prepare: {stats['count']} images -> {images} at {args.size}x{args.size}")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def write_plots(arrays: dict[str, np.ndarray], out: Path) -> dict[str, Path]:
     gain = arrays["psnr_final"] - arrays["psnr_initial"]
     return {
         "loss_curves": save_figure(loss_curves_figure(arrays["loss_curves"]), out / "loss_curves.png"),
-        "psnr_scatter": save_figure(scatter_figure(arrays["psnr_initial"], arrays["psnr_final"]), out / "psnr_scatter.png"),
+        "psnr_scatter": save_figure(scatter_figure(arrays["psnr_initial"], arrays["psnr_final"]),
+                                    out / "psnr_scatter.png"),
         "psnr_gain": save_figure(histogram_figure(gain, "PSNR gain (dB)", "gain per image"), out / "psnr_gain.png"),
         "steps": save_figure(histogram_figure(arrays["steps"], "steps", "steps per image"), out / "steps.png"),
         **({"gain_vs_drift": save_figure(gain_drift_figure(gain, arrays["drift_distance"]), out / "gain_vs_drift.png")}
@@ -98,11 +99,12 @@ def gain_drift_figure(gain: np.ndarray, distance: np.ndarray) -> Figure:
 def drift_rows(summary: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
     """report.md's drift table: each channel's pooled mean and std, encoder's against optimized, then the
     per-image means of the other drift measures (glo.drift)."""
-    rows = [{"measure": f"channel {c} mean / std", "encoder": f"{m0:.3f} / {s0:.3f}", "optimized": f"{m1:.3f} / {s1:.3f}",
-             "ratio": f"std x{s1 / s0:.2f}" if s0 > 0 else "—"}
+    rows = [{"measure": f"channel {c} mean / std", "encoder": f"{m0:.3f} / {s0:.3f}",
+             "optimized": f"{m1:.3f} / {s1:.3f}", "ratio": f"std x{s1 / s0:.2f}" if s0 > 0 else "—"}
             for c, (m0, s0, m1, s1) in enumerate(zip(*(summary[f"{prefix}channel_{k}_{w}"]
                                                        for w in ("initial", "final") for k in ("mean", "std"))))]
-    for name, key in (("high-frequency power share", "hf_share"), ("re-encode error ||E(D(z)) - z|| / ||z||", "reencode_error")):
+    for name, key in (("high-frequency power share", "hf_share"),
+                      ("re-encode error ||E(D(z)) - z|| / ||z||", "reencode_error")):
         before, after = summary[f"{prefix}{key}_initial_mean"], summary[f"{prefix}{key}_final_mean"]
         rows.append({"measure": name, "encoder": f"{before:.4f}", "optimized": f"{after:.4f}",
                      "ratio": f"x{after / before:.2f}" if before > 0 else "—"})
@@ -140,7 +142,8 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], co
            "How far the optimized latents lie from what the encoder produces, the distribution a diffusion UNet "
            "was trained on (glo.drift; scaled SD units).", "", markdown_table(drift_rows(summary)), ""]
           if "drift_distance_mean" in summary else []),
-        *(["### The masked-image latents (inpainting conditioning)", "", markdown_table(drift_rows(summary, "masked_")), ""]
+        *(["### The masked-image latents (inpainting conditioning)", "",
+           markdown_table(drift_rows(summary, "masked_")), ""]
           if "masked_drift_distance_mean" in summary else []),
         *(["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []),
         "## Plots", "", *[f"![{name}]({p.name})" for name, p in images.items()], "",

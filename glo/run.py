@@ -241,8 +241,8 @@ def run(cfg: DictConfig) -> float:
         # the process: without this the HParams events were sometimes lost
         trainer.logger.finalize("success")
     print(f"glo: {s['num_images']} images, PSNR {s['psnr_initial_mean']:.2f} -> {s['psnr_final_mean']:.2f} dB "
-          f"(gain {s['psnr_gain_mean']:+.2f} dB, {s['images_improved']} improved), {s['passes_mean']:.1f} decoder passes, "
-          f"{s['images_per_second']:.3f} images/s -> {exporter.out}")
+          f"(gain {s['psnr_gain_mean']:+.2f} dB, {s['images_improved']} improved), "
+          f"{s['passes_mean']:.1f} decoder passes, {s['images_per_second']:.3f} images/s -> {exporter.out}")
     if "psnr_known_final_mean" in s:
         print(f"glo: masked-image latents, known-region PSNR {s['psnr_known_initial_mean']:.2f} -> "
               f"{s['psnr_known_final_mean']:.2f} dB ({s['known_images_improved']} improved)")

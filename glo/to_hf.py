@@ -45,7 +45,8 @@ def features(arrays: dict[str, Any]) -> Any:
         elif len(shape) == 1:
             out[key] = datasets.Sequence(datasets.Value(dtype), length=shape[0])
         else:
-            out[key] = {2: datasets.Array2D, 3: datasets.Array3D, 4: datasets.Array4D}[len(shape)](shape=shape, dtype=dtype)
+            array = {2: datasets.Array2D, 3: datasets.Array3D, 4: datasets.Array4D}[len(shape)]
+            out[key] = array(shape=shape, dtype=dtype)
     return datasets.Features(out)
 
 

@@ -108,7 +108,8 @@ class VAETraining(pl.LightningModule):
                                              comparison_grid([x, rec, error_map(rec, x)]), self.global_step)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)
         total, warm = self.trainer.max_steps, self.hparams.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, "cosine", warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -30,7 +30,8 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         why, fix = "a CPU-only build", "install torch's CUDA build into .venv"
         if torch.version.cuda is not None:
-            why, fix = f"built for CUDA {torch.version.cuda}, but no GPU is visible", "check the driver and CUDA_VISIBLE_DEVICES"
+            why = f"built for CUDA {torch.version.cuda}, but no GPU is visible"
+            fix = "check the driver and CUDA_VISIBLE_DEVICES"
         raise GloError(f"device=cuda: torch {torch.__version__} is {why}; use device=auto or device=cpu, or {fix}")
     if name == "mps" and not torch.backends.mps.is_available():
         raise GloError("device=mps: Apple's MPS is not available here; use device=auto or device=cpu")
@@ -69,7 +70,7 @@ class FrozenVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """(B,3,H,W) in [-1,1] -> the posterior mean in SD units; the mean, not a sample, is the encoder's best guess."""
+        """(B,3,H,W) in [-1,1] -> the posterior mean in SD units: the encoder's best guess, not a sample."""
         return self.posterior(x)[0]
 
     @torch.no_grad()
@@ -119,7 +120,8 @@ def _from_directory(path: Path) -> AutoencoderKL:
             try:
                 return _pretrained(folder, local_files_only=True)
             except (OSError, ValueError) as e:
-                raise GloError(f"vae.path={folder}: not a loadable AutoencoderKL directory ({_first_line(e)})") from None
+                why = _first_line(e)
+                raise GloError(f"vae.path={folder}: not a loadable AutoencoderKL directory ({why})") from None
     raise GloError(f"vae.path={path}: no config.json (expected a directory written by AutoencoderKL.save_pretrained)")
 
 
