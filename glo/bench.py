@@ -28,9 +28,9 @@ from glo.cli import COMMAND_LINE_ERRORS, hydra_main, one_line, one_line_errors
 from glo.drift import drift, pooled_channel_stats
 from glo.engine import Settings
 from glo.fit import fit_batch
-from glo.hardware import describe, emulated, machine, resolve_precision
+from glo.hardware import emulated, machine, resolve_precision
 from glo.metrics import psnr
-from glo.report import markdown_table
+from glo.report import describe, markdown_table
 from glo.vae import pick_device
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

@@ -124,7 +124,7 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
         with SummaryWriter(str(run)) as tb:
             for name, path in images.items():
                 tb.add_image(f"report/{name}", np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
-    write_report(run, summary, images, metadata["config"], notes)
+    write_report(run, summary, images, metadata, notes)
     return summary
 
 

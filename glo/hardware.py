@@ -224,10 +224,3 @@ def machine() -> dict:
             "cpu_native_bf16": cpu_native_bf16(), "cpus": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def describe(m: dict) -> str:
-    """One line for a figure's caption."""
-    gpu = f", GPU {m['cuda']}" if m.get("cuda") else ""
-    bf16 = "native bf16" if m["cpu_native_bf16"] else "no native bf16"
-    return f"{m['cpu']} ({m['cpu_capability']}, {bf16}), {m['cpus']} CPUs, {m['torch_threads']} torch threads{gpu}"

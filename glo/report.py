@@ -17,12 +17,20 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from glo import GloError  # noqa: E402
+from glo.atomic import atomic_write  # noqa: E402
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
+
+
+def describe(m: dict) -> str:
+    """The machine a figure was measured on (glo.hardware.machine()), in one line for its caption."""
+    gpu = f", GPU {m['cuda']}" if m.get("cuda") else ""
+    bf16 = "native bf16" if m["cpu_native_bf16"] else "no native bf16"
+    return f"{m['cpu']} ({m['cpu_capability']}, {bf16}), {m['cpus']} CPUs, {m['torch_threads']} torch threads{gpu}"
 
 
 def loss_curves_figure(curves: np.ndarray) -> Figure:
@@ -121,23 +129,33 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
 
 
-def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], config: dict, notes: list[str]) -> Path:
-    """report.md: the numbers, the pictures and the config that made them, readable on its own."""
+def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], metadata: dict, notes: list[str]) -> Path:
+    """report.md: the numbers, the pictures, the machine and the config that made them, readable on its own."""
     metrics = [k[: -len("_initial_mean")] for k in summary  # image quality; drift has its own table
                if k.endswith("_initial_mean") and "hf_share" not in k and "reencode_error" not in k]
     quality = [{"metric": m, "initial mean": summary[f"{m}_initial_mean"], "optimized mean": summary[f"{m}_final_mean"],
                 "initial median": summary.get(f"{m}_initial_median", float("nan")),
                 "optimized median": summary.get(f"{m}_final_median", float("nan")),
                 "fraction improved": summary.get(f"{m}_improved_fraction", float("nan"))} for m in metrics]
+    precision = metadata.get("precision", {})
     run = [{"num_images": summary["num_images"], "steps_mean": summary["steps_mean"],
-            "converged": summary["converged"], "nonfinite": summary["nonfinite"],
-            "seconds_total": summary["seconds_total"], "images_per_second": summary["images_per_second"]}]
+            "passes_mean": summary.get("passes_mean", float("nan")), "converged": summary["converged"],
+            "nonfinite": summary["nonfinite"], "seconds_total": summary["seconds_total"],
+            "images_per_second": summary["images_per_second"], "precision": precision.get("used", "—")}]
+    # a run resumed elsewhere was timed on every machine it ran on
+    machines = list(dict.fromkeys(describe(s["machine"]) for s in metadata.get("sessions", []) if "machine" in s))
+    machines = machines or ([describe(metadata["machine"])] if "machine" in metadata else [])
+    where = f"Measured on {'; and on '.join(machines)}" if machines else ""
+    if where and "reason" in precision:
+        where += f"; decoder precision {precision['used']} ({precision['reason']})"
+    passes = f"{summary['passes_mean']:.1f} decoder passes, " if "passes_mean" in summary else ""
     text = [
         f"# glo run report: {out.name}", "",
         f"{summary['num_images']} images; mean PSNR {summary['psnr_initial_mean']:.2f} → "
         f"{summary['psnr_final_mean']:.2f} dB ({summary['psnr_gain_mean']:+.2f} dB); "
-        f"{summary['images_improved']} images improved; {summary['steps_mean']:.1f} steps on average.", "",
+        f"{summary['images_improved']} images improved; {passes}{summary['steps_mean']:.1f} steps on average.", "",
         "## Quality", "", markdown_table(quality), "", "## Run", "", markdown_table(run), "",
+        *([f"{where}.", ""] if where else []),
         *(["## Drift from the encoder's latents", "",
            "How far the optimized latents lie from what the encoder produces, the distribution a diffusion UNet "
            "was trained on (glo.drift; scaled SD units).", "", markdown_table(drift_rows(summary)), ""]
@@ -147,10 +165,10 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], co
           if "masked_drift_distance_mean" in summary else []),
         *(["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []),
         "## Plots", "", *[f"![{name}]({p.name})" for name, p in images.items()], "",
-        "## Config", "", "```json", json.dumps(config, indent=2), "```", "",
+        "## Config", "", "```json", json.dumps(metadata.get("config", {}), indent=2), "```", "",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(text))
+    atomic_write(path, lambda f: f.write("\n".join(text).encode()))
     return path
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from glo import GloError
 from glo.bench import median_row
-from glo.hardware import cpu_native_bf16, describe
+from glo.hardware import cpu_native_bf16
+from glo.report import describe
 from tests.conftest import ROOT, compose_config, run_config, run_glo
 
 ONLY = ["default", "fp32_batch8", "bf16", "steps16_eps0.3", "gradfree"]  # each code path once

@@ -14,7 +14,7 @@ from glo.data import SampleDataset
 from glo.evaluate import main as evaluate_main
 from glo.latents import DRIFT, load_latents, summarize
 from glo.metrics import known_psnr, mae, ms_ssim, psnr, ssim
-from glo.report import drift_rows, markdown_table, write_report
+from glo.report import describe, drift_rows, markdown_table, write_report
 from glo.vae import FrozenVAE
 from tests.conftest import FAST, run_glo
 from tests.test_export import rows
@@ -55,6 +55,11 @@ def test_report_files_of_a_run(finished_run):
         assert img.std() > 10 and len(np.unique(img.reshape(-1, 3), axis=0)) > 20, f"{png}.png looks blank"
         assert f"({png}.png)" in report
     assert '"lr": 0.1' in report and "LPIPS" in report  # the config, and why LPIPS was skipped
+    metadata = json.loads((finished_run / "metadata.json").read_text())  # the machine that made the figures
+    assert f"Measured on {describe(metadata['machine'])}; decoder precision fp32 (forced by precision=fp32" in report
+    run_table = report.split("## Run")[1].split("\n\n")[1].splitlines()
+    assert run_table[0].split(" | ")[2] == "passes_mean" and run_table[2].split(" | ")[2] == f"{summary['passes_mean']:g}"
+    assert run_table[2].endswith("| fp32 |") and f"{summary['passes_mean']:.1f} decoder passes" in report
     drift = report[report.index("## Drift from the encoder's latents"):]
     std0, std1 = summary["channel_std_initial"][0], summary["channel_std_final"][0]
     assert f"| channel 0 mean / std | {summary['channel_mean_initial'][0]:.3f} / {std0:.3f} |" in drift
@@ -112,6 +117,7 @@ def test_a_masked_runs_report_gives_the_masked_latents_their_own_drift_table_and
     known = {"psnr_known_initial": np.array([10.0, 12, 14]), "psnr_known_final": np.array([11.0, 12, 17])}
     s = summarize(rows(3, **drift, **known))
     report = write_report(tmp_path, s, {}, {}, []).read_text()
+    assert "Measured on" not in report  # a run that recorded no machine claims none
     full, masked = report.split("### The masked-image latents")
     assert f"| {s['drift_distance_mean']:.4f} |" in full and f"| {s['masked_drift_distance_mean']:.4f} |" in masked
     assert f"| {s['masked_hf_share_final_mean']:.4f} |" in masked.split("## ")[0]
@@ -181,3 +187,32 @@ def test_rows_without_a_metric_are_scored_by_decoding_and_agree_with_the_rows_th
     for a, b in zip(stored, rescored):
         for k in ("ms_ssim_initial", "ms_ssim_final", "mae_initial", "mae_final"):
             assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-4, abs=1e-6), (k, a["id"])
+
+
+def test_a_run_resumed_on_another_machine_names_both_in_its_report(tmp_path):
+    """Its images/s mixes two machines' times: the report says so, as every figure names its machine."""
+    a = {"cpu": "CPU A", "cpu_capability": "AVX2", "cpu_native_bf16": False, "cpus": 2, "torch_threads": 2}
+    b = {**a, "cpu": "CPU B", "cpu_capability": "AVX512", "cpu_native_bf16": True}
+    sessions = [{"machine": a}, {"machine": b}, {"machine": a}]
+    metadata = {"machine": a, "sessions": sessions, "precision": {"used": "fp32", "reason": "forced by precision=fp32"}}
+    report = write_report(tmp_path, summarize(rows(3)), {}, metadata, []).read_text()
+    assert f"Measured on {describe(a)}; and on {describe(b)}; decoder precision fp32 (forced by precision=fp32)." in report
+    assert "CPU A (AVX2, no native bf16)" in report and "CPU B (AVX512, native bf16)" in report
+
+
+
+def test_a_plot_cut_off_while_written_leaves_no_file(tmp_path, monkeypatch):
+    """Plots are written under a temporary name and renamed, like every file of a run: a full disk mid-write leaves
+    neither a truncated PNG nor the temporary file."""
+    from matplotlib.figure import Figure
+
+    from glo.report import save_figure
+
+    def half_then_fail(self, f, **kwargs):
+        f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_then_fail)
+    with pytest.raises(OSError):
+        save_figure(Figure(), tmp_path / "plot.png")
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ import torch
 from glo import hardware
 from glo.engine import optimize
 from glo.losses import PixelLoss
+from glo.report import describe
 from tests.conftest import photos, settings
 
 L2 = PixelLoss("l2", l1=0.0, l2=1.0)
@@ -67,7 +68,7 @@ def test_bf16_forced_on_a_gpu_before_ampere_says_it_is_emulated(monkeypatch, cap
 def test_machine_names_cpu_and_capability():
     m = hardware.machine()
     assert m["cpu"] and m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert m["cpu_capability"] in hardware.describe(m)
+    assert m["cpu_capability"] in describe(m)
 
 
 def test_bf16_decoder_is_close_to_fp32_but_not_equal(tiny_vae):
