@@ -117,7 +117,15 @@ def test_a_masked_runs_report_gives_the_masked_latents_their_own_drift_table_and
     known = {"psnr_known_initial": np.array([10.0, 12, 14]), "psnr_known_final": np.array([11.0, 12, 17])}
     s = summarize(rows(3, **drift, **known))
     report = write_report(tmp_path, s, {}, {}, []).read_text()
-    assert "Measured on" not in report  # a run that recorded no machine claims none
+    assert "Measured on" not in report and "\n.\n" not in report  # a run that recorded no machine claims none
+    # a run from before passes were counted: no passes claimed; drift measures are not quality rows
+    assert "; 3 images improved; 1.0 steps on average.\n" in report
+    assert "| 3 | 1 | nan | 0 | 0 | 3 | 1 | — |\n\n## Drift from the encoder's latents\n\nHow far the optimized latents " \
+           "lie from what the encoder produces, the distribution a diffusion UNet was trained on (glo.drift; scaled SD " \
+           "units).\n\n| measure |" in report
+    assert "| hf_share" not in report and "| reencode" not in report
+    assert "## Notes" not in report and "```json\n{}\n```" in report and "|\n\n## Plots" in report
+    assert "\n### The masked-image latents (inpainting conditioning)\n\n| measure |" in report
     full, masked = report.split("### The masked-image latents")
     assert f"| {s['drift_distance_mean']:.4f} |" in full and f"| {s['masked_drift_distance_mean']:.4f} |" in masked
     assert f"| {s['masked_hf_share_final_mean']:.4f} |" in masked.split("## ")[0]
@@ -197,7 +205,8 @@ def test_a_run_resumed_on_another_machine_names_both_in_its_report(tmp_path):
     metadata = {"machine": a, "sessions": sessions, "precision": {"used": "fp32", "reason": "forced by precision=fp32"}}
     report = write_report(tmp_path, summarize(rows(3)), {}, metadata, []).read_text()
     assert f"Measured on {describe(a)}; and on {describe(b)}; decoder precision fp32 (forced by precision=fp32)." in report
-    assert "CPU A (AVX2, no native bf16)" in report and "CPU B (AVX512, native bf16)" in report
+    assert describe(a) == "CPU A (AVX2, no native bf16), 2 CPUs, 2 torch threads"
+    assert describe(b) == "CPU B (AVX512, native bf16), 2 CPUs, 2 torch threads"
 
 
 
@@ -216,3 +225,50 @@ def test_a_plot_cut_off_while_written_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_figure(Figure(), tmp_path / "plot.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_md_in_full_for_a_known_run(tmp_path):
+    """Every number of the headline, the tables, the machine line and the config, against text written by hand."""
+    s = summarize(rows(4, psnr_final=np.array([1.0, 2, 3, 4]), passes=np.full(4, 7.5), steps=np.full(4, 7.0)))
+    s.update({"ms_ssim_initial_mean": 0.5, "ms_ssim_final_mean": 0.75, "ms_ssim_initial_median": 0.5,
+              "ms_ssim_final_median": 0.8, "ms_ssim_improved_fraction": 0.75})
+    gpu = {"cpu": "CPU A", "cpu_capability": "AVX2", "cpu_native_bf16": False, "cpus": 2, "torch_threads": 1,
+           "cuda": "Tesla T4"}
+    metadata = {"machine": gpu, "precision": {"used": "fp32", "reason": "auto: no native bf16"}, "config": {"lr": 0.25}}
+    report = write_report(tmp_path, s, {"grids": tmp_path / "grids.png"}, metadata, ["LPIPS skipped: x"]).read_text()
+    assert (tmp_path / "report.md").read_text() == report == f"""# glo run report: {tmp_path.name}
+
+4 images; mean PSNR 0.00 → 2.50 dB (+2.50 dB); 4 images improved; 7.5 decoder passes, 7.0 steps on average.
+
+## Quality
+
+| metric | initial mean | optimized mean | initial median | optimized median | fraction improved |
+|---|---|---|---|---|---|
+| psnr | 0 | 2.5 | nan | nan | nan |
+| ssim | 0 | 1 | nan | nan | nan |
+| ms_ssim | 0.5 | 0.75 | 0.5 | 0.8 | 0.75 |
+
+## Run
+
+| num_images | steps_mean | passes_mean | converged | nonfinite | seconds_total | images_per_second | precision |
+|---|---|---|---|---|---|---|---|
+| 4 | 7 | 7.5 | 0 | 0 | 4 | 1 | fp32 |
+
+Measured on CPU A (AVX2, no native bf16), 2 CPUs, 1 torch threads, GPU Tesla T4; decoder precision fp32 (auto: no native bf16).
+
+## Notes
+
+- LPIPS skipped: x
+
+## Plots
+
+![grids](grids.png)
+
+## Config
+
+```json
+{{
+  "lr": 0.25
+}}
+```
+"""
