@@ -210,6 +210,17 @@ def test_a_run_resumed_on_another_machine_names_both_in_its_report(tmp_path):
 
 
 
+def test_a_plot_is_a_png_at_110_dpi(tmp_path):
+    from matplotlib.figure import Figure
+
+    from glo.report import save_figure
+
+    path = save_figure(Figure(figsize=(2, 1)), tmp_path / "plot.png")
+    with Image.open(path) as img:
+        assert (img.format, img.size) == ("PNG", (220, 110))
+    assert list(tmp_path.iterdir()) == [path]  # and no temporary file beside it
+
+
 def test_a_plot_cut_off_while_written_leaves_no_file(tmp_path, monkeypatch):
     """Plots are written under a temporary name and renamed, like every file of a run: a full disk mid-write leaves
     neither a truncated PNG nor the temporary file."""
