@@ -1,6 +1,7 @@
 """Image quality per sample, via torchmetrics, on images in [-1,1] (clamped: metrics see what a viewer sees).
 
-Each function maps (B,3,H,W) pairs to (B,). PSNR of identical images is +inf, and is kept so.
+Each function maps (B,3,H,W) pairs to (B,). PSNR of identical images is +inf, and is kept so. torchmetrics is
+imported where it scores, not with this module: it takes seconds, and tools refuse a typo before they score.
 """
 from __future__ import annotations
 
@@ -8,11 +9,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import (
-    multiscale_structural_similarity_index_measure,
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
 from glo.losses import weighted_mean
 
@@ -26,18 +22,24 @@ def _unit(x: Tensor) -> Tensor:
 @torch.no_grad()
 def psnr(pred: Tensor, target: Tensor) -> Tensor:
     """PSNR in dB for data range 1."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     return peak_signal_noise_ratio(_unit(pred), _unit(target), data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
 @torch.no_grad()
 def ssim(pred: Tensor, target: Tensor) -> Tensor:
     """SSIM with the standard 11-px Gaussian window."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return structural_similarity_index_measure(_unit(pred), _unit(target), data_range=1.0, reduction="none")
 
 
 @torch.no_grad()
 def ms_ssim(pred: Tensor, target: Tensor) -> Tensor:
     """MS-SSIM with as many of the five standard scales as the image size allows (all five from 161 px)."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
     scales = sum(1 for k in range(len(MS_SSIM_BETAS)) if min(pred.shape[-2:]) > 10 * 2**k)
     return multiscale_structural_similarity_index_measure(_unit(pred), _unit(target), data_range=1.0,
                                                           reduction="none", betas=MS_SSIM_BETAS[:scales])

@@ -1,4 +1,8 @@
-"""Load a frozen diffusers AutoencoderKL and expose encode/decode in SD latent units."""
+"""Load a frozen diffusers AutoencoderKL and expose encode/decode in SD latent units.
+
+diffusers is imported where a model is built, not with this module: it takes seconds, and every tool checks its
+settings (and refuses a typo) before it builds one.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,11 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_vae_checkpoint,
-    load_single_file_checkpoint,
-)
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import logging as hub_logging
 from torch import Tensor, nn
@@ -20,6 +19,8 @@ from torch import Tensor, nn
 from glo import GloError
 
 if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
     from glo.hardware import Speed
 
 log = logging.getLogger("glo")
@@ -104,6 +105,8 @@ def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = N
     if asset:
         return FrozenVAE(_from_directory(ASSETS / asset), name, f"glo/assets/{asset}")
     if config:
+        from diffusers import AutoencoderKL
+
         torch.manual_seed(seed)  # random weights, but the same ones every run
         return FrozenVAE(AutoencoderKL(**config), name, f"random:{seed}")
     if pretrained:
@@ -129,6 +132,9 @@ def _from_file(path: Path, config: dict | None) -> AutoencoderKL:
     """One weights file, as SD's original releases ship VAEs (vae-ft-mse-840000-ema-pruned.safetensors) or inside a
     whole SD checkpoint. It holds no architecture, so vae.config gives it (vae=sd_file), and nothing is fetched.
     diffusers' from_single_file leaves weights the file lacks at random, silently: glo loads strictly instead."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, load_single_file_checkpoint
+
     if not config:
         raise GloError(f"vae.path={path}: a single weights file holds no architecture; run with vae=sd_file "
                        f"vae.path={path} (the SD VAE's; SDXL's file also needs vae.config.scaling_factor=0.13025)")
@@ -179,6 +185,8 @@ def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:
 def _pretrained(source: str | Path, **kwargs) -> AutoencoderKL:
     """from_pretrained in fp32 (latents are optimized in fp32 even from fp16 files), and without the hub's
     advice about optional packages: failures get our own one line."""
+    from diffusers import AutoencoderKL
+
     hub_logging.set_verbosity_error()  # no "Retrying in 8s" lines while the hub is unreachable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

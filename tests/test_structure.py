@@ -41,6 +41,23 @@ def test_a_bad_setting_is_refused_before_the_heavy_libraries_are_imported(overri
     assert p.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("tool, arg, message", [
+    ("glo.bench", "max_step=5", "glo: error: max_step=5: glo has no setting max_step"),
+    ("glo.roundtrip", "max_step=5", "glo: error: max_step=5: glo has no setting max_step (did you mean max_steps=5?)"),
+    ("glo.evaluate", "/nonexistent", "glo.evaluate: error: /nonexistent/latents.npz: no such file"),
+])
+def test_the_other_tools_refuse_bad_input_before_diffusers_torchmetrics_or_lightning(tool, arg, message):
+    """glo.vae imports diffusers, and glo.metrics torchmetrics, only to build a model or score (seconds each): a tool
+    that imports them refuses a typo only after they load. A top-level import of either fails this."""
+    code = (f"import runpy, sys; sys.argv = ['{tool}', '{arg}']\n"  # python -m TOOL ARG
+            f"try:\n    runpy.run_module('{tool}', run_name='__main__', alter_sys=True)\n"
+            "finally:\n    print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'torchmetrics', "
+            "'lightning'}))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith(message) and p.stderr.count("\n") == 1, p.stderr
+    assert p.stdout.strip() == "[]"
+
+
 def test_a_default_lives_in_the_yaml_only():
     """No setting has a Python default that could drift from conf/run.yaml."""
     for cls in (Settings, Speed):
