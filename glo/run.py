@@ -142,7 +142,7 @@ def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch:
         # Peak RSS measured here (bf16: SD VAE architecture at 512 px, stand-in at 1024 px; Intel Xeon, 2026-11-27)
         # was 1.58-1.63x the count without checkpointing and 2.34-3.39x with it, interpreter and model included;
         # less the 778 MiB the SD run held before its first image (free is read after that), at most 2.66x
-        if 3 * need > free:
+        if 3 * need > free and os.environ.get("LOCAL_RANK", "0") == "0":  # DDP: once per machine, not per rank
             hint = "; checkpointing=true needs less" if not speed.checkpointing else ""
             logging.getLogger("glo").warning("%s: the count is a lower bound, so the run may still run out of memory "
                                              "(on a CPU the kernel then ends it without a message)%s", why, hint)

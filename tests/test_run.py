@@ -183,6 +183,10 @@ def test_a_batch_that_fits_with_little_to_spare_is_run_with_a_warning(monkeypatc
             f"3 image(s) of 64 px need at least 0.0 GiB on cpu for the decoder's backward, and 0.0 GiB is available: "
             f"the count is a lower bound, so the run may still run out of memory (on a CPU the kernel then ends it "
             f"without a message){'' if checkpointing else '; checkpointing=true needs less'}"] * warned
+    caplog.clear()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another DDP rank on this machine: rank 0 has said it
+    glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 1)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 @pytest.mark.parametrize("largest", ["up_blocks.3", "mid_block"])
