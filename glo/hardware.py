@@ -3,7 +3,7 @@
 Reduced precision is only a speed-up where the hardware computes in it: on a CPU without native bf16
 (AVX2 only) autocast emulates bf16 and one decode + backward gets over 100x slower. So `precision=auto`
 decides from the hardware's capability, never from one machine's benchmark, and every figure says
-which machine it was measured on. Imports no diffusers: glo.run checks the speed switches before loading it.
+which machine it was measured on. The decoder's speed and memory switches (`Speed`) sit beside the memory count.
 """
 from __future__ import annotations
 
