@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from glo.cli import one_line_errors
-from glo.report import compare, markdown_table
+from glo.report import compare
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,9 +13,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("sweep_dir", help="a Hydra multirun directory (experiments/multirun/<date_time>)")
     args = p.parse_args(argv)
     with one_line_errors("glo.compare"):
-        rows = compare(args.sweep_dir)
-    print(markdown_table(rows))
-    print(f"\nwritten: {Path(args.sweep_dir) / 'compare.md'}, {Path(args.sweep_dir) / 'compare.csv'}")
+        compare(args.sweep_dir)
+    print((Path(args.sweep_dir) / "compare.md").read_text())
+    print(f"written: {Path(args.sweep_dir) / 'compare.md'}, {Path(args.sweep_dir) / 'compare.csv'}")
 
 
 if __name__ == "__main__":

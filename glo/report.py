@@ -5,6 +5,7 @@ Everything here renders arrays that are already computed; nothing decodes or opt
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,8 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], me
 
 
 def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per finished job of a Hydra multirun directory, best mean PSNR gain first."""
+    """One row per finished job of a Hydra multirun directory, best mean PSNR gain first, written to compare.md
+    (with the machine the jobs' speeds were measured on: a column where they differ) and compare.csv."""
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
         raise GloError(f"{sweep}: no such directory")
@@ -181,19 +183,28 @@ def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
     for summary_file in sorted(sweep.glob("*/summary.json")):
         job = summary_file.parent
         s = json.loads(summary_file.read_text())
+        meta_file = job / "metadata.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = [line[2:].strip() for line in overrides_file.read_text().splitlines() if line.startswith("- ")] \
             if overrides_file.is_file() else []
         rows.append({"job": job.name, "overrides": " ".join(overrides), "psnr_gain_mean": s["psnr_gain_mean"],
                      "psnr_final_mean": s["psnr_final_mean"],
                      "ssim_gain_mean": s["ssim_final_mean"] - s["ssim_initial_mean"],
-                     "steps_mean": s["steps_mean"], "images_per_second": s["images_per_second"]})
+                     "steps_mean": s["steps_mean"], "passes_mean": s.get("passes_mean", float("nan")),
+                     "images_per_second": s["images_per_second"],
+                     "precision": meta.get("precision", {}).get("used", "—"),
+                     "machine": describe(meta["machine"]) if "machine" in meta else "—"})
     if not rows:
         raise GloError(f"{sweep}: no finished jobs (no */summary.json)")
     rows.sort(key=lambda r: r["psnr_gain_mean"], reverse=True)
-    (sweep / "compare.md").write_text(markdown_table(rows) + "\n")
-    with open(sweep / "compare.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    machines = {r["machine"] for r in rows}
+    shown = rows if len(machines) > 1 else [{k: v for k, v in r.items() if k != "machine"} for r in rows]
+    text = markdown_table(shown) + "\n" + (f"\nMeasured on {machines.pop()}.\n" if len(machines) == 1 else "")
+    atomic_write(sweep / "compare.md", lambda f: f.write(text.encode()))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(sweep / "compare.csv", lambda f: f.write(table.getvalue().encode()))
     return rows

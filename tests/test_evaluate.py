@@ -283,3 +283,36 @@ Measured on CPU A (AVX2, no native bf16), 2 CPUs, 1 torch threads, GPU Tesla T4;
 }}
 ```
 """
+
+
+def _job(sweep, name, gain, machine, overrides):
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (job / "summary.json").write_text(json.dumps({
+        "psnr_gain_mean": gain, "psnr_final_mean": 20 + gain, "ssim_initial_mean": 0.5, "ssim_final_mean": 0.75,
+        "steps_mean": 7.0, "passes_mean": 7.5, "images_per_second": 0.25}))
+    (job / "metadata.json").write_text(json.dumps({"machine": machine, "precision": {"used": "bf16"}}))
+
+
+def test_compare_ranks_jobs_and_names_the_machine_their_speeds_were_measured_on(tmp_path):
+    from glo.report import compare
+
+    a = {"cpu": "CPU A", "cpu_capability": "AVX2", "cpu_native_bf16": False, "cpus": 2, "torch_threads": 2}
+    _job(tmp_path, "0", 1.0, a, ["lr=0.05"])
+    _job(tmp_path, "1", 2.0, a, ["lr=0.1"])
+    rows = compare(tmp_path)
+    assert [r["job"] for r in rows] == ["1", "0"] and rows[0]["passes_mean"] == 7.5 and rows[0]["precision"] == "bf16"
+    md = (tmp_path / "compare.md").read_text()
+    assert md.splitlines()[0] == ("| job | overrides | psnr_gain_mean | psnr_final_mean | ssim_gain_mean | steps_mean "
+                                  "| passes_mean | images_per_second | precision |")
+    assert md.splitlines()[2] == "| 1 | lr=0.1 | 2 | 22 | 0.25 | 7 | 7.5 | 0.25 | bf16 |"
+    assert md.endswith(f"\n\nMeasured on {describe(a)}.\n")
+    with open(tmp_path / "compare.csv") as f:
+        assert [r["machine"] for r in csv.DictReader(f)] == [describe(a)] * 2
+    # a sweep whose jobs ran on two machines (a cluster): their images/s are not comparable, each row says where
+    _job(tmp_path, "2", 3.0, {**a, "cpu": "CPU B"}, ["lr=0.2"])
+    md = (tmp_path / "compare.md").read_text() if compare(tmp_path) else ""
+    assert md.splitlines()[0].endswith("| precision | machine |") and "Measured on" not in md
+    assert md.splitlines()[2].endswith(f"| bf16 | {describe({**a, 'cpu': 'CPU B'})} |")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2", "compare.csv", "compare.md"]  # no temp files
