@@ -46,5 +46,9 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
 
 
+def save_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def save_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write(to_json(obj).encode()))
+    save_text(path, to_json(obj))

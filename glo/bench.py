@@ -6,7 +6,6 @@ what `python -m glo.run` does. Writes bench.json and bench.md into the run direc
 """
 from __future__ import annotations
 
-import json
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -24,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from glo import GloError
+from glo.atomic import save_json, save_text
 from glo.cli import COMMAND_LINE_ERRORS, hydra_main, one_line, one_line_errors
 from glo.drift import drift, pooled_channel_stats
 from glo.engine import Settings
@@ -172,8 +172,8 @@ def bench(cfg: DictConfig, out: Path) -> dict:
         "vae": cfg.vae.name, "loss": cfg.loss.name, "data": dict(cfg.data),
         "reference": {k: prototype[k] for k in ("lr", "max_steps")}, "repeats": cfg.repeats}, "methods": rows,
         "memory": memory}
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
-    (out / "bench.md").write_text(render(result))
+    save_json(out / "bench.json", result)
+    save_text(out / "bench.md", render(result))
     return result
 
 

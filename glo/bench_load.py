@@ -7,7 +7,6 @@ export formats), checks every image was exported exactly once, and records each 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from glo.atomic import save_json, save_text
 from glo.latents import find_latents, load_latents
 from glo.report import markdown_table
 
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
               for fmt in ("npz", "hdf5")}
     result = {"date": datetime.now(timezone.utc).isoformat(), "size": args.size, "rows": rows,
               "peak_growth_largest_over_smallest": growth}
-    (out / "bench_load.json").write_text(json.dumps(result, indent=2))
-    (out / "bench_load.md").write_text(f"# glo.bench_load — {result['date'][:10]}\n\n{markdown_table(rows)}\n\n"
-                                       f"Peak RSS, largest over smallest run: {growth}\n")
+    save_json(out / "bench_load.json", result)
+    save_text(out / "bench_load.md", f"# glo.bench_load — {result['date'][:10]}\n\n{markdown_table(rows)}\n\n"
+                                     f"Peak RSS, largest over smallest run: {growth}\n")
     print(f"glo.bench_load: {out / 'bench_load.md'}")
 
 

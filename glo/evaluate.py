@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from glo import GloError
-from glo.atomic import atomic_write, save_json
+from glo.atomic import save_json, save_text
 from glo.cli import one_line_errors
 from glo.data import ImageDataset
 from glo.latents import find_latents, load_latents, summarize
@@ -105,7 +105,7 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
     for i, name in enumerate(arrays["ids"]):
         writer.writerow([name, *[f"{v:.6g}" for m in metrics for v in (
             values[f"{m}_initial"][i], values[f"{m}_final"][i], values[f"{m}_final"][i] - values[f"{m}_initial"][i])]])
-    atomic_write(run / "metrics.csv", lambda f: f.write(table.getvalue().encode()))
+    save_text(run / "metrics.csv", table.getvalue())
 
     summary = summarize(arrays)
     for m in metrics:

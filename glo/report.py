@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from glo import GloError  # noqa: E402
-from glo.atomic import atomic_write  # noqa: E402
+from glo.atomic import atomic_write, save_text  # noqa: E402
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -169,7 +169,7 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], me
         "## Config", "", "```json", json.dumps(metadata.get("config", {}), indent=2), "```", "",
     ]
     path = out / "report.md"
-    atomic_write(path, lambda f: f.write("\n".join(text).encode()))
+    save_text(path, "\n".join(text))
     return path
 
 
@@ -201,10 +201,10 @@ def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
     machines = {r["machine"] for r in rows}
     shown = rows if len(machines) > 1 else [{k: v for k, v in r.items() if k != "machine"} for r in rows]
     text = markdown_table(shown) + "\n" + (f"\nMeasured on {machines.pop()}.\n" if len(machines) == 1 else "")
-    atomic_write(sweep / "compare.md", lambda f: f.write(text.encode()))
+    save_text(sweep / "compare.md", text)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(sweep / "compare.csv", lambda f: f.write(table.getvalue().encode()))
+    save_text(sweep / "compare.csv", table.getvalue())
     return rows

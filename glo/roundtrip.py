@@ -9,7 +9,6 @@ image. Writes roundtrip.json, roundtrip.md and roundtrip.png into the run direct
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
@@ -23,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from glo import GloError
+from glo.atomic import save_json, save_text
 from glo.cli import hydra_main, one_line_errors
 from glo.engine import Settings
 from glo.fit import fit
@@ -87,9 +87,9 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
             for k in cfg.report_at]
     result = {"config": OmegaConf.to_container(cfg, resolve=True), "vae": vae.info(), "ids": ids, "rows": rows,
               "per_trip": {k: v.tolist() for k, v in scores.items()}}
-    (out / "roundtrip.json").write_text(json.dumps(result, indent=2))
+    save_json(out / "roundtrip.json", result)
     save_figure(figure(scores), out / "roundtrip.png")
-    (out / "roundtrip.md").write_text("\n".join([
+    save_text(out / "roundtrip.md", "\n".join([
         f"# glo.roundtrip: {len(ids)} images, VAE `{vae.name}`, mask `{HydraConfig.get().runtime.choices.mask}`, "
         f"{cfg.data.size} px", "",
         "PSNR (dB) against the original after k encode -> decode trips, each saved as 8 bits. `known` = the pixels "
