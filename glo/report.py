@@ -34,6 +34,13 @@ def describe(m: dict) -> str:
     return f"{m['cpu']} ({m['cpu_capability']}, {bf16}), {m['cpus']} CPUs, {m['torch_threads']} torch threads{gpu}"
 
 
+def measured_on(metadata: dict) -> list[str]:
+    """Each machine a run's figures were measured on (metadata.json): a run resumed elsewhere was timed on each."""
+    found = [s["machine"] for s in metadata.get("sessions", []) if "machine" in s]
+    found = found or ([metadata["machine"]] if "machine" in metadata else [])
+    return list(dict.fromkeys(describe(m) for m in found))
+
+
 def loss_curves_figure(curves: np.ndarray) -> Figure:
     """Median loss per step with the interquartile band; images that stopped drop out (NaN)."""
     fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
@@ -143,9 +150,7 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], me
             "passes_mean": summary.get("passes_mean", float("nan")), "converged": summary["converged"],
             "nonfinite": summary["nonfinite"], "seconds_total": summary["seconds_total"],
             "images_per_second": summary["images_per_second"], "precision": precision.get("used", "—")}]
-    # a run resumed elsewhere was timed on every machine it ran on
-    machines = list(dict.fromkeys(describe(s["machine"]) for s in metadata.get("sessions", []) if "machine" in s))
-    machines = machines or ([describe(metadata["machine"])] if "machine" in metadata else [])
+    machines = measured_on(metadata)
     where = f"Measured on {'; and on '.join(machines)}" if machines else ""
     if where and "reason" in precision:
         where += f"; decoder precision {precision['used']} ({precision['reason']})"
@@ -194,13 +199,14 @@ def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
                      "steps_mean": s["steps_mean"], "passes_mean": s.get("passes_mean", float("nan")),
                      "images_per_second": s["images_per_second"],
                      "precision": meta.get("precision", {}).get("used", "—"),
-                     "machine": describe(meta["machine"]) if "machine" in meta else "—"})
+                     "machine": "; and on ".join(measured_on(meta)) or "—"})
     if not rows:
         raise GloError(f"{sweep}: no finished jobs (no */summary.json)")
     rows.sort(key=lambda r: r["psnr_gain_mean"], reverse=True)
     machines = {r["machine"] for r in rows}
-    shown = rows if len(machines) > 1 else [{k: v for k, v in r.items() if k != "machine"} for r in rows]
-    text = markdown_table(shown) + "\n" + (f"\nMeasured on {machines.pop()}.\n" if len(machines) == 1 else "")
+    one = machines.pop() if len(machines) == 1 else None  # then a line says it, rather than a column
+    shown = rows if one is None else [{k: v for k, v in r.items() if k != "machine"} for r in rows]
+    text = markdown_table(shown) + "\n" + (f"\nMeasured on {one}.\n" if one not in (None, "—") else "")
     save_text(sweep / "compare.md", text)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))

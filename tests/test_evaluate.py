@@ -316,3 +316,9 @@ def test_compare_ranks_jobs_and_names_the_machine_their_speeds_were_measured_on(
     assert md.splitlines()[0].endswith("| precision | machine |") and "Measured on" not in md
     assert md.splitlines()[2].endswith(f"| bf16 | {describe({**a, 'cpu': 'CPU B'})} |")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2", "compare.csv", "compare.md"]  # no temp files
+    # jobs whose metadata names no machine (an older glo's): no machine is claimed
+    old = tmp_path / "old"
+    _job(old, "0", 1.0, a, ["lr=0.05"])
+    (old / "0" / "metadata.json").write_text("{}")
+    compare(old)
+    assert "Measured on" not in (old / "compare.md").read_text() and "machine" not in (old / "compare.md").read_text()
