@@ -68,12 +68,12 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
         raise GloError(f"{find_latents(run)}: image '{changed[0]}' has changed since its latent was made "
                        f"({len(changed)} in all); run the glo.run command that made {run} again to recompute them")
 
-    metrics, notes = dict(METRICS), []
+    metrics, skipped = dict(METRICS), []
     lp, why = lpips_metric()
     if lp:
         metrics["lpips"] = lp
     else:
-        notes.append(why)
+        skipped.append(why)
     gain = arrays["psnr_final"] - arrays["psnr_initial"]
     order = np.argsort(gain)
     picks = {int(order[-1]): "best", int(order[len(order) // 2]): "median", int(order[0]): "worst"}
@@ -114,7 +114,9 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
         summary.update({f"{m}_initial_mean": float(before.mean()), f"{m}_final_mean": float(after.mean()),
                         f"{m}_initial_median": float(np.median(before)), f"{m}_final_median": float(np.median(after)),
                         f"{m}_improved_fraction": float(better.mean())})
-    summary["skipped_metrics"] = notes
+    summary["skipped_metrics"] = skipped
+    upscaled = upscaling(arrays, metadata.get("image_size"))
+    summary["images_upscaled"] = upscaled[0] if upscaled else 0
     save_json(run / "summary.json", summary)
 
     images = write_plots(arrays, run)
@@ -124,8 +126,23 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
         with SummaryWriter(str(run)) as tb:
             for name, path in images.items():
                 tb.add_image(f"report/{name}", np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
-    write_report(run, summary, images, metadata, notes)
+    write_report(run, summary, images, metadata, skipped + ([upscaled[1]] if upscaled else []))
     return summary
+
+
+def upscaling(arrays: dict[str, np.ndarray], size: int | None) -> tuple[int, str] | None:
+    """How many images were smaller than the run's size, and a line saying so: their shorter side was enlarged
+    to it, so a run's figures are those of interpolated pictures (BSDS500's 321 px at 512 px, for one)."""
+    if not size or "original_size" not in arrays:
+        return None
+    shorter = arrays["original_size"].min(1)
+    small = shorter[shorter < size]
+    if not len(small):
+        return None
+    return len(small), (f"{len(small)} of {len(shorter)} images were upscaled to {size} px from a shorter side of "
+                        f"{small.min()}" + (f"–{small.max()}" if small.max() > small.min() else "") + " px "
+                        "(`original_size`): interpolation adds no detail, so these are not the figures of photos "
+                        f"taken at {size} px")
 
 
 def main(argv: list[str] | None = None) -> None:

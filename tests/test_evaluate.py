@@ -12,6 +12,7 @@ from PIL import Image
 
 from glo.data import SampleDataset
 from glo.evaluate import main as evaluate_main
+from glo.evaluate import upscaling
 from glo.latents import DRIFT, load_latents, summarize
 from glo.metrics import known_psnr, mae, ms_ssim, psnr, ssim
 from glo.report import describe, drift_rows, markdown_table, write_report
@@ -322,3 +323,29 @@ def test_compare_ranks_jobs_and_names_the_machine_their_speeds_were_measured_on(
     (old / "0" / "metadata.json").write_text("{}")
     compare(old)
     assert "Measured on" not in (old / "compare.md").read_text() and "machine" not in (old / "compare.md").read_text()
+
+
+def test_images_smaller_than_the_run_size_are_counted_and_named_as_upscaled(finished_run, tmp_path):
+    """BSDS500 at 512 px enlarges every 321 px side: report.md and summary.json say how many images were upscaled
+    and from what, since interpolated pictures are not photos of that size. A run without any says nothing."""
+    assert json.loads((finished_run / "summary.json").read_text())["images_upscaled"] == 0
+    assert "upscaled" not in (finished_run / "report.md").read_text()
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    arrays = load_latents(run / "latents.npz")
+    size = json.loads((run / "metadata.json").read_text())["image_size"]
+    arrays["original_size"] = np.array([[size - 16, 300], [size, size], [500, size - 8]], dtype=np.int64)
+    np.savez(run / "latents.npz", **arrays)
+    evaluate_main([str(run)])
+    assert json.loads((run / "summary.json").read_text())["images_upscaled"] == 2
+    assert (f"- 2 of 3 images were upscaled to {size} px from a shorter side of {size - 16}–{size - 8} px "
+            "(`original_size`)") in (run / "report.md").read_text()
+
+
+def test_upscaling_counts_the_shorter_side_only():
+    sizes = {"original_size": np.array([[321, 481], [481, 321], [512, 768], [600, 400]])}
+    assert upscaling(sizes, 512)[0] == 3
+    assert upscaling(sizes, 512)[1].startswith("3 of 4 images were upscaled to 512 px from a shorter side of 321–400 px")
+    assert upscaling(sizes, 321) is None and upscaling(sizes, None) is None
+    assert upscaling({"original_size": sizes["original_size"][:2]}, 512)[1].startswith("2 of 2 images were upscaled "
+                                                                                      "to 512 px from a shorter side of 321 px (")
