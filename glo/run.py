@@ -121,13 +121,14 @@ def memory_line(why: str, switches: list[str], smaller: int) -> str:
     return f"{why}; the images finished are kept: {resume}start a new directory with data.size={smaller} or less"
 
 
-def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch: int, processes: int) -> None:
+def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch: int, processes: int,
+                 local_rank: int = 0) -> None:
     """Refuse a batch the device cannot hold before computing anything: where the kernel's OOM killer acts first,
     such a run is killed without a word (at 8192 px the stand-in ran 7 minutes first). The estimate is what
     autograd keeps, from probes at 64 and 128 px: a lower bound, so a run that fits in memory is never refused,
     and a switch is offered unless even its lower bound is too much; one that fits with little to spare is run with
     a warning. batch: the largest batch this process will decode (fewer images may be left than batch_size, and
-    halving batch_size would change nothing)."""
+    halving batch_size would change nothing). local_rank: this process's on its machine; only rank 0 warns, for all."""
     from glo.hardware import PRECISIONS, available_memory, decode_memory
 
     free = available_memory(vae.device)
@@ -143,7 +144,7 @@ def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch:
         # Peak RSS measured here (bf16: SD VAE architecture at 512 px, stand-in at 1024 px; Intel Xeon, 2026-11-27)
         # was 1.58-1.63x the count without checkpointing and 2.34-3.39x with it, interpreter and model included;
         # less the 778 MiB the SD run held before its first image (free is read after that), at most 2.66x
-        if 3 * need > free and os.environ.get("LOCAL_RANK", "0") == "0":  # DDP: once per machine, not per rank
+        if 3 * need > free and local_rank == 0:  # DDP: once per machine, not per rank
             hint = "; checkpointing=true needs less" if not speed.checkpointing else ""
             logging.getLogger("glo").warning("%s: the count is a lower bound, so the run may still run out of memory "
                                              "(on a CPU the kernel then ends it without a message)%s", why, hint)
@@ -202,7 +203,8 @@ def run(cfg: DictConfig) -> float:
     vae = load_model(cfg, speed)
     batch = min(cfg.batch_size, math.ceil(len(todo) / processes))  # the largest batch a process will decode
     if todo:
-        check_memory(speed, vae, dataset.size, precision, batch, trainer.num_devices)
+        # Lightning's local rank: torchrun's and its own LOCAL_RANK, or SLURM_LOCALID under srun
+        check_memory(speed, vae, dataset.size, precision, batch, trainer.num_devices, trainer.local_rank)
     resumed = f" ({len(dataset.ids) - len(todo)} already exported)" if done else ""
     if rank_zero_only.rank == 0:
         print(f"glo: VAE {vae.name} ({vae.source}) on {vae.device}, precision {precision} ({reason}); "

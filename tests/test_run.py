@@ -184,9 +184,30 @@ def test_a_batch_that_fits_with_little_to_spare_is_run_with_a_warning(monkeypatc
             f"the count is a lower bound, so the run may still run out of memory (on a CPU the kernel then ends it "
             f"without a message){'' if checkpointing else '; checkpointing=true needs less'}"] * warned
     caplog.clear()
-    monkeypatch.setenv("LOCAL_RANK", "1")  # another DDP rank on this machine: rank 0 has said it
-    glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 1)
+    glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 1, local_rank=1)  # another DDP rank: rank 0 has said it
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_each_ddp_process_checks_memory_as_the_local_rank_lightning_gives_it(tmp_path, monkeypatch, launcher):
+    """srun sets no LOCAL_RANK, only SLURM_LOCALID: every rank warned. Lightning's local rank knows both."""
+    env = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_LOCALID": "1", "SLURM_PROCID": "1",
+           "SLURM_NODEID": "0", "SLURM_JOB_NAME": "glo", "SLURM_JOB_ID": "5", "SLURM_NODELIST": "node1"}
+    if launcher == "torchrun":
+        env = {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    seen = []
+
+    def stop(*args) -> None:
+        seen.append(args[6:])
+        raise GloError("checked")
+
+    monkeypatch.setattr(glo.run, "check_memory", stop)
+    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "logger=none", "report=false"]
+    with pytest.raises(GloError, match="^checked$"):
+        glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, *ddp))
+    assert seen == [(1,)]
 
 
 @pytest.mark.parametrize("largest", ["up_blocks.3", "mid_block"])
