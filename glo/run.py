@@ -128,7 +128,7 @@ def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch:
     autograd keeps, from probes at 64 and 128 px: a lower bound, so a run that fits in memory is never refused,
     and a switch is offered unless even its lower bound is too much; one that fits with little to spare is run with
     a warning. batch: the largest batch this process will decode (fewer images may be left than batch_size, and
-    halving batch_size would change nothing). local_rank: this process's on its machine; only rank 0 warns, for all."""
+    halving batch_size would change nothing). local_rank: this process's rank on its machine; rank 0 warns for all."""
     from glo.hardware import PRECISIONS, available_memory, decode_memory
 
     free = available_memory(vae.device)
