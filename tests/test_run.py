@@ -23,7 +23,7 @@ from glo.cli import (
     one_line,
     one_line_errors,
 )
-from glo.hardware import decode_memory, saved_bytes
+from glo.hardware import Speed, decode_memory, saved_bytes
 from glo.run import validate
 from glo.vae import load_vae
 from tests.conftest import FAST, run_config, run_glo
@@ -188,6 +188,59 @@ def test_a_batch_that_fits_with_little_to_spare_is_run_with_a_warning(monkeypatc
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
+class _CountedVAE:
+    """What check_memory asks of a VAE: its device, and a switch for checkpointing that the count below reads."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.model = torch.device(device), self
+        self.checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.checkpointing = False
+
+
+G = 2**30
+
+
+@pytest.mark.parametrize("device, processes, counts, size, batch, free, line", [
+    # 2 CPU processes share the RAM: (1 + 0.5 * 4 * 2) * 2 = 10 GiB; room per process 9/2 - 1 = 3.5 GiB, 2 per image
+    ("cpu", 2, {False: (1, 0.5), True: (1, 0.125)}, 128, 2, 9, "2 image(s) of 128 px need at least 10.0 GiB on cpu "
+     "for the decoder's backward, and 9.0 GiB is available; the images finished are kept: run the same command with "
+     "batch_size=1 checkpointing=true to resume after them, or start a new directory with data.size=112 or less"),
+    ("cpu", 2, {False: (1, 0.5), True: (1, 0.5)}, 128, 2, 9, "...: run the same command with batch_size=1 to resume "
+     "after them, or start a new directory with data.size=112 or less"),  # checkpointing would save nothing
+    ("cpu", 1, {False: (1, 0.5), True: (1, 0.5)}, 128, 2, 3, "...: run the same command with batch_size=1 to resume "
+     "after them, or start a new directory with data.size=88 or less"),  # room for exactly one image
+    ("cpu", 1, {False: (1, 0.5), True: (1, 0.5)}, 128, 2, 2.5, "...kept: start a new directory with data.size=72 or "
+     "less"),  # room for less than one
+    ("cpu", 1, {False: (4, 0.5), True: (4, 0.5)}, 64, 1, 3, "...: start a new directory with data.size=8 or less"),
+    ("cuda", 2, {False: (1, 0.5), True: (1, 0.5)}, 64, 2, 2.5, "2 image(s) of 64 px need at least 2.0 GiB on cuda for "
+     "the decoder's backward, and 2.5 GiB is available: the count is a lower bound, so the run may still run out of "
+     "memory (on a CPU the kernel then ends it without a message); checkpointing=true needs less"),  # a GPU each
+    ("cpu", 1, {False: (1, 0.5), True: (1, 0.5)}, 64, 2, 6, None),  # 3x the need is free: no warning
+])
+def test_the_memory_count_with_round_numbers(monkeypatch, caplog, device, processes, counts, size, batch, free, line):
+    """The arithmetic of check_memory, in GiB: the count grows with the area and the batch, CPU processes share the
+    machine's RAM and GPU processes have a device each, a switch is offered only where its own count fits, and the
+    smaller size is the one whose count fits (64 px * sqrt(room / need at 64 px), down to a multiple of 8)."""
+    vae = _CountedVAE(device)
+    monkeypatch.setattr(glo.hardware, "decode_memory", lambda v, dtype: tuple(x * G for x in counts[v.checkpointing]))
+    monkeypatch.setattr(glo.hardware, "available_memory", lambda d: free * G if d == vae.device else None)
+    speed = instantiate(run_config(*FAST).speed)
+    if line is None or "lower bound" in line:
+        glo.run.check_memory(speed, vae, size, "fp32", batch, processes)
+        assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == ([("glo", "WARNING", line)] if line
+                                                                                  else [])
+        return
+    with pytest.raises(GloError) as e:
+        glo.run.check_memory(speed, vae, size, "fp32", batch, processes)
+    assert str(e.value) == line if not line.startswith("...") else str(e.value).endswith(line[3:]), str(e.value)
+    assert not vae.checkpointing  # the VAE is left as it was
+
+
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_each_ddp_process_checks_memory_as_the_local_rank_lightning_gives_it(tmp_path, monkeypatch, launcher):
     """srun sets no LOCAL_RANK, only SLURM_LOCALID: every rank warned. Lightning's local rank knows both."""
@@ -343,13 +396,28 @@ def as_in_hydra_main(monkeypatch, out, *overrides: str) -> DictConfig:
     ("lr=-0.1", "lr=-0.1: must be > 0"),
     ("resume=maybe", "resume=maybe: must be one of auto, restart"),
     ("vae.path=2024", "vae.path=2024: read as a number, not a path; write the folder with a slash (vae.path=./NAME)"),
+    ("batch_size=2.5", "batch_size=2.5: must be an integer"),
+    ("batch_size=true", "batch_size=True: must be an integer"),
+    ("data.limit=0", "data.limit=0: must be an integer >= 1, or null for every image"),
+    ("seed=4294967296", "seed=4294967296: must be in [0, 2**32)"),
+    ("device=tpu", "device=tpu: must be one of auto, cpu, cuda, mps"),
+    ("optim=gradfree mask=boxes mask.known_only=true",
+     "optim=gradfree has no pixel loss to restrict: use optim=adam with mask.known_only=true"),
 ])
 def test_a_bad_setting_is_refused_by_validate_before_anything_is_built(override, message, capsys, monkeypatch, tmp_path):
     """In process: validate() is run()'s first call; the cases below run all of run() with nothing written."""
     with pytest.raises(SystemExit), one_line_errors("glo"):  # as glo.run's main wraps run()
-        validate(as_in_hydra_main(monkeypatch, tmp_path, override))
+        validate(as_in_hydra_main(monkeypatch, tmp_path, *override.split()))
     err = capsys.readouterr().err
     assert err.startswith("glo: error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("overrides", [["data.limit=1"], ["seed=4294967295"], ["optim=gradfree", "mask=boxes"],
+                                       ["mask=boxes", "mask.known_only=true"], ["device=cpu", "data.limit=null"]])
+def test_validate_allows_the_edges_and_returns_the_settings_and_speed_switches(overrides, monkeypatch, tmp_path):
+    settings, speed = validate(as_in_hydra_main(monkeypatch, tmp_path, *overrides, "tile_size=64"))
+    assert speed == Speed(channels_last=False, checkpointing=False, tile_size=64)
+    assert settings == instantiate(run_config(*overrides).engine)
 
 
 @pytest.mark.parametrize("overrides,message", [
