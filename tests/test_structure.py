@@ -128,3 +128,19 @@ def test_speed_switches_check_themselves(override, message):
 
 def _fields(cfg) -> dict:
     return {f.name: (list(cfg[f.name]) if f.name == "betas" else cfg[f.name]) for f in fields(Settings)}
+
+
+@pytest.mark.parametrize("tool, header, key", [
+    ("run", "optimize the VAE latents of a set of images and export them as a dataset.", "max_steps: 7"),
+    ("bench", "the published prototype's loop and glo's options on the same images and VAE.", "repeats:"),
+    ("roundtrip", "repeated encode -> decode trips, the encoder's latent against glo's.", "trips:"),
+    ("train_vae", "train the stand-in KL-f8 VAE that glo ships.", "kl_weight:"),
+])
+def test_help_names_the_tool_says_what_it_does_and_lists_its_settings(tool, header, key):
+    """Hydra's own help opened with 'run is powered by Hydra', naming neither glo nor the command."""
+    p = subprocess.run([sys.executable, "-m", f"glo.{tool}", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f"python -m glo.{tool}: {header}\n"), p.stdout[:300]
+    assert f"\n{key}" in p.stdout and "powered by Hydra" not in p.stdout
+    assert p.stdout.rstrip().endswith("README.md says what each does.\nHydra's own options: --hydra-help")
