@@ -45,6 +45,7 @@ def test_a_bad_setting_is_refused_before_the_heavy_libraries_are_imported(overri
     ("glo.bench", "max_step=5", "glo: error: max_step=5: glo has no setting max_step"),
     ("glo.roundtrip", "max_step=5", "glo: error: max_step=5: glo has no setting max_step (did you mean max_steps=5?)"),
     ("glo.evaluate", "/nonexistent", "glo.evaluate: error: /nonexistent/latents.npz: no such file"),
+    ("glo.train_vae", "max_step=5", "glo: error: max_step=5: glo has no setting max_step"),  # its LightningModule
 ])
 def test_the_other_tools_refuse_bad_input_before_diffusers_torchmetrics_or_lightning(tool, arg, message):
     """glo.vae imports diffusers, and glo.metrics torchmetrics, only to build a model or score (seconds each): a tool

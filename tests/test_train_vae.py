@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from glo.train_vae import trainer_precision
 from glo.vae import load_vae
+from glo.vae_training import trainer_precision
 from tests.conftest import photos, run_glo
 
 TINY = ["vae.block_out_channels=[8,8,16,16]", "vae.norm_num_groups=4", "crop=32", "crops_per_epoch=8",
