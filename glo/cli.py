@@ -20,7 +20,7 @@ from hydra.errors import (
     OverrideParseException,
 )
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationKeyError
 
 from glo import GloError
@@ -121,13 +121,33 @@ def null_group(args: list[str]) -> str | None:
 
 
 def no_such_setting(line: str, key: str, known: Iterable[str], why: str = "") -> str:
-    """`line` (key=value) sets `key`, which glo does not have: the message, with the nearest of `known` (the keys
-    beside it) as a hint."""
+    """`line` (key=value) sets `key`, which glo does not have: the message, with the nearest keys of `known` (the
+    node beside it) as a hint."""
     parent, _, name = key.rpartition(".")
-    near = difflib.get_close_matches(name, [k for k in known if k not in (name, "hydra")], n=1)
-    prefix = f"{parent}." if parent else ""
-    hint = f" (did you mean {prefix}{near[0]}={line.split('=', 1)[1]}?)" if near and "=" in line else ""
+    near = nearest(name, known)
+    prefix, value = f"{parent}." if parent else "", line.split("=", 1)[1] if "=" in line else ""
+    said = [f"{prefix}{k}={value}" for k in near]
+    options = f"{', '.join(said[:-1])} or {said[-1]}" if len(said) > 1 else "".join(said)
+    hint = f" (did you mean {options}?)" if said and value else ""
     return f"{line}: glo has no setting {key}{why}{hint}; the settings are the keys in conf/ and the README"
+
+
+def nearest(name: str, node: Iterable[str]) -> list[str]:
+    """The keys of `node`, and of the nodes in it, named `name` (size=512 means data.size, devices=2
+    trainer.devices), else the one named most like it (max_step: max_steps), a key beside first. Keys one level down
+    that only repeat a top-level knob (engine.lr: ${lr}) are not offered."""
+    keys = [(k, k) for k in node if k not in (name, "hydra")]
+    if isinstance(node, DictConfig):
+        for k in list(keys):
+            child = None if OmegaConf.is_interpolation(node, k[0]) else node[k[0]]
+            if isinstance(child, DictConfig):
+                keys += [(leaf, f"{k[0]}.{leaf}") for leaf in child
+                         if not leaf.startswith("_") and not OmegaConf.is_interpolation(child, leaf)]
+    same = sorted((full for leaf, full in keys if leaf == name), key=lambda full: (full.count("."), full))
+    if same:
+        return same
+    close = difflib.get_close_matches(name, [leaf for leaf, _ in keys], n=1)
+    return [next(full for leaf, full in keys if leaf == close[0])] if close else []
 
 
 def _main_thread_reports(args: threading.ExceptHookArgs) -> None:

@@ -492,6 +492,7 @@ def test_an_added_key_that_nothing_reads_is_one_line_not_a_run_on_the_defaults(t
     ("glo.bench", "repeat=3", "repeat=3: glo has no setting repeat (did you mean repeats=3?)"),
     ("glo.roundtrip", "trip=3", "trip=3: glo has no setting trip (did you mean trips=3?)"),
     ("glo.train_vae", "sed=1", "sed=1: glo has no setting sed (did you mean seed=1?)"),
+    ("glo.train_vae", "max_step=9", "max_step=9: glo has no setting max_step (did you mean trainer.max_steps=9?)"),
 ])
 def test_a_mistyped_key_is_one_line_naming_the_nearest_in_every_tool(tmp_path, module, override, hint):
     """Hydra's own message spans several lines and suggests adding the key with `+`, which would change nothing."""
@@ -512,11 +513,19 @@ def test_a_mistyped_key_is_one_line_naming_the_nearest_in_every_tool(tmp_path, m
     ("betas=[0.5", "betas=[0.5: cannot read it: no viable alternative at input '[0.5'; See https://hydra.cc/"),
     ("lr=0.1,0.2", "Ambiguous value for argument 'lr=0.1,0.2'; 1. To use it as a list, use key=[value1,value2]; 2."),
     (None, "data.sise: glo has no setting data.sise; the settings are"),  # composed inside a tool (bench's methods)
+    # a key that exists one level down: size=512 was answered with tile_size=512, devices=2 with device=2
+    ("size=512", "size=512: glo has no setting size (did you mean data.size=512?); the settings are"),
+    ("devices=2", "devices=2: glo has no setting devices (did you mean trainer.devices=2?); the settings are"),
+    ("format=hdf5", "format=hdf5: glo has no setting format (did you mean export.format=hdf5?); the settings are"),
+    ("path=x data=folder mask=folder", "path=x: glo has no setting path (did you mean data.path=x, mask.path=x or "
+                                       "vae.path=x?); the settings are"),
+    ("accelerator=gpu", "accelerator=gpu: glo has no setting accelerator; the settings"),  # ${device}: not offered
 ])
 def test_hydra_errors_about_the_command_line_become_one_line(monkeypatch, override, line):
-    monkeypatch.setattr("sys.argv", ["glo.run", *([override] if override else [])])
+    overrides = override.split() if override else []
+    monkeypatch.setattr("sys.argv", ["glo.run", *overrides])
     with pytest.raises(COMMAND_LINE_ERRORS) as e:
-        run_config(override or "data.sise=1", hydra_node=True)
+        run_config(*(overrides or ["data.sise=1"]), hydra_node=True)
     assert one_line(e.value).startswith(line) and "\n" not in one_line(e.value), one_line(e.value)
 
 
