@@ -133,17 +133,18 @@ def no_such_setting(line: str, key: str, known: Iterable[str], why: str = "") ->
 
 
 def nearest(name: str, node: Iterable[str]) -> list[str]:
-    """The keys of `node`, and of the nodes in it, named `name` (size=512 means data.size, devices=2
-    trainer.devices), else the one named most like it (max_step: max_steps), a key beside first. Keys one level down
-    that only repeat a top-level knob (engine.lr: ${lr}) are not offered."""
-    keys = [(k, k) for k in node if k not in (name, "hydra")]
+    """The keys one level down in `node` named `name` (size=512 means data.size, devices=2 trainer.devices), else
+    the key named most like it (max_step: max_steps), one beside first. Keys that only repeat a top-level knob
+    (engine.lr: ${lr}) are not offered, nor `_target_` and its kind."""
+    beside = [k for k in node if k not in (name, "hydra")]  # `name` itself is there when added with +
+    keys = [(k, k) for k in beside]  # (name, full key)
     if isinstance(node, DictConfig):
-        for k in list(keys):
-            child = None if OmegaConf.is_interpolation(node, k[0]) else node[k[0]]
+        for k in beside:
+            child = None if OmegaConf.is_interpolation(node, k) else node[k]
             if isinstance(child, DictConfig):
-                keys += [(leaf, f"{k[0]}.{leaf}") for leaf in child
+                keys += [(leaf, f"{k}.{leaf}") for leaf in child
                          if not leaf.startswith("_") and not OmegaConf.is_interpolation(child, leaf)]
-    same = sorted((full for leaf, full in keys if leaf == name), key=lambda full: (full.count("."), full))
+    same = sorted(full for leaf, full in keys if leaf == name)
     if same:
         return same
     close = difflib.get_close_matches(name, [leaf for leaf, _ in keys], n=1)

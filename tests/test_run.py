@@ -519,7 +519,9 @@ def test_a_mistyped_key_is_one_line_naming_the_nearest_in_every_tool(tmp_path, m
     ("format=hdf5", "format=hdf5: glo has no setting format (did you mean export.format=hdf5?); the settings are"),
     ("path=x data=folder mask=folder", "path=x: glo has no setting path (did you mean data.path=x, mask.path=x or "
                                        "vae.path=x?); the settings are"),
+    ("path=x data=folder", "path=x: glo has no setting path (did you mean data.path=x or vae.path=x?)"),
     ("accelerator=gpu", "accelerator=gpu: glo has no setting accelerator; the settings"),  # ${device}: not offered
+    ("target=x", "target=x: glo has no setting target; the settings"),  # data._target_ is not a setting
 ])
 def test_hydra_errors_about_the_command_line_become_one_line(monkeypatch, override, line):
     overrides = override.split() if override else []
