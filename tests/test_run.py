@@ -520,6 +520,7 @@ def test_a_mistyped_key_is_one_line_naming_the_nearest_in_every_tool(tmp_path, m
     ("path=x data=folder mask=folder", "path=x: glo has no setting path (did you mean data.path=x, mask.path=x or "
                                        "vae.path=x?); the settings are"),
     ("path=x data=folder", "path=x: glo has no setting path (did you mean data.path=x or vae.path=x?)"),
+    ('size="a=b"', 'size="a=b": glo has no setting size (did you mean data.size="a=b"?)'),  # the value as typed
     ("accelerator=gpu", "accelerator=gpu: glo has no setting accelerator; the settings"),  # ${device}: not offered
     ("target=x", "target=x: glo has no setting target; the settings"),  # data._target_ is not a setting
 ])
