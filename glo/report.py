@@ -34,11 +34,12 @@ def describe(m: dict) -> str:
     return f"{m['cpu']} ({m['cpu_capability']}, {bf16}), {m['cpus']} CPUs, {m['torch_threads']} torch threads{gpu}"
 
 
-def measured_on(metadata: dict) -> list[str]:
-    """Each machine a run's figures were measured on (metadata.json): a run resumed elsewhere was timed on each."""
+def measured_on(metadata: dict) -> str:
+    """Each machine a run's figures were measured on (metadata.json), as one phrase: a run resumed elsewhere was
+    timed on each. Empty where none was recorded."""
     found = [s["machine"] for s in metadata.get("sessions", []) if "machine" in s]
     found = found or ([metadata["machine"]] if "machine" in metadata else [])
-    return list(dict.fromkeys(describe(m) for m in found))
+    return "; and on ".join(dict.fromkeys(describe(m) for m in found))
 
 
 def loss_curves_figure(curves: np.ndarray) -> Figure:
@@ -151,7 +152,7 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], me
             "nonfinite": summary["nonfinite"], "seconds_total": summary["seconds_total"],
             "images_per_second": summary["images_per_second"], "precision": precision.get("used", "—")}]
     machines = measured_on(metadata)
-    where = f"Measured on {'; and on '.join(machines)}" if machines else ""
+    where = f"Measured on {machines}" if machines else ""
     if where and "reason" in precision:
         where += f"; decoder precision {precision['used']} ({precision['reason']})"
     passes = f"{summary['passes_mean']:.1f} decoder passes, " if "passes_mean" in summary else ""
@@ -199,7 +200,7 @@ def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
                      "steps_mean": s["steps_mean"], "passes_mean": s.get("passes_mean", float("nan")),
                      "images_per_second": s["images_per_second"],
                      "precision": meta.get("precision", {}).get("used", "—"),
-                     "machine": "; and on ".join(measured_on(meta)) or "—"})
+                     "machine": measured_on(meta) or "—"})
     if not rows:
         raise GloError(f"{sweep}: no finished jobs (no */summary.json)")
     rows.sort(key=lambda r: r["psnr_gain_mean"], reverse=True)
