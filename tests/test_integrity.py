@@ -65,9 +65,11 @@ def test_every_setting_that_changes_results_is_in_the_fingerprint(override, key)
 
 
 @pytest.mark.parametrize("override", ["report=false", "batch_size=1", "num_workers=1", "export.format=hdf5",
-                                      "image_every_n_batches=0", "device=cpu", "resume=restart", "channels_last=true"])
+                                      "image_every_n_batches=0", "device=cpu", "resume=restart", "channels_last=true",
+                                      "data.on_error=skip", "data.cache_in_memory=true", "vae.path=/elsewhere"])
 def test_settings_that_do_not_change_results_are_not_in_the_fingerprint(override):
-    assert fingerprint_of() == fingerprint_of(override)
+    base = ["data=bsds500"] if override.startswith("data.") else []  # the sample photos have neither setting
+    assert fingerprint_of(*base) == fingerprint_of(*base, override)
 
 
 def test_the_vae_weights_are_identified_by_their_content_wherever_they_are(tmp_path):
@@ -77,17 +79,49 @@ def test_the_vae_weights_are_identified_by_their_content_wherever_they_are(tmp_p
         return fingerprint_of(f"vae={vae}", f"vae.path={path}")["vae.weights_sha256"]
 
     files = {"a.safetensors": 0.0, "moved/b.safetensors": 0.0, "c.safetensors": 1.0, "d/vae/w.safetensors": 0.0,
-             "e/w.safetensors": 0.0, "f/w.safetensors": 1.0}
+             "e/w.safetensors": 0.0, "f/w.safetensors": 1.0, "g/w.safetensors": 0.0, "g/vae/w.safetensors": 1.0}
     for name, value in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         save_file({"w": torch.full((2,), value)}, tmp_path / name)
-    for folder in ("d/vae", "e", "f"):
+    for folder in ("d/vae", "e", "f", "g", "g/vae"):
         (tmp_path / folder / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
     (tmp_path / "d" / "model_index.json").write_text("{}")  # the pipeline's, not the VAE's
     a, b, c = (digest(tmp_path / name) for name in ("a.safetensors", "moved/b.safetensors", "c.safetensors"))
     assert a == b != c and len(a) == 64
-    d, e, f = (digest(tmp_path / name, "sd15") for name in ("d", "e", "f"))
-    assert d == e != f and len(d) == 64 and d != a
+    d, e, f, g = (digest(tmp_path / name, "sd15") for name in ("d", "e", "f", "g"))
+    assert d == e == g != f and len(d) == 64 and d != a  # g is a VAE directory itself: its own vae/ is not read
+
+
+def test_the_fingerprint_holds_which_images_and_mask_files_not_only_how_many():
+    from glo.rundir import fingerprint
+
+    cfg = run_config(*RUN)
+    ab, ac = fingerprint(cfg, ["a", "b"], "fp32"), fingerprint(cfg, ["a", "c"], "fp32")
+    assert ab["data.ids"] != ac["data.ids"] and ab["data.ids"].startswith("2 images, sha256 ")
+    assert "mask.files" not in ab and fingerprint(cfg, ["a", "b"], "fp32", "f00d")["mask.files"] == "f00d"
+    assert ab["rows_version"] == ROWS_VERSION  # the key older directories were written with
+
+
+def test_a_hub_vae_is_identified_by_the_weights_in_the_cache_as_if_given_by_path(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "vae").mkdir(parents=True)
+    (snapshot / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    save_file({"w": torch.zeros(2)}, snapshot / "vae" / "w.safetensors")
+    asked = []
+
+    def cache(repo: str, name: str) -> str | None:
+        asked.append((repo, name))
+        return str(snapshot / name) if repo == "stable-diffusion-v1-5/stable-diffusion-v1-5" else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cache)
+    cached = fingerprint_of("vae=sd15")["vae.weights_sha256"]
+    assert asked == [("stable-diffusion-v1-5/stable-diffusion-v1-5", "vae/config.json")]
+    assert cached == fingerprint_of("vae=sd15", f"vae.path={snapshot}")["vae.weights_sha256"] and len(cached) == 64
+    assert fingerprint_of("vae=sd15", "vae.pretrained=other/model")["vae.weights_sha256"] is None  # not cached
+    fingerprint_of("vae=sd_vae_ft_mse")  # a VAE repository: its config is at the top
+    assert asked[-1] == ("stabilityai/sd-vae-ft-mse", "config.json")
 
 
 def test_the_precision_used_is_in_the_fingerprint():
@@ -196,6 +230,42 @@ def test_the_precision_hint_is_only_given_where_the_precision_alone_differs(tmp_
             claim(tmp_path, now, "auto")
         hint = f"run with precision={made['precision']} to resume it as it was made"
         assert (hint in str(e.value)) == ("lr" not in str(e.value)), str(e.value)
+
+
+def test_a_refusal_names_what_differs_even_a_setting_only_one_side_has(tmp_path):
+    from glo.rundir import claim
+
+    made = {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}
+    claim(tmp_path, made, "auto")
+    stored = (tmp_path / "fingerprint.json").read_bytes()
+    assert json.loads(stored) == made
+    claim(tmp_path, dict(made), "auto")  # the same settings resume
+    for now, named in (({**made, "f": 6}, "f: None -> 6"), ({"b": 2, "c": 3, "d": 4, "e": 5}, "a: 1 -> None"),
+                       ({**made, "a": 0, "b": 0, "c": 0, "d": 0}, "a: 1 -> 0; b: 2 -> 0; c: 3 -> 0; d: 4 -> 0)"),
+                       ({k: 0 for k in made}, "a: 1 -> 0; b: 2 -> 0; c: 3 -> 0; d: 4 -> 0 and 1 more)")):
+        with pytest.raises(GloError) as e:
+            claim(tmp_path, now, "auto")
+        assert str(e.value).startswith(f"{tmp_path}: made with other settings (") and named in str(e.value), e.value
+        assert "resume=restart" in str(e.value) and (tmp_path / "fingerprint.json").read_bytes() == stored
+
+
+@pytest.mark.parametrize("result", ["shards/manifest-0.json", "latents.npz", "latents.h5"])
+def test_results_without_a_readable_fingerprint_are_refused_and_restart_removes_only_results(tmp_path, result):
+    from glo.rundir import claim
+
+    kept = [".hydra/config.yaml", ".lock", "notes.txt"]  # Hydra's, the lock, and the user's own files
+    for name in [*kept, result, "shards/a.npz", "report.md", "grids.png", "events.out.tfevents.1.host"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    with pytest.raises(GloError, match="holds results but no fingerprint.json .*resume=restart"):
+        claim(tmp_path, {"a": 1}, "auto")
+    (tmp_path / "fingerprint.json").write_text("{")
+    with pytest.raises(GloError, match="fingerprint.json: unreadable .*resume=restart"):
+        claim(tmp_path, {"a": 1}, "auto")
+    claim(tmp_path, {"a": 2}, "restart")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        [*kept, "fingerprint.json"])
+    assert json.loads((tmp_path / "fingerprint.json").read_text()) == {"a": 2}
 
 
 def test_results_without_a_fingerprint_are_refused(copy_of):
