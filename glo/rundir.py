@@ -109,12 +109,14 @@ def lock(run_dir: Path) -> IO[str]:
 
 
 def claim(run_dir: Path, expected: dict[str, Any], resume: str) -> None:
-    """Make the directory this run's: refuse one made with other settings, unless resume=restart clears it."""
+    """Make the directory this run's: refuse one whose results were made with other settings, unless resume=restart
+    clears it. A directory without results takes this run's settings: nothing made there could be mixed."""
     stored = run_dir / FINGERPRINT
     fix = "use a new hydra.run.dir, or resume=restart to delete this directory's results and start over"
     if resume == "restart":
         clear(run_dir)
-    elif stored.is_file():
+    results = any(any(run_dir.glob(name)) for name in ("shards/manifest-*.json", "latents.npz", "latents.h5"))
+    if results and stored.is_file():
         try:
             found = json.loads(stored.read_text())
         except (OSError, ValueError) as e:
@@ -127,7 +129,7 @@ def claim(run_dir: Path, expected: dict[str, Any], resume: str) -> None:
                 fix = f"run with precision={found['precision']} to resume it as it was made, or {fix}"
             raise GloError(f"{run_dir}: made with other settings ({shown}{more}); {fix}")
         return
-    elif any(any(run_dir.glob(name)) for name in ("shards/manifest-*.json", "latents.npz", "latents.h5")):
+    if results:
         raise GloError(f"{run_dir}: holds results but no {FINGERPRINT} (an older glo made them); {fix}")
     save_json(stored, expected)
 

@@ -218,10 +218,32 @@ def test_a_run_made_where_auto_chose_another_precision_says_which_resumes_it(cop
     assert again.returncode == 0 and "0 of 3 images to do (3 already exported)" in again.stdout, again.stderr[-2000:]
 
 
+def results(run: Path) -> None:
+    """What a finished batch leaves: a rank's manifest."""
+    (run / "shards").mkdir()
+    (run / "shards" / "manifest-0.json").write_text("{}")
+
+
+def test_a_directory_without_results_takes_the_new_settings(tmp_path):
+    """A run stopped before its first batch (out of memory, a VAE that does not fit the settings) kept nothing that
+    could be mixed: the corrected command may use the same directory."""
+    from glo.rundir import claim
+
+    claim(tmp_path, {"a": 1}, "auto")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "0000-ab12.npz").write_text("x")  # a shard written, its manifest not yet: not a result
+    claim(tmp_path, {"a": 2}, "auto")
+    assert json.loads((tmp_path / "fingerprint.json").read_text()) == {"a": 2}
+    (tmp_path / "fingerprint.json").write_text("{")
+    claim(tmp_path, {"a": 3}, "auto")
+    assert json.loads((tmp_path / "fingerprint.json").read_text()) == {"a": 3}
+
+
 def test_the_precision_hint_is_only_given_where_the_precision_alone_differs(tmp_path):
     from glo.rundir import claim
 
     claim(tmp_path, fingerprint_of(), "auto")  # made where auto chose fp32
+    results(tmp_path)
     claim(tmp_path, fingerprint_of("precision=auto"), "auto")  # auto and a forced fp32 are the same rows: resumes
     for made, now in ((fingerprint_of(), fingerprint_of("lr=0.05", precision="bf16")),
                       (fingerprint_of(precision="fp16"), fingerprint_of(precision="bf16"))):
@@ -237,6 +259,7 @@ def test_a_refusal_names_what_differs_even_a_setting_only_one_side_has(tmp_path)
 
     made = {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}
     claim(tmp_path, made, "auto")
+    results(tmp_path)
     stored = (tmp_path / "fingerprint.json").read_bytes()
     assert json.loads(stored) == made
     claim(tmp_path, dict(made), "auto")  # the same settings resume
