@@ -50,6 +50,8 @@ class Settings:
     anderson: int               # > 0: each update starts from the mix of the last `anderson` iterates whose loss, as
                                 # least squares extrapolated linearly, is smallest (Anderson acceleration);
                                 # optim=adam only
+    channel_lr: tuple[float, ...] | None  # one multiplier of Adam's step per latent channel, or None (all 1);
+                                # optim=adam only
     schedule: str               # constant | cosine (to 0 at max_steps)
     warmup_steps: int
     max_steps: int              # update budget per image
@@ -64,6 +66,12 @@ class Settings:
             raise GloError(f"betas={list(betas) if ok else betas}: must be two numbers in [0, 1), "
                            "e.g. 'betas=[0.9,0.999]'")
         object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+        lrs = self.channel_lr
+        if lrs is not None:
+            if not (isinstance(lrs, (list, tuple)) and lrs and all(is_number(c) and c >= 0 for c in lrs)):
+                raise GloError(f"channel_lr={lrs}: must be null or one number >= 0 per latent channel, "
+                               "e.g. 'channel_lr=[8,1,1,1]'")
+            object.__setattr__(self, "channel_lr", tuple(float(c) for c in lrs))
         for key, kind in (("lr", float), ("eps", float), ("anchor", float), ("rel_tol", float), ("max_steps", int),
                           ("window", int), ("warmup_steps", int), ("anderson", int)):
             if not is_number(getattr(self, key), kind):
@@ -80,6 +88,7 @@ class Settings:
             (self.anchor >= 0, f"anchor={self.anchor}: must be >= 0"),
             (self.anderson >= 0, f"anderson={self.anderson}: must be >= 0"),
             (self.anchor == 0 or self.optim != "gradfree", f"anchor={self.anchor}: gradfree has no loss to add it to"),
+            (self.channel_lr is None or self.optim == "adam", f"channel_lr: optim={self.optim} takes no Adam steps"),
             (self.anchor_to in ANCHORS, f"anchor_to={self.anchor_to}: must be one of {', '.join(ANCHORS)}"),
             (self.optim in OPTIMS, f"optim={self.optim}: must be one of {', '.join(OPTIMS)}"),
             (self.schedule in SCHEDULES, f"schedule={self.schedule}: must be one of {', '.join(SCHEDULES)}"),
@@ -130,6 +139,9 @@ def optimize(
         raise ValueError("anchor_to=posterior needs the posterior std")
     max_steps, rel_tol, window = s.max_steps, s.rel_tol, s.window
     n = z0.shape[0]
+    if s.channel_lr is not None and len(s.channel_lr) != z0.shape[1]:
+        raise GloError(f"channel_lr={list(s.channel_lr)}: has {len(s.channel_lr)} values, but this VAE's latents have "
+                       f"{z0.shape[1]} channels")
     autocast = PRECISIONS[resolve_precision(s.precision, z0.device)[0]]
     low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
     grad_scale = FP16_GRAD_SCALE if autocast is torch.float16 else 1.0
@@ -154,6 +166,7 @@ def optimize(
     # by the elements of a latent to mean the same at every size (Adam(k*g, eps) == Adam(g, eps/k)).
     opt = torch.optim.Adam(zs, lr=s.lr, betas=s.betas, eps=s.eps / z0[0].numel())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, max_steps, s.schedule, s.warmup_steps))
+    channel_lr = None if s.channel_lr is None else torch.tensor(s.channel_lr, device=z0.device).view(-1, 1, 1)
     best = z0.detach().clone()
     cpu = torch.device("cpu")  # per-sample bookkeeping lives on the CPU, wherever the latents are
     best_loss = torch.full((n,), float("inf"), device=cpu)
@@ -215,8 +228,11 @@ def optimize(
                     latent, h = zs[active[j]], history[active[j]]
                     h[:] = (h + [(latent.detach().clone(), error[j], latent.grad)])[-s.anderson:]
                     latent.data, latent.grad = mix(h)
+            before = [zs[active[j]].detach().clone() for j in going] if channel_lr is not None else []
             opt.step()
             sched.step()
+            for j, z in zip(going, before):  # each channel moves its multiple of Adam's step
+                zs[active[j]].data = z + channel_lr * (zs[active[j]].detach() - z)
         active = [active[j] for j in going]
         if on_step and t < max_steps:
             finite = values[torch.isfinite(values)]

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from glo import GloError
 from glo.drift import drift
 from glo.engine import mix, optimize
 from glo.fit import fit_batch
@@ -294,6 +295,22 @@ def test_each_adam_setting_and_the_schedule_reach_the_optimizer(tiny_vae):
     for changed in ({"betas": (0.3, 0.5)}, {"eps": 10.0}, {"schedule": "cosine"}, {"warmup_steps": 3},
                     {"anderson": 0 if settings().anderson else 5}):
         assert not torch.equal(run(**changed), base), changed
+
+
+def test_channel_lr_multiplies_each_channels_step(tiny_vae):
+    """One Adam step from the encoder's latent, where both runs see the same gradient: each channel moves its
+    multiple of the plain step (0: not at all). A multiplier lost, or applied along another axis, fails."""
+    x = photos(2)
+    z0 = tiny_vae.encode(x)
+    kw = dict(lr=0.01, max_steps=1, rel_tol=0.0, anderson=0)
+    plain = optimize(tiny_vae.decode, z0, x, L2, settings(**kw))
+    scaled = optimize(tiny_vae.decode, z0, x, L2, settings(**kw, channel_lr=[3, 1, 0, 0.5]))
+    assert (plain.final_loss < plain.initial_loss).all() and (scaled.final_loss < scaled.initial_loss).all()
+    step = plain.latents - z0  # the best latents are the stepped ones, as both losses fell
+    assert (step.abs().amax((0, 2, 3)) > 1e-3).all()
+    assert torch.allclose(scaled.latents - z0, step * torch.tensor([3, 1, 0, 0.5]).view(1, 4, 1, 1), atol=1e-6)
+    with pytest.raises(GloError, match=r"^channel_lr=\[1.0, 1.0\]: has 2 values, but this VAE's latents have 4 channels"):
+        optimize(tiny_vae.decode, z0, x, L2, settings(**kw, channel_lr=[1, 1]))
 
 
 def test_the_weight_reaches_the_loss_so_the_hole_does_not_matter(tiny_vae):

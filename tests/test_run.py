@@ -401,6 +401,9 @@ def as_in_hydra_main(monkeypatch, out, *overrides: str) -> DictConfig:
     ("data.limit=0", "data.limit=0: must be an integer >= 1, or null for every image"),
     ("seed=4294967296", "seed=4294967296: must be in [0, 2**32)"),
     ("device=tpu", "device=tpu: must be one of auto, cpu, cuda, mps"),
+    ("channel_lr=[1,-1]", "channel_lr=[1, -1]: must be null or one number >= 0 per latent channel"),
+    ("channel_lr=[]", "channel_lr=[]: must be null or one number >= 0 per latent channel"),
+    ("optim=lbfgs channel_lr=[1,1,1,1]", "channel_lr: optim=lbfgs takes no Adam steps"),
     ("optim=gradfree mask=boxes mask.known_only=true",
      "optim=gradfree has no pixel loss to restrict: use optim=adam with mask.known_only=true"),
 ])
