@@ -255,14 +255,15 @@ def low_rank_decoder() -> callable:
     return lambda z: torch.nn.functional.conv2d(z, weight)
 
 
-@pytest.mark.parametrize("optim", ["adam", "lbfgs"])
-def test_samples_stopping_at_different_steps_get_what_they_would_get_alone(optim):
-    """After one sample stops, the others must still be fitted against their own targets."""
+@pytest.mark.parametrize("optim,extra", [("adam", {}), ("lbfgs", {}), ("adam", {"channel_lr": [2, 1, 0.5, 1]})])
+def test_samples_stopping_at_different_steps_get_what_they_would_get_alone(optim, extra):
+    """After one sample stops, the others must still be fitted against their own targets (and, with channel_lr,
+    take their own steps' multiples)."""
     decode = low_rank_decoder()
     torch.manual_seed(1)
     z0 = torch.randn(3, 4, 8, 8)
     target = decode(z0) + torch.randn(3, 3, 8, 8) * torch.tensor([0.2, 1.0, 3.0])[:, None, None, None]
-    kw = dict(lr=0.05, max_steps=60, rel_tol=1e-2, window=3, optim=optim)
+    kw = dict(lr=0.05, max_steps=60, rel_tol=1e-2, window=3, optim=optim, **extra)
     together = optimize(decode, z0, target, L2, settings(**kw))
     assert together.converged.all() and len(set(together.passes.tolist())) >= 2, "needs different stopping steps"
     for i in range(3):
