@@ -309,6 +309,18 @@ def test_a_second_process_on_the_same_directory_stops_at_once(tmp_path):
     assert run_glo(*RUN, "report=false", f"hydra.run.dir={run}").returncode == 0  # released with the holder
 
 
+def test_two_glo_locks_on_one_directory_exclude_each_other_until_the_first_is_released(tmp_path):
+    """Both sides use glo's own lock, so a shared lock (two holders at once) fails here, which a test holding an
+    exclusive lock from outside could not show."""
+    from glo.rundir import lock
+
+    held = lock(tmp_path / "run")
+    with pytest.raises(GloError, match=r"run: another glo process is working in this directory; wait for it"):
+        lock(tmp_path / "run")
+    held.close()
+    lock(tmp_path / "run").close()
+
+
 @pytest.mark.parametrize("damage", ["lost", "truncated"])
 def test_a_lost_or_damaged_shard_is_recomputed_and_the_result_is_identical(copy_of, damage):
     reference = load_latents(copy_of / "latents.npz")
