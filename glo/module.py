@@ -22,6 +22,7 @@ from torch import Tensor
 
 from glo.engine import Settings
 from glo.fit import fit_batch
+from glo.grids import comparison_grid, error_map
 from glo.losses import PixelLoss
 from glo.masks import MaskSource, batch_holes
 from glo.vae import FrozenVAE
@@ -79,17 +80,6 @@ class GLOModule(pl.LightningModule):
         if self.image_every and batch_idx % self.image_every == 0:
             grid = comparison_grid([x, x0, x1, error_map(x1, x)])
             tb.add_image("grid/input|initial|optimized|error", grid, batch_idx)
-
-
-def error_map(pred: Tensor, target: Tensor) -> Tensor:
-    """|pred - target| averaged over colour, x4 so small errors show, as a grey image in [-1,1]."""
-    return ((pred - target).abs().mean(1, keepdim=True) * 4 - 1).clamp(-1, 1).expand_as(target)
-
-
-def comparison_grid(panels: list[Tensor], rows: int = 4) -> Tensor:
-    """(3,H*rows,W*len(panels)) in [0,1]: the first `rows` images of each panel side by side, one row each."""
-    grid = torch.cat([p[:rows].detach().float().clamp(-1, 1).cpu() for p in panels], dim=3)
-    return (torch.cat(list(grid), dim=1) + 1) / 2
 
 
 class ImageProgressBar(ProgressBar):

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from glo import GloError
 from glo.data import FolderDataset, check_size, to_tensor
 from glo.engine import lr_factor
+from glo.grids import comparison_grid, error_map
 from glo.hardware import resolve_precision
 from glo.metrics import psnr, ssim
-from glo.module import comparison_grid, error_map
 from glo.vae import pick_device
 
 log = logging.getLogger("glo.train_vae")

@@ -13,6 +13,7 @@ from PIL import Image
 from glo.data import SampleDataset
 from glo.evaluate import main as evaluate_main
 from glo.evaluate import upscaling
+from glo.grids import comparison_grid, error_map
 from glo.latents import DRIFT, load_latents, summarize
 from glo.metrics import known_psnr, mae, ms_ssim, psnr, ssim
 from glo.report import describe, drift_rows, markdown_table, write_report
@@ -99,6 +100,19 @@ def test_tensorboard_gets_losses_report_images_and_hparams(finished_run):
     assert {"loss/batch_mean", "image/psnr_gain"} | {f"hparams/{k}" for k in HPARAM_METRICS} <= scalars
     assert {"report/grids", "report/loss_curves", "grid/input|initial|optimized|error"} <= images
     assert "_hparams_/session_start_info" in hparams
+
+
+def test_a_tensorboard_grid_puts_the_first_rows_of_each_panel_side_by_side_in_0_1():
+    x = torch.linspace(-1, 1, 6 * 3 * 2 * 2).view(6, 3, 2, 2)
+    pred = x + 0.25
+    err = error_map(pred, x)
+    assert err.shape == x.shape and torch.allclose(err, torch.zeros_like(x), atol=1e-6)  # |0.25| x4 - 1 = 0
+    assert torch.equal(error_map(x, x), -torch.ones_like(x))                 # no error: black
+    grid = comparison_grid([x * 2, pred, err], rows=4)                        # x * 2 leaves [-1,1]: clamped
+    assert grid.shape == (3, 4 * 2, 3 * 2)
+    assert torch.allclose(grid[:, 2:4, 2:4], (pred[1].clamp(-1, 1) + 1) / 2)  # row 1, panel 1
+    assert torch.allclose(grid[:, 6:8, 0:2], ((x[3] * 2).clamp(-1, 1) + 1) / 2)
+    assert grid.min() >= 0 and grid.max() <= 1
 
 
 def test_known_psnr_is_the_noise_on_the_known_pixels_whatever_the_hole_holds():
