@@ -9,8 +9,9 @@ from torch import Tensor
 
 
 def error_map(pred: Tensor, target: Tensor) -> Tensor:
-    """|pred - target| averaged over colour, x4 so small errors show, as a grey image in [-1,1]."""
-    return ((pred - target).abs().mean(1, keepdim=True) * 4 - 1).clamp(-1, 1).expand_as(target)
+    """|pred - target| averaged over colour, x4 so small errors show, as a grey image in [-1,1] (no error: black;
+    0.5 or more: white)."""
+    return ((pred - target).abs().mean(1, keepdim=True) * 4 - 1).clamp(max=1).expand_as(target)
 
 
 def comparison_grid(panels: list[Tensor], rows: int = 4) -> Tensor:

@@ -104,15 +104,17 @@ def test_tensorboard_gets_losses_report_images_and_hparams(finished_run):
 
 def test_a_tensorboard_grid_puts_the_first_rows_of_each_panel_side_by_side_in_0_1():
     x = torch.linspace(-1, 1, 6 * 3 * 2 * 2).view(6, 3, 2, 2)
-    pred = x + 0.25
+    colour_errors = torch.tensor([[0.3, -0.15, 0], [0.9, 0.9, 0.9], [0, 0, 0]] + [[0.25, 0.25, 0.25]] * 3)
+    pred = x + colour_errors[:, :, None, None]
     err = error_map(pred, x)
-    assert err.shape == x.shape and torch.allclose(err, torch.zeros_like(x), atol=1e-6)  # |0.25| x4 - 1 = 0
-    assert torch.equal(error_map(x, x), -torch.ones_like(x))                 # no error: black
-    grid = comparison_grid([x * 2, pred, err], rows=4)                        # x * 2 leaves [-1,1]: clamped
-    assert grid.shape == (3, 4 * 2, 3 * 2)
-    assert torch.allclose(grid[:, 2:4, 2:4], (pred[1].clamp(-1, 1) + 1) / 2)  # row 1, panel 1
-    assert torch.allclose(grid[:, 6:8, 0:2], ((x[3] * 2).clamp(-1, 1) + 1) / 2)
-    assert grid.min() >= 0 and grid.max() <= 1
+    expected = torch.tensor([-0.4, 1, -1, 0, 0, 0])  # 4 * mean |error| - 1, cut at 1 (white)
+    assert err.shape == x.shape and torch.allclose(err, expected.view(6, 1, 1, 1).expand_as(x), atol=1e-6)
+    grid = comparison_grid([x * 2, pred, err, torch.full_like(x, 3.0)])  # x * 2 and 3 leave [-1,1]: clamped
+    assert grid.shape == (3, 4 * 2, 4 * 2)                                 # 4 rows by default, 4 panels
+    assert torch.allclose(grid[:, 0:2, 0:2], ((x[0] * 2).clamp(-1, 1) + 1) / 2) and grid[:, 0:2, 0:2].min() == 0
+    assert torch.allclose(grid[:, 2:4, 2:4], (pred[1] + 1) / 2)                    # row 1, panel 1
+    assert torch.allclose(grid[:, 6:8, 4:6], torch.full((3, 2, 2), 0.5), atol=1e-6)  # row 3's error map
+    assert torch.equal(grid[:, :, 6:8], torch.ones(3, 8, 2))
 
 
 def test_known_psnr_is_the_noise_on_the_known_pixels_whatever_the_hole_holds():
