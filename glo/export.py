@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -158,6 +159,12 @@ class LatentExporter(pl.Callback):
         if getattr(trainer, "received_sigterm", False):
             raise Stopped(f"stopped by SIGTERM after the current batch; {len(self.done_ids())} image(s) are safe in "
                           f"{self.shards}: run the same command again to resume")
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning ends a run on Ctrl+C itself (exit code 1, its own message is info-level): say what is safe
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            print(f"glo: error: stopped by Ctrl+C, the batch in flight is lost; {len(self.done_ids())} image(s) are "
+                  f"safe in {self.shards}: run the same command again to resume", file=sys.stderr, flush=True)
 
     def on_predict_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         trainer.strategy.barrier("glo-export")  # every rank's shards are on disk before rank 0 merges them

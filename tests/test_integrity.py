@@ -365,7 +365,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_killed_or_terminated_run_resumes_to_bitwise_the_same_dataset(uninterrupted, tmp_path, sig):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "glo.run", *ARGS, f"hydra.run.dir={killed}"], cwd=ROOT,
@@ -385,6 +385,11 @@ def test_a_killed_or_terminated_run_resumes_to_bitwise_the_same_dataset(uninterr
             f"glo: error: stopped by SIGTERM after the current batch; {safe} image(s) are safe in {killed / 'shards'}: "
             "run the same command again to resume"]
         assert safe == 4  # the first batch's manifest started the signal; the second batch was still finished
+    if sig == signal.SIGINT:  # Ctrl+C: at once, and one line saying what is safe
+        assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
+        assert [ln for ln in stderr.splitlines() if ln.startswith("glo: error:")] == [
+            f"glo: error: stopped by Ctrl+C, the batch in flight is lost; {safe} image(s) are safe in "
+            f"{killed / 'shards'}: run the same command again to resume"]
     assert not (killed / "latents.npz").exists() and not (killed / "summary.json").exists()
 
     p = run_glo(*ARGS, f"hydra.run.dir={killed}")
