@@ -368,8 +368,10 @@ def uninterrupted(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_killed_or_terminated_run_resumes_to_bitwise_the_same_dataset(uninterrupted, tmp_path, sig):
     killed = tmp_path / "killed"
+    # a shell's background job (CI's, nohup's) inherits SIGINT ignored; give the run what a terminal gives it
     proc = subprocess.Popen([sys.executable, "-m", "glo.run", *ARGS, f"hydra.run.dir={killed}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = killed / "shards" / "manifest-0.json"
     deadline = time.time() + 300
     while not manifest.exists() and proc.poll() is None and time.time() < deadline:
