@@ -114,6 +114,11 @@ class LatentExporter(pl.Callback):
         """Ids already in complete shards: a resumed run skips them."""
         return {i for ids in self._manifests().values() for i in ids}
 
+    def stopped(self, how: str) -> str:
+        """The line a run stopped on request ends with: what is safe, and how to go on."""
+        return (f"stopped {how}; {len(self.done_ids())} image(s) are safe in {self.shards}: run the same command "
+                "again to resume")
+
     def verify(self, digests: dict[str, str]) -> None:
         """Before a resume: every listed shard must read back whole, hold exactly the ids its manifest lists and
         have been made from the images as they are now (`digests`: each source's SHA-256, by id). Any other is
@@ -157,14 +162,12 @@ class LatentExporter(pl.Callback):
         manifest[name] = ids
         save_json(manifest_file, manifest)  # the shard counts as done only from here on
         if getattr(trainer, "received_sigterm", False):
-            raise Stopped(f"stopped by SIGTERM after the current batch; {len(self.done_ids())} image(s) are safe in "
-                          f"{self.shards}: run the same command again to resume")
+            raise Stopped(self.stopped("by SIGTERM after the current batch"))
 
     def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning ends a run on Ctrl+C itself (exit code 1, its own message is info-level): say what is safe
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            print(f"glo: error: stopped by Ctrl+C, the batch in flight is lost; {len(self.done_ids())} image(s) are "
-                  f"safe in {self.shards}: run the same command again to resume", file=sys.stderr, flush=True)
+            print(f"glo: error: {self.stopped('by Ctrl+C, the batch in flight is lost')}", file=sys.stderr, flush=True)
 
     def on_predict_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         trainer.strategy.barrier("glo-export")  # every rank's shards are on disk before rank 0 merges them
