@@ -10,7 +10,7 @@ from glo.engine import mix, optimize
 from glo.fit import fit_batch
 from glo.losses import PixelLoss
 from glo.metrics import psnr
-from tests.conftest import photos, settings
+from tests.conftest import VAE_FP32_ATOL, photos, settings
 
 L2 = PixelLoss("l2", l1=0.0, l2=1.0)
 
@@ -48,8 +48,8 @@ def test_best_latent_is_kept_when_steps_overshoot(tiny_vae):
     assert (r.final_loss <= torch.nan_to_num(r.loss_curves, nan=float("inf")).min(1).values + 1e-7).all()
     assert (r.loss_curves[:, -1] > r.final_loss).any(), "the overshoot this test relies on did not happen"
     with torch.no_grad():  # the decodes handed back are those of the returned latents, not of the last ones
-        assert torch.allclose(r.decoded, tiny_vae.decode(r.latents), atol=1e-5)
-        assert torch.allclose(r.initial_decoded, tiny_vae.decode(z0), atol=1e-5)
+        assert torch.allclose(r.decoded, tiny_vae.decode(r.latents), atol=VAE_FP32_ATOL)
+        assert torch.allclose(r.initial_decoded, tiny_vae.decode(z0), atol=VAE_FP32_ATOL)
 
 
 def test_fit_reuses_the_engines_decodes(tiny_vae, monkeypatch):
@@ -214,10 +214,9 @@ def test_lbfgs_lowers_the_loss_counts_its_passes_and_keeps_samples_apart(tiny_va
     assert torch.equal(r.latents[2], alone.latents[0])
     with torch.no_grad():
         assert torch.allclose(r.final_loss, L2(tiny_vae.decode(r.latents), x), rtol=1e-4)
-        # L-BFGS decodes one sample at a time, under autograd: on an AVX-512 CPU that alone moved a decode by up to
-        # 1.2e-5 from this batched one (on AVX2 by less than 1e-5); decoding the wrong latents moves it by far more
-        assert torch.allclose(r.decoded, tiny_vae.decode(r.latents), atol=1e-4)
-        assert torch.allclose(r.initial_decoded, tiny_vae.decode(z0), atol=1e-4)
+        # L-BFGS decodes one sample at a time, under autograd: another kernel than this batched decode
+        assert torch.allclose(r.decoded, tiny_vae.decode(r.latents), atol=VAE_FP32_ATOL)
+        assert torch.allclose(r.initial_decoded, tiny_vae.decode(z0), atol=VAE_FP32_ATOL)
 
 
 def test_lbfgs_stops_a_sample_whose_loss_stopped_changing_by_the_same_rule_as_adam(tiny_vae):
