@@ -50,12 +50,16 @@ def check_size(size: int, name: str = "data.size") -> int:
     return size
 
 
+# Full scale of PIL's modes beyond 8 bits, from the mode alone (never from an image's own values, which would
+# stretch a dark image to white): "I" is how PIL reads 16-bit PNG and PGM, float images are in [0, 1].
+FULL_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "F": 1.0}
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any mode PIL reads: 16-bit and float greys are scaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """8-bit RGB from any mode PIL reads: 16-bit and float greys are scaled by their mode's full scale."""
+    if img.mode in FULL_SCALE:
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I") and a.max() > 255 else max(a.max(), 1.0)
-        img = Image.fromarray(np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8))
+        img = Image.fromarray(np.clip(a / FULL_SCALE[img.mode] * 255.0, 0, 255).round().astype(np.uint8))
     return img.convert("RGB")
 
 

@@ -1,12 +1,15 @@
 """python -m glo.prepare: resize and centre-crop a split of images once, so runs load small uint8 arrays.
 
-Writes `<out>/<split>/images/<id>.npz` (uint8 image + its meta) and `<out>/<split>/stats.json`.
+Writes `<out>/<split>/images/<id>.npz` (uint8 image + its meta) and `<out>/<split>/stats.json`. The split is
+built beside its final place and swapped in whole, so a folder prepared before (other images, another size)
+never leaves files behind that a run would read with the new ones.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,28 @@ def prepare(src: str, out: str, split: str, size: int) -> dict:
         # a dataset root without this split: the mistake is --split, not --src
         raise GloError(f"--src {src}: no '{split}' subfolder and no images of its own; pass --split one of {splits}")
     dataset = FolderDataset(str(folder), size=size, key="--src")
-    dest = Path(out) / split / "images"
+    final = Path(out) / split
+    if final.exists() and not (final.is_dir() and {p.name for p in final.iterdir()} <= {"images", "stats.json"}):
+        raise GloError(f"--out {out}: {final} exists and is not a glo.prepare split (it holds other files); "
+                       "pass another --out")
+    build = final.with_name(f".{split}.{os.getpid()}.tmp")
+    shutil.rmtree(build, ignore_errors=True)
+    try:
+        stats = _write(dataset, build, folder, split, size)
+        if final.exists():  # swapped out first, removed after: at every moment one whole split is in place
+            old = final.with_name(f".{split}.{os.getpid()}.old")
+            final.rename(old)
+            build.rename(final)
+            shutil.rmtree(old)
+        else:
+            build.rename(final)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return stats
+
+
+def _write(dataset: FolderDataset, dest_root: Path, folder: Path, split: str, size: int) -> dict:
+    dest = dest_root / "images"
     pixels = np.zeros((2, 3))  # running sum and sum of squares per channel, in [0,1]
     originals = []
     for i in range(len(dataset)):
@@ -39,10 +63,12 @@ def prepare(src: str, out: str, split: str, size: int) -> dict:
     mean = pixels[0] / len(dataset)
     stats = {
         "split": split, "source": str(folder.resolve()), "count": len(dataset), "size": size,
-        "channel_mean": mean.tolist(), "channel_std": np.sqrt(pixels[1] / len(dataset) - mean**2).tolist(),
+        # a flat channel's variance can round below 0, and its root would be NaN
+        "channel_mean": mean.tolist(),
+        "channel_std": np.sqrt(np.maximum(pixels[1] / len(dataset) - mean**2, 0)).tolist(),
         "original_sizes": {f"{h}x{w}": originals.count([h, w]) for h, w in sorted({tuple(o) for o in originals})},
     }
-    save_json(Path(out) / split / "stats.json", stats)
+    save_json(dest_root / "stats.json", stats)
     return stats
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from glo import GloError
-from glo.data import BSDS500Dataset, FolderDataset, SampleDataset
+from glo.data import BSDS500Dataset, FolderDataset, SampleDataset, to_rgb
 from glo.prepare import main as prepare_main
 from glo.prepare import prepare
 
@@ -44,6 +44,33 @@ def test_folder_loads_every_kind_as_rgb_in_range(tmp_path):
     Image.fromarray(rgb[:, :, 1]).save(tmp_path / "eight" / "deep8.png")
     eight = FolderDataset(str(tmp_path / "eight"), size=64)[0][0]
     assert (ds[ds.ids.index("deep16")][0] - eight).abs().max() <= 1 / 127.5  # 16-bit scaled, not clipped to white
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_a_dark_deep_image_stays_dark(mode):
+    """The scale comes from the mode's bit depth: a 16-bit image whose brightest pixel is 200 of 65535 is nearly
+    black, and a float image at 0.25 is a quarter grey, whatever their own maxima."""
+    value, expected = {"I;16": (200, 1), "I": (200, 1), "F": (0.25, 64)}[mode]
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    img = Image.fromarray(np.full((16, 16), value, dtype))
+    assert img.mode == mode
+    assert np.asarray(to_rgb(img)).max() == expected
+
+
+def test_prepare_again_into_the_same_folder_replaces_the_split(tmp_path):
+    """Nothing of the first prepare is left for a run to read: not its other images, not its size."""
+    make_folder(tmp_path / "many")
+    prepare(str(tmp_path / "many"), str(tmp_path / "out"), "val", size=64)
+    (tmp_path / "few").mkdir()
+    Image.fromarray(np.full((80, 80, 3), 9, np.uint8)).save(tmp_path / "few" / "only.png")
+    stats = prepare(str(tmp_path / "few"), str(tmp_path / "out"), "val", size=128)
+    assert [f.name for f in (tmp_path / "out" / "val" / "images").iterdir()] == ["only.npz"]
+    assert stats["count"] == 1 and json.loads((tmp_path / "out" / "val" / "stats.json").read_text())["size"] == 128
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["val"]  # no build or old copy left beside it
+    (tmp_path / "out" / "val" / "mine.txt").write_text("a user's file")
+    with pytest.raises(GloError, match="is not a glo.prepare split"):
+        prepare(str(tmp_path / "few"), str(tmp_path / "out"), "val", size=64)
+    assert (tmp_path / "out" / "val" / "mine.txt").is_file()
 
 
 def test_resize_keeps_shorter_side_and_centre_crops(tmp_path):
