@@ -163,13 +163,16 @@ class WritableOutputDir(Callback):
     own mkdir would end the run with a traceback. Hooks into `hydra.callbacks` of every entry point's config."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir)
+        self._check(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir)
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
     @staticmethod
-    def _check(path: str) -> None:
+    def _check(path: str, key: str) -> None:
+        if not str(path).strip():  # an unset variable in a script: the results would land in the working directory
+            print(f"glo: error: {key} is empty; name the directory for the results", file=sys.stderr)
+            sys.exit(1)
         try:
             Path(path).mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=path):

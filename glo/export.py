@@ -32,9 +32,12 @@ def append_h5(f: h5py.File, arrays: dict[str, np.ndarray]) -> None:
         if a.dtype.kind == "U":
             a = a.astype(object)
         if key not in f:
-            dtype = h5py.string_dtype() if a.dtype == object else a.dtype
-            f.create_dataset(key, shape=(0, *a.shape[1:]), maxshape=(None, *a.shape[1:]), dtype=dtype,
-                             chunks=(64, *a.shape[1:]), compression="gzip", compression_opts=4)
+            text = a.dtype == object
+            # numbers: each chunk carries a Fletcher-32 sum that every read checks (HDF5 cannot filter strings;
+            # the ids are checked against the shards' manifests instead)
+            f.create_dataset(key, shape=(0, *a.shape[1:]), maxshape=(None, *a.shape[1:]),
+                             dtype=h5py.string_dtype() if text else a.dtype, chunks=(64, *a.shape[1:]),
+                             compression="gzip", compression_opts=4, fletcher32=not text)
         d = f[key]
         d.resize(d.shape[0] + len(a), axis=0)
         d[-len(a):] = a

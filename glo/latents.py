@@ -4,6 +4,7 @@ Plain PyTorch and NumPy: a training script that reads glo's latents imports neit
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zipfile
@@ -39,11 +40,28 @@ def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
 
 REQUIRED = ("ids", "latents")  # what every reader needs; LatentDataset also reads initial_latents
 INPAINTING = ("latent_masks", "masked_latents")
+_checked: set[tuple[str, int, int]] = set()  # NPZ files whose CRCs this process (or its parent) has verified
+
+
+def _check_crcs(path: Path, z: zipfile.ZipFile) -> None:
+    """Every member's zip CRC, once per file version and process tree: memory-mapped members skip the check
+    zipfile makes on reads, so a flipped byte would reach the caller as a changed latent."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _checked:
+        return
+    bad = z.testzip()
+    if bad:
+        raise GloError(f"{path}: damaged ({bad} fails its checksum); compute it again (glo.run in its directory "
+                       "recomputes what is damaged)")
+    _checked.add(key)
 
 
 def open_latents(path: str | Path) -> dict[str, Any]:
-    """Every array of a latents.npz / latents.h5 (or a shard), read lazily: NPZ members are memory-mapped,
-    HDF5 datasets are read chunk by chunk as they are indexed. One-line error for a missing or damaged file."""
+    """Every array of a latents.npz / latents.h5 (or a shard), read lazily: NPZ members are memory-mapped once
+    their CRCs are verified, HDF5 datasets are read chunk by chunk as they are indexed (each chunk checks its own
+    Fletcher-32 sum). One-line error for a missing or damaged file, and for a run's dataset whose images are not
+    those its shards list (a run stopped between computing and merging)."""
     path = Path(path)
     try:
         if path.suffix == ".h5":
@@ -54,12 +72,29 @@ def open_latents(path: str | Path) -> dict[str, Any]:
             arrays = {k: f[k] for k in f}
         else:
             with zipfile.ZipFile(path) as z:
+                _check_crcs(path, z)
                 arrays = {n[:-4]: _npz_member(path, z, n[:-4]) for n in z.namelist() if n.endswith(".npy")}
-        return require(path, arrays, REQUIRED)
+        arrays = require(path, arrays, REQUIRED)
     except FileNotFoundError:
         raise GloError(f"{path}: no such file") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
         raise GloError(f"{path}: not a readable latents file ({e})") from None
+    _check_manifests(path, arrays["ids"])
+    return arrays
+
+
+def _check_manifests(path: Path, ids: Any) -> None:
+    """A run's latents.npz / latents.h5 must hold exactly the images its shards' manifests list."""
+    manifests = sorted((path.parent / "shards").glob("manifest-*.json")) if path.stem == "latents" else []
+    if not manifests:
+        return
+    try:
+        listed = {i for m in manifests for part in json.loads(m.read_text()).values() for i in part}
+    except (OSError, ValueError):
+        return  # the run itself reports a damaged manifest; the file may still be whole
+    if listed != {str(i) for i in _in_memory(ids)}:
+        raise GloError(f"{path}: holds other images than {path.parent / 'shards'} lists, so its run stopped before "
+                       "merging them; run the same command again to finish it")
 
 
 def require(path: Path, arrays: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -88,9 +123,18 @@ def _in_memory(v: Any) -> np.ndarray:
     return a.astype(str) if a.dtype == object else a
 
 
+def damaged(path: Path, e: OSError) -> GloError:
+    """An HDF5 chunk that fails its checksum (or cannot be read) as one line naming the file."""
+    return GloError(f"{path}: damaged ({e}); compute it again (glo.run in its directory recomputes what is damaged)")
+
+
 def load_latents(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of a latents file, in memory."""
-    return {k: _in_memory(v) for k, v in open_latents(path).items()}
+    arrays = open_latents(path)
+    try:
+        return {k: _in_memory(v) for k, v in arrays.items()}
+    except OSError as e:
+        raise damaged(Path(path), e) from None
 
 
 class LatentDataset(Dataset):
@@ -126,8 +170,11 @@ class LatentDataset(Dataset):
         keys = {"latent": "latents", "initial_latent": "initial_latents"}
         if self.inpainting:
             keys.update(mask="latent_masks", masked_latent="masked_latents")
-        return {"id": self.ids[i],
-                **{k: torch.from_numpy(np.array(self._arrays[a][i], dtype=np.float32)) for k, a in keys.items()}}
+        try:
+            return {"id": self.ids[i],
+                    **{k: torch.from_numpy(np.array(self._arrays[a][i], dtype=np.float32)) for k, a in keys.items()}}
+        except OSError as e:
+            raise damaged(self.path, e) from None
 
 
 # bump when exported rows gain or lose a column (2: `rank`, 3: `source_sha256`, 4: `ms_ssim_*`, `mae_*`): a run

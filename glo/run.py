@@ -193,6 +193,8 @@ def run(cfg: DictConfig) -> float:
         exporter.verify(dataset.digests())
     done = exporter.done_ids()
     todo = [i for i, name in enumerate(dataset.ids) if name not in done]
+    if todo and rank_zero_only.rank == 0:
+        rundir.unpublish(exporter.out)
     quiet_third_parties()
     logger = instantiate(cfg.logger) if cfg.get("logger") else False  # logger=none or ~logger: no event files
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)

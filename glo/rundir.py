@@ -30,9 +30,10 @@ FINGERPRINT = "fingerprint.json"
 OTHER_RESULTS = ("tile_size", "seed")  # besides the engine's settings (tiling blends seams; seed draws masks)
 PRECISION_KEYS = {"precision", "fp16_grad_scale"}  # what precision=auto may change between machines
 NOT_RESULTS = {"data": ("on_error", "cache_in_memory", "limit"), "vae": ("path",)}  # ids and weights cover them
-RESULTS = ("shards", "latents.npz", "latents.h5", "metadata.json", "summary.json", "metrics.csv", "report.md",
-           "grids.png", "loss_curves.png", "psnr_scatter.png", "psnr_gain.png", "steps.png", "gain_vs_drift.png",
-           "events.out.tfevents.*")
+# What glo writes in a run directory: the dataset (PUBLISHED, made from the shards at the end) and the rest
+PUBLISHED = ("latents.npz", "latents.h5", "metadata.json", "summary.json", "hf")
+RESULTS = ("shards", *PUBLISHED, "metrics.csv", "report.md", "grids.png", "loss_curves.png", "psnr_scatter.png",
+           "psnr_gain.png", "steps.png", "gain_vs_drift.png", "events.out.tfevents.*")
 WEIGHT_FILES = ("*.json", "*.safetensors", "*.bin")
 
 
@@ -110,13 +111,21 @@ def lock(run_dir: Path) -> IO[str]:
 
 def claim(run_dir: Path, expected: dict[str, Any], resume: str) -> None:
     """Make the directory this run's: refuse one whose results were made with other settings, unless resume=restart
-    clears it. A directory without results takes this run's settings: nothing made there could be mixed."""
+    clears it, and one that holds files named like glo's without glo's fingerprint (glo did not make them, so
+    nothing there is overwritten or deleted). A directory without results takes this run's settings: nothing made
+    there could be mixed. Temporary files of a process that died mid-write (this one holds the lock) are removed."""
     stored = run_dir / FINGERPRINT
     fix = "use a new hydra.run.dir, or resume=restart to delete this directory's results and start over"
+    foreign = [p.name for name in RESULTS for p in run_dir.glob(name) if not (p.is_dir() and not any(p.iterdir()))]
+    if foreign and not stored.is_file():
+        raise GloError(f"{run_dir}: holds {foreign[0]} but no {FINGERPRINT}, so glo did not make this directory (or "
+                       "an older glo did); nothing in it is touched: use a new hydra.run.dir")
+    for tmp in (*run_dir.glob(".*.tmp"), *run_dir.glob("shards/.*.tmp")):
+        tmp.unlink()
     if resume == "restart":
         clear(run_dir)
     results = any(any(run_dir.glob(name)) for name in ("shards/manifest-*.json", "latents.npz", "latents.h5"))
-    if results and stored.is_file():
+    if results:
         try:
             found = json.loads(stored.read_text())
         except (OSError, ValueError) as e:
@@ -129,8 +138,6 @@ def claim(run_dir: Path, expected: dict[str, Any], resume: str) -> None:
                 fix = f"run with precision={found['precision']} to resume it as it was made, or {fix}"
             raise GloError(f"{run_dir}: made with other settings ({shown}{more}); {fix}")
         return
-    if results:
-        raise GloError(f"{run_dir}: holds results but no {FINGERPRINT} (an older glo made them); {fix}")
     save_json(stored, expected)
 
 
@@ -141,3 +148,13 @@ def clear(run_dir: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     if removed:
         log.info("resume=restart: removed %d earlier results from %s", len(removed), run_dir)
+
+
+def unpublish(run_dir: Path) -> None:
+    """Before a run computes images: the dataset made from earlier shards is removed, so that a run killed before
+    its merge leaves no file whose rows disagree with the shards; the merge writes it again from all of them."""
+    for p in (run_dir / name for name in PUBLISHED):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)

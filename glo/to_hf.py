@@ -20,7 +20,7 @@ import numpy as np
 
 from glo import GloError
 from glo.cli import one_line_errors
-from glo.latents import find_latents, open_latents
+from glo.latents import damaged, find_latents, open_latents
 
 WRITER_BATCH = 64
 
@@ -54,7 +54,10 @@ def rows(path: str, chunk: int = WRITER_BATCH) -> Iterator[dict[str, Any]]:
     """One dict per image, read `chunk` rows at a time from the lazily opened latents file."""
     arrays = open_latents(path)
     for start in range(0, len(arrays["ids"]), chunk):
-        part = {k: np.asarray(v[start : start + chunk]) for k, v in arrays.items()}
+        try:
+            part = {k: np.asarray(v[start : start + chunk]) for k, v in arrays.items()}
+        except OSError as e:
+            raise damaged(Path(path), e) from None
         for i in range(len(part["ids"])):
             yield {k: (v[i].decode() if isinstance(v[i], bytes) else v[i]) for k, v in part.items()}
 

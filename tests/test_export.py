@@ -86,6 +86,39 @@ def test_damaged_or_missing_file_is_named(tmp_path):
         LatentDataset(tmp_path / "nothing.npz")
 
 
+def latents_offset(path, format):
+    """Where the first latent's bytes lie in the file: inside the NPZ member, or inside HDF5's first chunk."""
+    if format == "npz":
+        return path.read_bytes().index(load_latents(path)["latents"][:1].tobytes()[:64]) + 100
+    with h5py.File(path) as f:
+        chunk = f["latents"].id.get_chunk_info(0)
+    return chunk.byte_offset + chunk.size // 2
+
+
+@pytest.mark.parametrize("format", ["npz", "hdf5"])
+def test_a_flipped_byte_in_the_latents_is_found_by_every_reader(tmp_path, format):
+    """NPZ members are memory-mapped, which skips the zip's CRC: it is checked on open. HDF5 chunks check their
+    own Fletcher-32 sums on every read."""
+    export(tmp_path, [batch(["a", "b"], 0)], format)
+    path = tmp_path / ("latents.npz" if format == "npz" else "latents.h5")
+    data = bytearray(path.read_bytes())
+    data[latents_offset(path, format)] ^= 0x40
+    path.write_bytes(data)
+    for read in (load_latents, lambda p: LatentDataset(p)[0], lambda p: LatentDataset(p)[1]):
+        with pytest.raises(GloError, match=rf"^{path}: damaged \("):
+            read(path)
+
+
+def test_a_dataset_that_disagrees_with_its_shards_is_refused_by_every_reader(tmp_path):
+    """A resume stopped before its merge: the shards list an image the dataset file does not hold."""
+    export(tmp_path, [batch(["a", "b"], 0)])
+    manifest = tmp_path / "shards" / "manifest-0.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "shard-00000002-x.npz": ["c"]}))
+    for read in (load_latents, open_latents, LatentDataset):
+        with pytest.raises(GloError, match="holds other images than .*shards lists, so its run stopped before"):
+            read(tmp_path / "latents.npz")
+
+
 def test_a_failed_write_leaves_no_file_that_looks_complete(tmp_path, monkeypatch):
     exporter = LatentExporter(str(tmp_path), "npz")
 

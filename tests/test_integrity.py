@@ -281,8 +281,9 @@ def test_results_without_a_readable_fingerprint_are_refused_and_restart_removes_
     for name in [*kept, result, "shards/a.npz", "report.md", "grids.png", "events.out.tfevents.1.host"]:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("x")
-    with pytest.raises(GloError, match="holds results but no fingerprint.json .*resume=restart"):
-        claim(tmp_path, {"a": 1}, "auto")
+    for resume in ("auto", "restart"):
+        with pytest.raises(GloError, match="but no fingerprint.json, so glo did not make this directory"):
+            claim(tmp_path, {"a": 1}, resume)
     (tmp_path / "fingerprint.json").write_text("{")
     with pytest.raises(GloError, match="fingerprint.json: unreadable .*resume=restart"):
         claim(tmp_path, {"a": 1}, "auto")
@@ -290,6 +291,41 @@ def test_results_without_a_readable_fingerprint_are_refused_and_restart_removes_
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(
         [*kept, "fingerprint.json"])
     assert json.loads((tmp_path / "fingerprint.json").read_text()) == {"a": 2}
+
+
+@pytest.mark.parametrize("resume", ["auto", "restart"])
+def test_a_directory_glo_did_not_make_is_left_untouched(tmp_path, resume):
+    """A user's report.md and metadata.json (an empty hydra.run.dir in a script meant the working directory) are
+    neither overwritten nor deleted, whatever resume says."""
+    from glo.rundir import claim
+
+    for name in ("report.md", "metadata.json", "shards/notes.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("mine")
+    with pytest.raises(GloError, match=r"holds \S+ but no fingerprint.json, so glo did not make this directory"):
+        claim(tmp_path, {"a": 1}, resume)
+    assert all((tmp_path / n).read_text() == "mine" for n in ("report.md", "metadata.json", "shards/notes.txt"))
+    assert not (tmp_path / "fingerprint.json").exists()
+
+
+def test_an_empty_run_directory_is_one_line(tmp_path):
+    p = run_glo(*RUN, "hydra.run.dir=")
+    assert p.returncode == 1 and one_error(p) == "glo: error: hydra.run.dir is empty; name the directory for the results"
+
+
+def test_a_dead_writers_temporary_files_are_removed_on_resume(tmp_path):
+    """kill -9 during a merge leaves `.latents.h5.<pid>.tmp` (up to the dataset's size); the next process to hold
+    the lock removes it, and every other temporary file a dead writer left."""
+    from glo.rundir import claim
+
+    claim(tmp_path, {"a": 1}, "auto")
+    left = [tmp_path / ".latents.h5.123.tmp", tmp_path / "shards" / ".shard-00000000-ab.npz.123.tmp"]
+    for f in left:
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"x" * 100)
+    (tmp_path / "shards" / "manifest-0.json").write_text("{}")
+    claim(tmp_path, {"a": 1}, "auto")
+    assert not any(f.exists() for f in left) and (tmp_path / "shards" / "manifest-0.json").is_file()
 
 
 def test_results_without_a_fingerprint_are_refused(copy_of):

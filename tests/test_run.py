@@ -112,6 +112,27 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
     assert [(s["machine"]["cpu"], s["images_done_before"]) for s in sessions] == [(here["cpu"], 0), ("another CPU", 1)]
 
 
+def test_a_resume_that_computes_removes_the_dataset_until_its_merge(tmp_path, monkeypatch, capsys):
+    """A shard lost after the merge is computed again; the run dies before merging: no latents.npz, metadata.json,
+    summary.json or hf/ of the earlier merge is left to disagree with the shards. The next run merges all again."""
+    args = [*FAST, "data.limit=2", "batch_size=1", "logger=none", "report=false"]
+    glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
+    (tmp_path / "hf").mkdir()  # glo.to_hf's default output, made from this merge
+    first = np.load(tmp_path / "latents.npz")["latents"]
+    sorted((tmp_path / "shards").glob("shard-*.npz"))[0].unlink()
+
+    def dies(*a, **k):
+        raise GloError("killed")
+
+    monkeypatch.setattr(glo.module, "fit_batch", dies)
+    with pytest.raises(GloError, match="killed"):
+        glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
+    assert not [n for n in ("latents.npz", "metadata.json", "summary.json", "hf") if (tmp_path / n).exists()]
+    monkeypatch.undo()
+    glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
+    assert np.array_equal(np.load(tmp_path / "latents.npz")["latents"], first)
+
+
 def test_running_out_of_memory_with_checkpointing_on_offers_a_smaller_batch_only(tmp_path, monkeypatch, capsys):
     def out_of_memory(*args, **kwargs):
         torch.empty(2**60, dtype=torch.uint8)  # the CPU allocator's own error
