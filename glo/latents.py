@@ -215,12 +215,19 @@ def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
 
 
 def known_summary(a: dict[str, np.ndarray]) -> dict[str, float | int]:
-    """The masked-image latents' PSNR on the known pixels, in the same figures report.md gives every metric."""
-    before, after = a["psnr_known_initial"], a["psnr_known_final"]
+    """The masked-image latents' PSNR on the known pixels, in the same figures report.md gives every metric, over
+    the images that have known pixels (an all-hole mask's PSNR is NaN, and counted apart)."""
+    scored = ~np.isnan(a["psnr_known_final"])
+    before, after = a["psnr_known_initial"][scored], a["psnr_known_final"][scored]
     improved = after > before
-    return {"psnr_known_initial_mean": float(before.mean()), "psnr_known_final_mean": float(after.mean()),
-            "psnr_known_initial_median": float(np.median(before)), "psnr_known_final_median": float(np.median(after)),
-            "psnr_known_improved_fraction": float(improved.mean()), "known_images_improved": int(improved.sum())}
+
+    def of(f: Any, x: np.ndarray) -> float:
+        return float(f(x)) if len(x) else float("nan")
+
+    return {"psnr_known_initial_mean": of(np.mean, before), "psnr_known_final_mean": of(np.mean, after),
+            "psnr_known_initial_median": of(np.median, before), "psnr_known_final_median": of(np.median, after),
+            "psnr_known_improved_fraction": of(np.mean, improved), "known_images_improved": int(improved.sum()),
+            "images_without_known_pixels": int((~scored).sum())}
 
 
 def drift_summary(a: dict[str, np.ndarray], prefix: str = "") -> dict[str, float | list[float]]:

@@ -53,9 +53,10 @@ def mae(pred: Tensor, target: Tensor) -> Tensor:
 
 @torch.no_grad()
 def known_psnr(pred: Tensor, target: Tensor, known: Tensor) -> Tensor:
-    """PSNR in dB over the pixels where known (B,1,H,W) > 0: the region an inpainting pass must keep."""
+    """PSNR in dB over the pixels where known (B,1,H,W) > 0: the region an inpainting pass must keep; NaN for an
+    image with no known pixel (an all-hole mask), which has no such region to score."""
     mse = weighted_mean((_unit(pred) - _unit(target)).square(), known)
-    return 10 * torch.log10(1 / mse)
+    return torch.where(known.flatten(1).gt(0).any(1), 10 * torch.log10(1 / mse), float("nan"))
 
 
 # What every exported row carries, before and after (glo.fit scores them on the decodes it already has, so a report

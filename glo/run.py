@@ -249,8 +249,10 @@ def run(cfg: DictConfig) -> float:
           f"(gain {s['psnr_gain_mean']:+.2f} dB, {s['images_improved']} improved), "
           f"{s['passes_mean']:.1f} decoder passes, {s['images_per_second']:.3f} images/s -> {exporter.out}")
     if "psnr_known_final_mean" in s:
+        holes = s.get("images_without_known_pixels")
+        note = f"; {holes} image(s) with no known pixel left out" if holes else ""
         print(f"glo: masked-image latents, known-region PSNR {s['psnr_known_initial_mean']:.2f} -> "
-              f"{s['psnr_known_final_mean']:.2f} dB ({s['known_images_improved']} improved)")
+              f"{s['psnr_known_final_mean']:.2f} dB ({s['known_images_improved']} improved{note})")
     return s["psnr_gain_mean"]
 
 

@@ -128,6 +128,21 @@ def test_known_psnr_is_the_noise_on_the_known_pixels_whatever_the_hole_holds():
     assert known_psnr(pred, target, known) == pytest.approx(torch.full((2,), 40.0), abs=1e-3)
 
 
+def test_an_all_hole_mask_has_no_known_psnr_and_is_left_out_of_the_means():
+    """No known pixel: NaN, not inf, and the summary's means are over the images that have known pixels."""
+    pred, target = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.02)
+    known = torch.ones(2, 1, 8, 8)
+    known[1] = 0
+    scores = known_psnr(pred, target, known)
+    assert scores[0] == pytest.approx(40.0, abs=1e-3) and torch.isnan(scores[1])
+    s = summarize(rows(3, psnr_known_initial=np.array([10.0, np.nan, 14]), psnr_known_final=np.array([11.0, np.nan, 13])))
+    assert s["psnr_known_initial_mean"] == 12.0 and s["psnr_known_final_mean"] == 12.0
+    assert s["known_images_improved"] == 1 and s["psnr_known_improved_fraction"] == 0.5
+    assert s["images_without_known_pixels"] == 1
+    alone = summarize(rows(1, psnr_known_initial=np.array([np.nan]), psnr_known_final=np.array([np.nan])))
+    assert math.isnan(alone["psnr_known_final_mean"]) and alone["images_without_known_pixels"] == 1
+
+
 def test_a_masked_runs_report_gives_the_masked_latents_their_own_drift_table_and_known_psnr(tmp_path):
     rng = np.random.default_rng(0)
     drift = {f"{p}{k}": rng.random((3, 4) if "channel" in k else 3) + 0.1 for p in ("", "masked_") for k in DRIFT}
