@@ -2,6 +2,7 @@
 
 `import glo` stays light (no Lightning, no Hydra): the engine and the latents format are plain PyTorch.
 """
+import math
 
 
 class GloError(Exception):
@@ -9,5 +10,7 @@ class GloError(Exception):
 
 
 def is_number(value: object, kind: type = float) -> bool:
-    """A config value that is a real number (or an integer, for kind=int): YAML's true is not 1."""
-    return not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    """A config value that is a finite real number (or an integer, for kind=int): YAML's true is not 1, and no
+    setting of glo means anything at inf or nan (1e400 reads as inf)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+            and math.isfinite(value))

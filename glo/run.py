@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import warnings
 from dataclasses import replace
 from importlib.metadata import version
@@ -248,6 +249,9 @@ def run(cfg: DictConfig) -> float:
     print(f"glo: {s['num_images']} images, PSNR {s['psnr_initial_mean']:.2f} -> {s['psnr_final_mean']:.2f} dB "
           f"(gain {s['psnr_gain_mean']:+.2f} dB, {s['images_improved']} improved), "
           f"{s['passes_mean']:.1f} decoder passes, {s['images_per_second']:.3f} images/s -> {exporter.out}")
+    if 2 * s["nonfinite"] > s["num_images"]:  # a gain of +0.00 dB alone would not say why
+        print(f"glo: warning: {s['nonfinite']} of {s['num_images']} images met a non-finite loss and kept their best "
+              "latent (at worst the encoder's): lower lr, or run with precision=fp32", file=sys.stderr)
     if "psnr_known_final_mean" in s:
         holes = s.get("images_without_known_pixels")
         note = f"; {holes} image(s) with no known pixel left out" if holes else ""

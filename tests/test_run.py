@@ -13,6 +13,7 @@ from omegaconf.errors import ConfigAttributeError
 from PIL import Image
 
 import glo.hardware
+import glo.losses
 import glo.module
 import glo.run
 from glo import GloError
@@ -110,6 +111,14 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
     assert list(np.load(tmp_path / "latents.npz")["ids"]) == ["astronaut", "coffee"] and shard.read_bytes() == kept
     sessions = json.loads((tmp_path / "metadata.json").read_text())["sessions"]  # both machines named
     assert [(s["machine"]["cpu"], s["images_done_before"]) for s in sessions] == [(here["cpu"], 0), ("another CPU", 1)]
+
+
+def test_a_run_where_most_images_met_a_non_finite_loss_says_so_at_the_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(glo.losses.PixelLoss, "forward", lambda self, pred, target, weight=None:
+                        (pred - target).flatten(1).mean(1) * float("nan"))
+    glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, "logger=none", "report=false"))
+    err = capsys.readouterr().err
+    assert "glo: warning: 3 of 3 images met a non-finite loss and kept their best latent" in err
 
 
 def test_a_resume_that_computes_removes_the_dataset_until_its_merge(tmp_path, monkeypatch, capsys):
@@ -409,7 +418,13 @@ def as_in_hydra_main(monkeypatch, out, *overrides: str) -> DictConfig:
 
 @pytest.mark.parametrize("override,message", [
     ("lr=0", "lr=0"),
-    ("lr=fast", "lr='fast': must be a number"),
+    ("lr=fast", "lr='fast': must be a finite number"),
+    ("lr=inf", "lr=inf: must be a finite number"),
+    ("lr=1e400", "lr=inf: must be a finite number"),
+    ("eps=inf", "eps=inf: must be a finite number"),
+    ("anchor=inf", "anchor=inf: must be a finite number"),
+    ("channel_lr=[inf,1,1,1]", "channel_lr=[inf, 1, 1, 1]: must be null or one number >= 0 per latent channel"),
+    ("betas=[nan,0.9]", "betas=[nan, 0.9]: must be two numbers in [0, 1)"),
     ("max_steps=0", "max_steps=0: must be >= 1"),
     ("max_steps=2.5", "max_steps=2.5: must be an integer"),
     ("rel_tol=-1", "rel_tol=-1: must be >= 0"),

@@ -92,7 +92,7 @@ def test_the_prototype_experiment_is_the_published_budget():
     ("betas=[0.9]", "betas=[0.9]: must be two numbers in [0, 1)"),
     ("betas=[0.9,1.0]", "betas=[0.9, 1.0]: must be two numbers in [0, 1)"),
     ("lr=0", "lr=0: must be > 0"),
-    ("lr=true", "lr=True: must be a number"),
+    ("lr=true", "lr=True: must be a finite number"),
     ("max_steps=1.5", "max_steps=1.5: must be an integer"),
     ("window=0", "window=0: must be >= 1"),
     ("anderson=-1", "anderson=-1: must be >= 0"),
