@@ -113,9 +113,17 @@ class ImageDataset(Dataset):
     def load(self, i: int) -> tuple[Image.Image, dict]:
         raise NotImplementedError
 
+    def metas(self) -> dict[str, dict]:
+        """Each image's meta, by id."""
+        return {self.ids[i]: self.load(i)[1] for i in range(len(self))}
+
     def digests(self) -> dict[str, str]:
         """Each image's source SHA-256 (meta `sha256`), by id: what a resumed run checks finished rows against."""
-        return {self.ids[i]: self.load(i)[1]["sha256"] for i in range(len(self))}
+        return {i: m["sha256"] for i, m in self.metas().items()}
+
+    def originals(self) -> dict[str, tuple[int, int]]:
+        """Each image's original (height, width), by id: what its mask must match."""
+        return {i: (m["height"], m["width"]) for i, m in self.metas().items()}
 
     def image(self, i: int) -> tuple[Image.Image, dict]:
         img, meta = self.load(i)
@@ -157,7 +165,7 @@ class FileDataset(ImageDataset):
         self.skipped: list[dict[str, str]] = []
         self.turned: list[str] = []  # turned upright by their EXIF orientation (recorded in metadata.json)
         self.files = []
-        self._digests: dict[str, str] = {}
+        self._metas: dict[str, dict] = {}
         stems = [f.stem for f in files]
         if len(set(stems)) != len(stems):
             dup = sorted({i for i in stems if stems.count(i) > 1})
@@ -169,7 +177,7 @@ class FileDataset(ImageDataset):
                 meta = self.read(f)[1]
                 if meta.get("exif_orientation", 1) != 1:
                     self.turned.append(str(f))
-                self._digests[f.stem] = meta["sha256"]
+                self._metas[f.stem] = meta
                 self.files.append(f)
             except GloError as e:
                 if on_error == "fail":
@@ -185,8 +193,8 @@ class FileDataset(ImageDataset):
     def load(self, i: int) -> tuple[Image.Image, dict]:
         return self.read(self.files[i])
 
-    def digests(self) -> dict[str, str]:
-        return self._digests  # taken while vetting: every file is not read a second time
+    def metas(self) -> dict[str, dict]:
+        return self._metas  # taken while vetting: every file is not read a second time
 
 
 def image_files(root: Path) -> list[Path]:

@@ -75,7 +75,8 @@ class Settings:
         for key, kind in (("lr", float), ("eps", float), ("anchor", float), ("rel_tol", float), ("max_steps", int),
                           ("window", int), ("warmup_steps", int), ("anderson", int)):
             if not is_number(getattr(self, key), kind):
-                raise GloError(f"{key}={getattr(self, key)!r}: must be {'a finite number' if kind is float else 'an integer'}")
+                kind_name = "a finite number" if kind is float else "an integer"
+                raise GloError(f"{key}={getattr(self, key)!r}: must be {kind_name}")
         for ok, message in (
             (self.lr > 0, f"lr={self.lr}: must be > 0"),
             (self.max_steps >= 1, f"max_steps={self.max_steps}: must be >= 1"),

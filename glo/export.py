@@ -54,9 +54,10 @@ def read_manifest(path: Path) -> dict[str, list[str]]:
         raise GloError(f"{path}: damaged ({e}); use resume=restart to start this directory over") from None
 
 
-def shard_problem(path: Path, ids: list[str], digests: dict[str, str]) -> str | None:
-    """Why a shard cannot be trusted (missing, damaged, other ids than listed, made from an image whose source
-    has changed since: `digests` are the sources' SHA-256 now, by id), or None."""
+def shard_problem(path: Path, ids: list[str], digests: dict[str, str],
+                  mask_digests: dict[str, str] | None = None) -> str | None:
+    """Why a shard cannot be trusted (missing, damaged, other ids than listed, made from an image or a mask file
+    that has changed since: `digests` and `mask_digests` are their SHA-256 now, by id), or None."""
     if not path.is_file():
         return "missing"
     try:
@@ -66,12 +67,16 @@ def shard_problem(path: Path, ids: list[str], digests: dict[str, str]) -> str | 
             return f"damaged ({bad} fails its checksum)"
         with np.load(path) as f:
             found, made_from = [str(i) for i in f["ids"]], [str(h) for h in f["source_sha256"]]
+            masked_by = [str(h) for h in f["mask_sha256"]] if mask_digests is not None else []
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         return f"damaged ({e})"
     if found != ids:
         return "holds other images than its manifest lists"
     changed = [i for i, h in zip(ids, made_from) if digests[i] != h]
-    return f"image '{changed[0]}' has changed since (its source's SHA-256 differs)" if changed else None
+    if changed:
+        return f"image '{changed[0]}' has changed since (its source's SHA-256 differs)"
+    changed = [i for i, h in zip(ids, masked_by) if mask_digests[i] != h]
+    return f"the mask of image '{changed[0]}' has changed since (its SHA-256 differs)" if changed else None
 
 
 def same_columns(files: list[Path]) -> Iterator[dict[str, np.ndarray]]:
@@ -122,16 +127,16 @@ class LatentExporter(pl.Callback):
         return (f"stopped {how}; {len(self.done_ids())} image(s) are safe in {self.shards}: run the same command "
                 "again to resume")
 
-    def verify(self, digests: dict[str, str]) -> None:
+    def verify(self, digests: dict[str, str], mask_digests: dict[str, str] | None = None) -> None:
         """Before a resume: every listed shard must read back whole, hold exactly the ids its manifest lists and
-        have been made from the images as they are now (`digests`: each source's SHA-256, by id). Any other is
-        unlisted and deleted, so its images are computed again."""
+        have been made from the images and mask files as they are now (`digests`, `mask_digests`: each one's
+        SHA-256, by id). Any other is unlisted and deleted, so its images are computed again."""
         seen: dict[str, str] = {}
         for m in sorted(self.shards.glob("manifest-*.json")):
             manifest = read_manifest(m)
             good = {}
             for name, ids in manifest.items():
-                problem = shard_problem(self.shards / name, ids, digests)
+                problem = shard_problem(self.shards / name, ids, digests, mask_digests)
                 if problem:
                     log.warning("%s: %s; its %d image(s) will be computed again", self.shards / name, problem, len(ids))
                     (self.shards / name).unlink(missing_ok=True)

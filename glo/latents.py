@@ -177,9 +177,9 @@ class LatentDataset(Dataset):
             raise damaged(self.path, e) from None
 
 
-# bump when exported rows gain or lose a column (2: `rank`, 3: `source_sha256`, 4: `ms_ssim_*`, `mae_*`): a run
-# directory resumes only its own
-ROWS_VERSION = 4
+# bump when exported rows gain or lose a column (2: `rank`, 3: `source_sha256`, 4: `ms_ssim_*`, `mae_*`,
+# 5: `mask_sha256`): a run directory resumes only its own
+ROWS_VERSION = 5
 DRIFT = ("drift_distance", *(f"{k}_{w}" for k in ("hf_share", "channel_mean", "channel_std", "reencode_error")
                               for w in ("initial", "final")))
 SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "passes", "converged",

@@ -21,21 +21,21 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from glo import GloError, is_number
-from glo.data import IMAGE_SUFFIXES, open_image, resize_center_crop, sha256_files
+from glo.data import IMAGE_SUFFIXES, open_image, resize_center_crop, sha256_file
 
 MAX_SHAPES = 1000
 
 
 class MaskSource(Protocol):
     """(id, original (h, w), size) -> (size, size) hole mask; `known_only`: fit the masked image's latent on
-    the known pixels only (the hole is the inpainter's to fill). `digest(ids)`: what identifies these images'
-    masks beyond the settings, for a run directory's fingerprint (None where the settings determine them)."""
+    the known pixels only (the hole is the inpainter's to fill). `check(originals)`: every image's mask is
+    vetted before any model loads. `digests`: each image's mask file SHA-256 after `check`, which every row
+    records so that a resume recomputes the rows whose mask changed (None where the settings determine them)."""
 
     known_only: bool
+    digests: dict[str, str] | None
 
-    def check(self, ids: list[str]) -> None: ...
-
-    def digest(self, ids: list[str]) -> str | None: ...
+    def check(self, originals: dict[str, tuple[int, int]]) -> None: ...
 
     def __call__(self, image_id: str, original: tuple[int, int], size: int) -> np.ndarray: ...
 
@@ -74,12 +74,10 @@ class RandomMasks:
                            "e.g. 'mask.coverage=[0.1,0.3]'")
         self.lo, self.hi = pair
         self.kind, self.seed, self.known_only = kind, seed, known_only
+        self.digests = None  # drawn from the settings, the seed and each id, which the fingerprint holds already
 
-    def check(self, ids: list[str]) -> None:
+    def check(self, originals: dict[str, tuple[int, int]]) -> None:
         """Every id gets a mask: nothing to check."""
-
-    def digest(self, ids: list[str]) -> None:
-        return None  # drawn from the settings, the seed and each id, which the fingerprint holds already
 
     def __call__(self, image_id: str, original: tuple[int, int], size: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, zlib.crc32(image_id.encode())))
@@ -127,27 +125,36 @@ class FolderMasks:
             raise GloError(f"mask.path={path}: no such directory")
         if not 0 < threshold < 1:
             raise GloError(f"mask.threshold={threshold}: must be in (0, 1)")
-        self.files = {f.stem: f for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES}
+        files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        stems = [f.stem for f in files]
+        twice = sorted({i for i in stems if stems.count(i) > 1})
+        if twice:
+            names = ", ".join(f.name for f in files if f.stem == twice[0])
+            raise GloError(f"mask.path={path}: two masks for image '{twice[0]}' ({names}); keep one per image id")
+        self.files = {f.stem: f for f in files}
         self.path, self.threshold, self.known_only = root, threshold, known_only
+        self.digests: dict[str, str] | None = None
 
-    def check(self, ids: list[str]) -> None:
-        """Fail before any model loads if an image has no mask."""
-        missing = [i for i in ids if i not in self.files]
+    def check(self, originals: dict[str, tuple[int, int]]) -> None:
+        """Fail before any model loads if an image has no mask or one that cannot be read or has another size."""
+        missing = [i for i in originals if i not in self.files]
         if missing:
             raise GloError(f"mask.path={self.path}: no mask for image id(s) {', '.join(missing[:5])}"
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        for image_id, original in originals.items():
+            self._read(image_id, original)
+        self.digests = {i: sha256_file(self.files[i]) for i in originals}
 
-    def digest(self, ids: list[str]) -> str:
-        """One SHA-256 over these images' mask files: a mask edited since a run began makes its directory refuse
-        to resume, instead of mixing rows made with the old mask and the new."""
-        return f"{len(ids)} masks, sha256 {sha256_files({i: self.files[i] for i in ids})[:16]}"
-
-    def __call__(self, image_id: str, original: tuple[int, int], size: int) -> np.ndarray:
-        self.check([image_id])
+    def _read(self, image_id: str, original: tuple[int, int]) -> Image.Image:
+        if image_id not in self.files:
+            raise GloError(f"mask.path={self.path}: no mask for image id(s) {image_id}")
         path = self.files[image_id]
         mask = open_image(path)[0].convert("L")  # any mode; 16-bit scaled to 8-bit
         height, width = original
         if mask.size != (width, height):
             raise GloError(f"{path}: mask is {mask.width}x{mask.height}, image '{image_id}' is {width}x{height}")
-        binary = mask.point(lambda v: 255 if v / 255 > self.threshold else 0)
+        return mask
+
+    def __call__(self, image_id: str, original: tuple[int, int], size: int) -> np.ndarray:
+        binary = self._read(image_id, original).point(lambda v: 255 if v / 255 > self.threshold else 0)
         return (np.asarray(resize_center_crop(binary, size, Image.Resampling.NEAREST)) > 127).astype(np.float32)

@@ -48,6 +48,8 @@ class GLOModule(pl.LightningModule):
         f = fit_batch(self.vae, x, self.settings, self.loss, holes, known_only, self._on_step)
         out = {"ids": np.array(meta["id"], dtype=str), "sources": np.array(meta["source"], dtype=str),
                "source_sha256": np.array(meta["sha256"], dtype=str),
+               **({"mask_sha256": np.array([self.masks.digests[i] for i in meta["id"]], dtype=str)}
+                  if self.masks is not None and self.masks.digests else {}),
                "original_size": torch.stack([meta["height"], meta["width"]], 1).cpu().numpy(), **f.arrays,
                "seconds": np.full(len(x), (time.perf_counter() - start) / len(x)),
                "rank": np.full(len(x), self.global_rank, dtype=np.int32)}  # whose seconds these are (DDP)

@@ -69,7 +69,7 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
     masks = instantiate(cfg.mask)
     if masks is None:
         raise GloError("mask=none: the round trip needs a mask (mask=boxes|strokes|folder)")
-    masks.check(dataset.ids)
+    masks.check(dataset.originals())
     vae, loss = load_model(cfg, speed), instantiate(cfg.loss)
     parts: dict[str, list[Tensor]] = {k: [] for k in SCORES}
     ids: list[str] = []

@@ -181,7 +181,7 @@ def run(cfg: DictConfig) -> float:
     dataset = instantiate(cfg.data)
     masks = instantiate(cfg.mask)
     if masks:
-        masks.check(dataset.ids)
+        masks.check(dataset.originals())
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     exporter = next((c for c in callbacks if isinstance(c, LatentExporter)), None)
     if exporter is None:
@@ -189,9 +189,8 @@ def run(cfg: DictConfig) -> float:
     precision, reason = resolve_precision(cfg.precision, pick_device(cfg.device))
     if rank_zero_only.rank == 0:  # other DDP ranks start later, inside this run's lock and checks
         held = rundir.lock(exporter.out)  # noqa: F841 (the lock lasts as long as this file stays open)
-        mask_files = masks.digest(dataset.ids) if masks else None
-        rundir.claim(exporter.out, rundir.fingerprint(cfg, dataset.ids, precision, mask_files), cfg.resume)
-        exporter.verify(dataset.digests())
+        rundir.claim(exporter.out, rundir.fingerprint(cfg, dataset.ids, precision), cfg.resume)
+        exporter.verify(dataset.digests(), masks.digests if masks else None)
     done = exporter.done_ids()
     todo = [i for i, name in enumerate(dataset.ids) if name not in done]
     if todo and rank_zero_only.rank == 0:

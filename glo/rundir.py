@@ -64,9 +64,10 @@ def vae_folder(vae: DictConfig) -> Path | None:
     return None  # random weights: the config and seed are the identity
 
 
-def fingerprint(cfg: DictConfig, ids: list[str], precision: str, mask_files: str | None = None) -> dict[str, Any]:
-    """Every setting that changes a row's values, flat with dotted keys (as the CLI spells them); `mask_files` is
-    the mask source's digest of its files, where it has them."""
+def fingerprint(cfg: DictConfig, ids: list[str], precision: str) -> dict[str, Any]:
+    """Every setting that changes a row's values, flat with dotted keys (as the CLI spells them). The images' and
+    mask files' contents are not in it: each row records their SHA-256, and a resume recomputes the rows whose
+    files changed."""
     groups = {name: {k: v for k, v in OmegaConf.to_container(cfg[name], resolve=True).items()
                      if k not in NOT_RESULTS.get(name, ()) and not k.startswith("_")}
               for name in ("data", "vae", "loss")}
@@ -76,7 +77,6 @@ def fingerprint(cfg: DictConfig, ids: list[str], precision: str, mask_files: str
         **flatten(groups),
         "data.ids": f"{len(ids)} images, sha256 {hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]}",
         **flatten({"mask": mask}),
-        **({"mask.files": mask_files} if mask_files else {}),
         **{k: v for k, v in OmegaConf.to_container(cfg.engine, resolve=True).items() if not k.startswith("_")},
         **{k: cfg[k] for k in OTHER_RESULTS},
         "precision": precision,  # the one used, not `auto`

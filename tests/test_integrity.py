@@ -93,13 +93,13 @@ def test_the_vae_weights_are_identified_by_their_content_wherever_they_are(tmp_p
     assert d == e == g != f and len(d) == 64 and d != a  # g is a VAE directory itself: its own vae/ is not read
 
 
-def test_the_fingerprint_holds_which_images_and_mask_files_not_only_how_many():
+def test_the_fingerprint_holds_which_images_not_only_how_many():
     from glo.rundir import fingerprint
 
     cfg = run_config(*RUN)
     ab, ac = fingerprint(cfg, ["a", "b"], "fp32"), fingerprint(cfg, ["a", "c"], "fp32")
     assert ab["data.ids"] != ac["data.ids"] and ab["data.ids"].startswith("2 images, sha256 ")
-    assert "mask.files" not in ab and fingerprint(cfg, ["a", "b"], "fp32", "f00d")["mask.files"] == "f00d"
+    assert not [k for k in ab if k.startswith("mask.files")]  # mask files are checked row by row instead
     assert ab["rows_version"] == ROWS_VERSION  # the key older directories were written with
 
 
