@@ -46,7 +46,8 @@ class Settings:
     eps: float                  # Adam's, per latent element of the sample (so image size does not change it): larger
                                 # moves the elements the loss barely responds to by less than lr per step
     anchor: float               # weight of mean(((z - z0) / scale)^2) added to each sample's loss: a pull toward z0
-    anchor_to: str              # z0: scale 1 | posterior: scale = the encoder's posterior std (a Mahalanobis pull)
+    anchor_to: str              # z0: scale 1 | posterior: scale = the encoder's posterior std over its mean on the
+                                # image (a Mahalanobis pull with the same average strength as z0's)
     anderson: int               # > 0: each update starts from the mix of the last `anderson` iterates whose loss, as
                                 # least squares extrapolated linearly, is smallest (Anderson acceleration);
                                 # optim=adam only
@@ -138,6 +139,9 @@ def optimize(
         raise ValueError("optim=gradfree needs the encoder")
     if s.anchor and s.anchor_to == "posterior" and z0_std is None:
         raise ValueError("anchor_to=posterior needs the posterior std")
+    if z0_std is not None:  # relative to its mean per image: the shape of the encoder's doubt, not its size, so one
+        # `anchor` means the same for both scales (an SD encoder's std is ~0.01: divided by it, the pull was 1e4x)
+        z0_std = z0_std / z0_std.mean((1, 2, 3), keepdim=True)
     max_steps, rel_tol, window = s.max_steps, s.rel_tol, s.window
     n = z0.shape[0]
     if s.channel_lr is not None and len(s.channel_lr) != z0.shape[1]:

@@ -4,8 +4,9 @@ A latent dataset is only worth something if every row is what its metadata says.
 records, at its first write, a fingerprint of every setting that changes a row's values; a rerun
 with other settings stops before any model loads, naming what differs. A process working in it
 holds an OS file lock (released by the kernel however the process ends), so two runs never write
-the same directory. Settings that do not change results (report, logging, workers, batch size,
-device, export format) are left out of the fingerprint and may differ between resumes.
+the same directory. Settings that do not change results beyond float rounding (report, logging, workers, batch
+size, memory layout, threads, device, export format) are left out of the fingerprint and may differ between
+resumes: rows then agree within rounding, not bit for bit (other kernels sum in another order).
 """
 from __future__ import annotations
 

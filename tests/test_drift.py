@@ -118,3 +118,17 @@ def test_the_posterior_anchor_holds_what_the_encoder_is_sure_of():
     assert torch.allclose(flat[0, 0], flat[0, 1])  # scale 1: both channels alike
     with pytest.raises(ValueError, match="needs the posterior std"):
         optimize(lambda z: z, z0, target, loss, settings(**kw, anchor_to="posterior"))
+
+
+@pytest.mark.parametrize("std", [2.0**-7, 1.0, 2.0**5])  # an SD encoder's std is ~0.01: its size must not matter
+def test_the_posterior_anchor_is_as_strong_as_the_z0_anchor_on_average(std):
+    """Only the shape of the encoder's doubt weighs: where it is even, the posterior pull is exactly z0's (powers
+    of two keep the mean exact), so one `anchor` value means the same for both."""
+    torch.manual_seed(0)
+    z0, target = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
+    loss = lambda pred, tgt: (pred - tgt).square().mean((1, 2, 3))
+    kw = dict(lr=0.05, max_steps=10, rel_tol=0.0, anchor=0.5, anderson=0)
+    post = optimize(lambda z: z, z0, target, loss, settings(**kw, anchor_to="posterior"),
+                    z0_std=torch.full_like(z0, std))
+    plain = optimize(lambda z: z, z0, target, loss, settings(**kw, anchor_to="z0"))
+    assert torch.equal(post.latents, plain.latents) and not torch.equal(plain.latents, z0)
