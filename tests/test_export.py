@@ -176,7 +176,7 @@ def test_summary_is_every_headline_figure_computed_by_hand():
         "steps_mean": 3.0, "passes_mean": 3.5, "converged": 3, "nonfinite": 1, "seconds_total": 4.0,
         "images_per_second": 1.0, "psnr_known_initial_mean": 13.0, "psnr_known_final_mean": 14.0,
         "psnr_known_initial_median": 13.0, "psnr_known_final_median": 12.5, "psnr_known_improved_fraction": 0.5,
-        "known_images_improved": 2}
+        "known_images_improved": 2, "images_without_known_pixels": 0}
     a["seconds"] = np.zeros(4)
     assert np.isnan(summarize(a)["images_per_second"])
 

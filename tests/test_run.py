@@ -163,6 +163,20 @@ def test_out_of_memory_in_any_tool_is_one_line_and_other_runtime_errors_keep_the
         "glo.evaluate: error: out of memory (") and err.endswith("run it again with a smaller batch size or image size\n"))
 
 
+@pytest.fixture(scope="module")
+def probed() -> tuple:
+    """The stand-in and its bf16 memory probes without and with checkpointing, measured once (bf16 is emulated, so
+    slow, on CPUs without it): the refusal cases below test the policy on them."""
+    cfg = run_config(*FAST)
+    vae = glo.run.load_model(cfg, instantiate(cfg.speed))
+    plain = decode_memory(vae, torch.bfloat16)
+    vae.model.enable_gradient_checkpointing()
+    ckpt = decode_memory(vae, torch.bfloat16)
+    vae.model.disable_gradient_checkpointing()
+    assert ckpt[0] + ckpt[1] < plain[0] + plain[1] < ckpt[0] + 3 * ckpt[1]  # less, counting the largest recompute
+    return vae, plain, ckpt
+
+
 @pytest.mark.parametrize("checkpointing,batch,free,switches,size", [  # size: 64 px * sqrt(room / need), to 8s
     (False, 3, lambda plain, ckpt: plain[0] + 1.95 * plain[1], "batch_size=1 checkpointing=true", 48),
     (False, 1, lambda plain, ckpt: ckpt[0] + ckpt[1], "checkpointing=true", 40),  # a batch of 1 is too much already
@@ -170,23 +184,23 @@ def test_out_of_memory_in_any_tool_is_one_line_and_other_runtime_errors_keep_the
     (True, 3, lambda plain, ckpt: ckpt[0] + 2 * ckpt[1], "batch_size=2", 48),
 ])
 def test_a_memory_refusal_offers_only_the_switches_whose_lower_bound_fits(checkpointing, batch, free, switches, size,
-                                                                            monkeypatch):
+                                                                            monkeypatch, probed):
     """In bf16, where autocast's weight copies are kept once and the activations per image (fixed, per image)."""
-    cfg = run_config(*FAST)
-    vae = glo.run.load_model(cfg, instantiate(cfg.speed))
-    plain = decode_memory(vae, torch.bfloat16)
-    vae.model.enable_gradient_checkpointing()
-    ckpt = decode_memory(vae, torch.bfloat16)
-    assert ckpt[0] + ckpt[1] < plain[0] + plain[1] < ckpt[0] + 3 * ckpt[1]  # less, counting the largest recompute
-    if not checkpointing:
-        vae.model.disable_gradient_checkpointing()
+    vae, plain, ckpt = probed
+    if checkpointing:
+        vae.model.enable_gradient_checkpointing()
+    monkeypatch.setattr(glo.hardware, "decode_memory",
+                        lambda vae, dtype: ckpt if vae.model.is_gradient_checkpointing else plain)
     monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(free(plain, ckpt)))
     speed = instantiate(run_config(*FAST, f"checkpointing={checkpointing}").speed)
-    with pytest.raises(GloError, match=f"^{batch} image\\(s\\) of 64 px need at least") as e:
-        glo.run.check_memory(speed, vae, 64, "bf16", batch, 1)
+    try:
+        with pytest.raises(GloError, match=f"^{batch} image\\(s\\) of 64 px need at least") as e:
+            glo.run.check_memory(speed, vae, 64, "bf16", batch, 1)
+        assert vae.model.is_gradient_checkpointing == checkpointing  # the VAE is left as it was
+    finally:
+        vae.model.disable_gradient_checkpointing()
     resume = f"run the same command with {switches} to resume after them, or " if switches else ""
     assert str(e.value).split("kept: ")[1] == f"{resume}start a new directory with data.size={size} or less", str(e.value)
-    assert decode_memory(vae, torch.bfloat16) == (ckpt if checkpointing else plain)  # the VAE is left as it was
 
 
 def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch, tiny_vae):

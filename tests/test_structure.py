@@ -26,7 +26,7 @@ def test_the_library_imports_neither_lightning_nor_hydra(module):
     ("batch_size=0", "batch_size=0: must be >= 1", False),                                   # glo.run's validate
     ("resume=maybe", "resume=maybe: must be one of auto, restart", False),
     ("lr=-1", "lr=-1: must be > 0", True),                                       # the engine's Settings
-    ("tile_size=100", "tile_size=100: must be 0 or a multiple of 8", True),     # Speed: torch, not diffusers
+    ("tile_size=100", "tile_size=100: must be 0 (no tiling) or a multiple of 8 from 64 up", True),  # Speed: torch
 ])
 def test_a_bad_setting_is_refused_before_the_heavy_libraries_are_imported(override, message, needs_torch):
     """glo.run imports neither Lightning nor diffusers (seconds each) before the settings are checked, nor torch
@@ -116,7 +116,8 @@ def test_the_edges_of_each_range_are_allowed(override):
 @pytest.mark.parametrize("override, message", [
     ("channels_last=1", "channels_last=1: must be true or false"),
     ("checkpointing=yes", "checkpointing='yes': must be true or false"),
-    ("tile_size=100", "tile_size=100: must be 0 or a multiple of 8"),
+    ("tile_size=100", "tile_size=100: must be 0 (no tiling) or a multiple of 8 from 64 up"),
+    ("tile_size=16", "tile_size=16: must be 0 (no tiling) or a multiple of 8 from 64 up"),
 ])
 def test_speed_switches_check_themselves(override, message):
     with pytest.raises(Exception) as e:
