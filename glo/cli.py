@@ -21,7 +21,7 @@ from hydra.errors import (
 )
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationKeyError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
 from glo import GloError
 
@@ -49,6 +49,10 @@ def one_line_errors(prog: str) -> Iterator[None]:
               "finished work is kept: fix that and run the same command again", file=sys.stderr)
         sys.exit(1)
     except Exception as e:
+        line = unresolved(e)  # answered inside the job: Hydra prints its own line for an error that escapes it
+        if line:
+            print(f"{prog}: error: {line}", file=sys.stderr)
+            sys.exit(1)
         cause: BaseException | None = e
         while cause is not None and not isinstance(cause, GloError):
             cause = cause.__cause__
@@ -76,15 +80,22 @@ def hydra_main(main: Callable[[], Any]) -> None:
             return
         except COMMAND_LINE_ERRORS as e:
             line = one_line(e)
-        except (InterpolationKeyError, ConfigAttributeError, ConfigKeyError, InstantiationException) as e:
-            deleted = [a for a in sys.argv[1:] if a.startswith("~")  # `~lr`: a key the run reads is gone
-                       and re.search(rf"\b{re.escape(a[1:].split('=')[0].rpartition('.')[2])}\b", _joined(e))]
-            if not deleted:
-                raise  # glo's own bug, even beside a deletion it does not name
-            line = (f"{' '.join(deleted)}: the run needs what was deleted ({_joined(e)}); set a value instead of "
-                    "deleting it")
     print(f"glo: error: {line}", file=sys.stderr)
     sys.exit(1)
+
+
+def unresolved(e: Exception) -> str | None:
+    """A value the job could not read because of the command line: `~lr` deleted a key the run reads, or
+    `${oc.env:UNSET}` names no variable. The line, or None (then it is glo's own bug)."""
+    if not isinstance(e, (InterpolationResolutionError, ConfigAttributeError, ConfigKeyError, InstantiationException)):
+        return None
+    deleted = [a for a in sys.argv[1:] if a.startswith("~")
+               and re.search(rf"\b{re.escape(a[1:].split('=')[0].rpartition('.')[2])}\b", _joined(e))]
+    if deleted:
+        return f"{' '.join(deleted)}: the run needs what was deleted ({_joined(e)}); set a value instead of deleting it"
+    if isinstance(e, InterpolationResolutionError) and e.full_key:
+        return f"{e.full_key}: cannot resolve its value ({str(e).splitlines()[0]}); set it or give the value"
+    return None
 
 
 def one_line(e: Exception) -> str:
@@ -196,7 +207,8 @@ class NoUnreadKeys(Callback):
 
     @staticmethod
     def _check(config: DictConfig) -> None:
-        for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        typed = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # as typed: ${oc.env:X} too
+        for override in OverridesParser.create().parse_overrides(typed):
             key = override.key_or_group
             if override.is_add() and "." not in key:
                 line = no_such_setting(override.input_line, key, config, ", so it would change nothing")

@@ -36,6 +36,10 @@ def prepare(src: str, out: str, split: str, size: int) -> dict:
     build = final.with_name(f".{split}.{os.getpid()}.tmp")
     shutil.rmtree(build, ignore_errors=True)
     try:
+        build.mkdir(parents=True)
+    except OSError as e:
+        raise GloError(f"--out {out}: cannot create a folder there ({e.strerror}); pass another --out") from None
+    try:
         stats = _write(dataset, build, folder, split, size)
         if final.exists():  # swapped out first, removed after: at every moment one whole split is in place
             old = final.with_name(f".{split}.{os.getpid()}.old")

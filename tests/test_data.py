@@ -195,6 +195,8 @@ def test_prepare_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(GloError, match=r"^--src=.*nowhere: no such directory$"):  # its own option, not data.path
         prepare(str(tmp_path / "nowhere"), str(tmp_path / "out"), "train", size=64)
+    with pytest.raises(GloError, match=r"^--out /proc/x: cannot create a folder there \("):  # no traceback
+        prepare(str(tmp_path / "src"), "/proc/x", "train", size=64)
 
 
 def test_prepare_with_a_split_the_root_lacks_names_the_splits_it_has(tmp_path):

@@ -619,13 +619,20 @@ def test_deleting_a_key_the_run_reads_is_one_line_and_any_other_such_error_keeps
                                                                                                args, cause):
     monkeypatch.setattr("sys.argv", ["glo.run", *args])
     cfg = run_config(*args)
-    with pytest.raises(SystemExit if cause else ConfigAttributeError) as e:
-        hydra_main(lambda: instantiate(cfg.engine) if cause else cfg.engine.no_such_key)  # the latter: glo's bug
+    with pytest.raises(SystemExit if cause else ConfigAttributeError) as e, one_line_errors("glo"):  # as in the job
+        instantiate(cfg.engine) if cause else cfg.engine.no_such_key  # the latter: glo's bug
     assert not cause or e.value.code == 1
     err = capsys.readouterr().err
     assert err == "" if not cause else (err.count("\n") == 1 and err.startswith(
         f"glo: error: {args[0]}: the run needs what was deleted ({cause}") and err.endswith(
         "); set a value instead of deleting it\n")), err
+
+
+def test_an_unset_environment_variable_in_an_override_is_one_line(tmp_path):
+    p = run_glo(*FAST, "data=folder", "data.path=${oc.env:GLO_UNSET_VARIABLE}", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 1 and p.stderr.splitlines() == [
+        "glo: error: data.path: cannot resolve its value (KeyError raised while resolving interpolation: "
+        "\"Environment variable 'GLO_UNSET_VARIABLE' not found\"); set it or give the value"], p.stderr
 
 
 @pytest.mark.parametrize("override,refused", [
