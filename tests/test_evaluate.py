@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from glo import GloError
 from glo.data import SampleDataset
 from glo.evaluate import main as evaluate_main
 from glo.evaluate import upscaling
@@ -354,6 +355,25 @@ def test_compare_ranks_jobs_and_names_the_machine_their_speeds_were_measured_on(
     (old / "0" / "metadata.json").write_text("{}")
     compare(old)
     assert "Measured on" not in (old / "compare.md").read_text() and "machine" not in (old / "compare.md").read_text()
+
+
+def test_compare_names_the_jobs_it_leaves_out_instead_of_a_traceback(tmp_path):
+    """A killed job (no summary.json), a damaged one and one from another tool: each named, the rest ranked."""
+    from glo.report import compare
+
+    a = {"cpu": "CPU A", "cpu_capability": "AVX2", "cpu_native_bf16": False, "cpus": 2, "torch_threads": 2}
+    _job(tmp_path, "0", 1.0, a, ["lr=0.05"])
+    for name, text in (("1", None), ("2", '{"psnr_gain_mean": 1'), ("3", '{"psnr_gain_mean": 1}')):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        if text is not None:
+            (tmp_path / name / "summary.json").write_text(text)
+    assert [r["job"] for r in compare(tmp_path)] == ["0"]
+    left = (tmp_path / "compare.md").read_text().splitlines()[-1]
+    assert left.startswith("Left out: 1 (not finished: no summary.json), 2 (summary.json unreadable: ")
+    assert left.endswith(", 3 (summary.json unreadable: no 'psnr_final_mean').")
+    shutil.rmtree(tmp_path / "0")
+    with pytest.raises(GloError, match=r"no finished jobs .*; left out: 1 \(not finished"):
+        compare(tmp_path)
 
 
 def test_images_smaller_than_the_run_size_are_counted_and_named_as_upscaled(finished_run, tmp_path):
