@@ -46,8 +46,14 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
 
 
+def printable(text: str) -> str:
+    """A file name that is not UTF-8 (Python holds its bytes as surrogates) with those bytes as backslash escapes:
+    text every writer, font and terminal takes, instead of a failure after all the work."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def save_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(printable(text).encode()))
 
 
 def save_json(path: Path, obj: Any) -> None:

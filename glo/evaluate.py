@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from glo import GloError
-from glo.atomic import save_json, save_text
+from glo.atomic import printable, save_json, save_text
 from glo.cli import one_line_errors
 from glo.data import ImageDataset
 from glo.latents import find_latents, load_latents, summarize
@@ -95,8 +95,9 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
             scores[f"{m}_final"].append(metrics[m](x1, x).cpu())
         for j, k in enumerate(part):
             if k in picks:
-                rows[k] = {"title": f"{picks[k]}: {arrays['ids'][k]} ({gain[k]:+.2f} dB)", "input": _unit_hwc(x[j]),
-                           "initial": _unit_hwc(x0[j]), "optimized": _unit_hwc(x1[j])}
+                title = f"{picks[k]}: {printable(str(arrays['ids'][k]))} ({gain[k]:+.2f} dB)"
+                rows[k] = {"title": title, "input": _unit_hwc(x[j]), "initial": _unit_hwc(x0[j]),
+                           "optimized": _unit_hwc(x1[j])}
     values.update({k: torch.cat(v).numpy().astype(np.float64) for k, v in scores.items()})
 
     table = io.StringIO()

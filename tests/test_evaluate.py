@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 import re
 import shutil
 
@@ -355,6 +356,17 @@ def test_compare_ranks_jobs_and_names_the_machine_their_speeds_were_measured_on(
     (old / "0" / "metadata.json").write_text("{}")
     compare(old)
     assert "Measured on" not in (old / "compare.md").read_text() and "machine" not in (old / "compare.md").read_text()
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_not_a_crash_after_the_work(tmp_path):
+    """Python holds such a name's bytes as surrogates, which UTF-8 files and fonts refuse: shown escaped."""
+    folder = os.fsencode(tmp_path / "imgs")
+    os.makedirs(folder)
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(folder + b"/caf\xe9.png")
+    p = run_glo(*FAST, "data=folder", f"data.path={tmp_path / 'imgs'}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = (tmp_path / "run" / "metrics.csv").read_bytes().decode("utf-8").splitlines()
+    assert rows[1].startswith("caf\\udce9,") and (tmp_path / "run" / "grids.png").is_file()
 
 
 def test_compare_names_the_jobs_it_leaves_out_instead_of_a_traceback(tmp_path):
