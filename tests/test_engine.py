@@ -10,7 +10,7 @@ from glo.engine import mix, optimize
 from glo.fit import fit_batch
 from glo.losses import PixelLoss
 from glo.metrics import psnr
-from tests.conftest import VAE_FP32_ATOL, photos, settings
+from tests.conftest import VAE_FP32_ATOL, adam_fp32_tol, photos, settings
 
 L2 = PixelLoss("l2", l1=0.0, l2=1.0)
 
@@ -268,9 +268,11 @@ def test_samples_stopping_at_different_steps_get_what_they_would_get_alone(optim
     for i in range(3):
         alone = optimize(decode, z0[i : i + 1], target[i : i + 1], L2, settings(**kw))
         assert together.steps[i] == alone.steps[0] and together.passes[i] == alone.passes[0]
-        # the decoder itself differs by ~1e-6 between a batch and one sample (conv rounding); a shared state would not
-        assert torch.allclose(together.latents[i], alone.latents[0], atol=1e-5)
-        assert torch.allclose(together.final_loss[i], alone.final_loss[0], rtol=1e-5)
+        # one sample and a batch take other conv kernels, so the gradients round otherwise; compared through the
+        # decoder, since in the 2 latent directions it ignores the gradient is rounding noise, which Adam normalizes
+        tol = adam_fp32_tol(kw["max_steps"])
+        assert torch.allclose(decode(together.latents[i : i + 1]), decode(alone.latents), rtol=tol, atol=tol)
+        assert torch.allclose(together.final_loss[i], alone.final_loss[0], rtol=tol)
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
