@@ -127,10 +127,23 @@ class LatentExporter(pl.Callback):
         return (f"stopped {how}; {len(self.done_ids())} image(s) are safe in {self.shards}: run the same command "
                 "again to resume")
 
+    def earlier_sessions(self) -> list[dict[str, Any]]:
+        """The runs that computed images here (a record for metadata.json, not results): read before any work, so
+        a damaged one is one line at the start rather than a traceback after all the computing."""
+        try:
+            found = json.loads(self.sessions.read_text()) if self.sessions.is_file() else []
+        except ValueError as e:
+            raise GloError(f"{self.sessions}: damaged ({e}); it only records which runs computed here: delete it "
+                           "and run the same command again") from None
+        if not isinstance(found, list):
+            raise GloError(f"{self.sessions}: not a list of runs; delete it and run the same command again")
+        return found
+
     def verify(self, digests: dict[str, str], mask_digests: dict[str, str] | None = None) -> None:
         """Before a resume: every listed shard must read back whole, hold exactly the ids its manifest lists and
         have been made from the images and mask files as they are now (`digests`, `mask_digests`: each one's
         SHA-256, by id). Any other is unlisted and deleted, so its images are computed again."""
+        self.earlier_sessions()
         seen: dict[str, str] = {}
         for m in sorted(self.shards.glob("manifest-*.json")):
             manifest = read_manifest(m)
@@ -153,7 +166,7 @@ class LatentExporter(pl.Callback):
     def on_predict_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.metadata["start_time"] = datetime.now(timezone.utc).isoformat()
         if trainer.is_global_zero:  # each run that computes images here, so a resumed dataset names every machine
-            earlier = json.loads(self.sessions.read_text()) if self.sessions.is_file() else []
+            earlier = self.earlier_sessions()
             now = {k: self.metadata.get(k) for k in ("start_time", "machine", "precision")}
             save_json(self.sessions, [*earlier, {**now, "images_done_before": len(self.done_ids())}])
 
@@ -192,7 +205,7 @@ class LatentExporter(pl.Callback):
         stale.unlink(missing_ok=True)  # another format's file from an earlier run would be read instead
         self.metadata["end_time"] = datetime.now(timezone.utc).isoformat()
         if self.sessions.is_file():
-            self.metadata["sessions"] = json.loads(self.sessions.read_text())
+            self.metadata["sessions"] = self.earlier_sessions()
         if self.format == "hdf5":
             with atomic_path(self.out / "latents.h5") as tmp, h5py.File(tmp, "w") as f:
                 # HDF5 files describe themselves: one copied without metadata.json still says what made it

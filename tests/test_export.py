@@ -119,6 +119,15 @@ def test_a_dataset_that_disagrees_with_its_shards_is_refused_by_every_reader(tmp
             read(tmp_path / "latents.npz")
 
 
+@pytest.mark.parametrize("text", ["[{", '{"a": 1}'])
+def test_a_damaged_sessions_record_is_one_line_before_any_work(tmp_path, text):
+    exporter = LatentExporter(str(tmp_path), "npz")
+    exporter.shards.mkdir()
+    exporter.sessions.write_text(text)
+    with pytest.raises(GloError, match=r"sessions.json: (damaged|not a list).*delete it and run the same command"):
+        exporter.verify({})
+
+
 def test_a_failed_write_leaves_no_file_that_looks_complete(tmp_path, monkeypatch):
     exporter = LatentExporter(str(tmp_path), "npz")
 
