@@ -109,13 +109,16 @@ class ImageDataset(Dataset):
     def __init__(self, size: int, limit: int | None) -> None:
         self.size = check_size(size)
         self.limit = limit
+        self._metas: dict[str, dict] | None = None  # each image's meta, once read
 
     def load(self, i: int) -> tuple[Image.Image, dict]:
         raise NotImplementedError
 
     def metas(self) -> dict[str, dict]:
-        """Each image's meta, by id."""
-        return {self.ids[i]: self.load(i)[1] for i in range(len(self))}
+        """Each image's meta, by id, read once: the masks' check and the resume's both ask for it."""
+        if self._metas is None:
+            self._metas = {self.ids[i]: self.load(i)[1] for i in range(len(self))}
+        return self._metas
 
     def digests(self) -> dict[str, str]:
         """Each image's source SHA-256 (meta `sha256`), by id: what a resumed run checks finished rows against."""
@@ -165,10 +168,9 @@ class FileDataset(ImageDataset):
         self.skipped: list[dict[str, str]] = []
         self.turned: list[str] = []  # turned upright by their EXIF orientation (recorded in metadata.json)
         self.files = []
-        self._metas: dict[str, dict] = {}
-        stems = [f.stem for f in files]
-        if len(set(stems)) != len(stems):
-            dup = sorted({i for i in stems if stems.count(i) > 1})
+        self._metas = {}  # filled while vetting: no file is read a second time for its meta
+        dup = repeated_stems(files)
+        if dup:
             raise GloError(f"image ids must be unique; these file names repeat: {', '.join(dup)}")
         for f in files:
             if len(self.files) == self.limit:  # the first `limit` good ones: a skipped file does not count
@@ -193,8 +195,11 @@ class FileDataset(ImageDataset):
     def load(self, i: int) -> tuple[Image.Image, dict]:
         return self.read(self.files[i])
 
-    def metas(self) -> dict[str, dict]:
-        return self._metas  # taken while vetting: every file is not read a second time
+
+def repeated_stems(files: list[Path]) -> list[str]:
+    """The file names, less their suffix, that more than one of `files` has (a.png and a.jpg): one id, two files."""
+    stems = [f.stem for f in files]
+    return sorted({i for i in stems if stems.count(i) > 1})
 
 
 def image_files(root: Path) -> list[Path]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from glo import GloError
 from glo.atomic import atomic_path, save_json, save_npz, to_json
-from glo.latents import SUMMARY_KEYS, load_latents, summarize
+from glo.latents import SUMMARY_KEYS, failed_crc, load_latents, summarize
 
 log = logging.getLogger("glo")
 
@@ -62,7 +62,7 @@ def shard_problem(path: Path, ids: list[str], digests: dict[str, str],
         return "missing"
     try:
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()  # every member's CRC: a truncated or corrupted file fails here
+            bad = failed_crc(path, z)  # every member's CRC: a truncated or corrupted file fails here
         if bad:
             return f"damaged ({bad} fails its checksum)"
         with np.load(path) as f:

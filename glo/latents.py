@@ -43,18 +43,18 @@ INPAINTING = ("latent_masks", "masked_latents")
 _checked: set[tuple[str, int, int]] = set()  # NPZ files whose CRCs this process (or its parent) has verified
 
 
-def _check_crcs(path: Path, z: zipfile.ZipFile) -> None:
-    """Every member's zip CRC, once per file version and process tree: memory-mapped members skip the check
-    zipfile makes on reads, so a flipped byte would reach the caller as a changed latent."""
+def failed_crc(path: Path, z: zipfile.ZipFile) -> str | None:
+    """The first member of the NPZ `z` (opened from `path`) whose zip CRC fails, or None. Checked once per file
+    version and process tree (a resume's shard check and its merge read each shard once): memory-mapped members
+    skip the check zipfile makes on reads, so a flipped byte would reach the caller as a changed latent."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key in _checked:
-        return
+        return None
     bad = z.testzip()
-    if bad:
-        raise GloError(f"{path}: damaged ({bad} fails its checksum); compute it again (glo.run in its directory "
-                       "recomputes what is damaged)")
-    _checked.add(key)
+    if not bad:
+        _checked.add(key)
+    return bad
 
 
 def open_latents(path: str | Path) -> dict[str, Any]:
@@ -72,7 +72,10 @@ def open_latents(path: str | Path) -> dict[str, Any]:
             arrays = {k: f[k] for k in f}
         else:
             with zipfile.ZipFile(path) as z:
-                _check_crcs(path, z)
+                bad = failed_crc(path, z)
+                if bad:
+                    raise GloError(f"{path}: damaged ({bad} fails its checksum); compute it again (glo.run in its "
+                                   "directory recomputes what is damaged)")
                 arrays = {n[:-4]: _npz_member(path, z, n[:-4]) for n in z.namelist() if n.endswith(".npy")}
         arrays = require(path, arrays, REQUIRED)
     except FileNotFoundError:

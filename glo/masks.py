@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from glo import GloError, is_number
-from glo.data import IMAGE_SUFFIXES, open_image, resize_center_crop, sha256_file
+from glo.data import IMAGE_SUFFIXES, open_image, repeated_stems, resize_center_crop, sha256_file
 
 MAX_SHAPES = 1000
 
@@ -126,8 +126,7 @@ class FolderMasks:
         if not 0 < threshold < 1:
             raise GloError(f"mask.threshold={threshold}: must be in (0, 1)")
         files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        stems = [f.stem for f in files]
-        twice = sorted({i for i in stems if stems.count(i) > 1})
+        twice = repeated_stems(files)
         if twice:
             names = ", ".join(f.name for f in files if f.stem == twice[0])
             raise GloError(f"mask.path={path}: two masks for image '{twice[0]}' ({names}); keep one per image id")

@@ -145,8 +145,7 @@ def claim(run_dir: Path, expected: dict[str, Any], resume: str) -> None:
 def clear(run_dir: Path) -> None:
     """resume=restart: remove every result of an earlier run (Hydra's and the lock file stay)."""
     removed = [p for name in (*RESULTS, FINGERPRINT) for p in run_dir.glob(name)]
-    for p in removed:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    remove(removed)
     if removed:
         log.info("resume=restart: removed %d earlier results from %s", len(removed), run_dir)
 
@@ -154,8 +153,9 @@ def clear(run_dir: Path) -> None:
 def unpublish(run_dir: Path) -> None:
     """Before a run computes images: the dataset made from earlier shards is removed, so that a run killed before
     its merge leaves no file whose rows disagree with the shards; the merge writes it again from all of them."""
-    for p in (run_dir / name for name in PUBLISHED):
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
+    remove([p for name in PUBLISHED for p in run_dir.glob(name)])
+
+
+def remove(paths: list[Path]) -> None:
+    for p in paths:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
