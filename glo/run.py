@@ -162,6 +162,29 @@ def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch:
     raise GloError(memory_line(why, switches, smaller))
 
 
+def check_rows(max_steps: int, images: int, batch: int, size: int, masked: bool, fmt: str) -> None:
+    """Refuse a run whose exported rows RAM cannot hold, before computing anything: each image keeps a loss curve
+    of max_steps floats (the engine holds a batch's, masked images included; an NPZ merge holds every row twice,
+    list and concatenation; HDF5 merges shard by shard), so max_steps=1000000000 was killed by the kernel without
+    a word. Counted: curves and the latent-shaped columns, in float32; a lower bound, like check_memory's."""
+    import torch
+
+    from glo.hardware import available_memory
+
+    free = available_memory(torch.device("cpu"))  # rows live on the CPU wherever the latents are fitted
+    if free is None:
+        return
+    rows = 2 if masked else 1  # the full image and the masked one are fitted side by side
+    row = 4 * (max_steps + rows * 2 * 4 * (size // 8) ** 2)  # curve + latents and the encoder's, per row
+    need = max(4 * max_steps * rows * batch, (2 * images if fmt == "npz" else batch) * row)
+    if need <= free:
+        return
+    hdf5 = "; export.format=hdf5 merges shard by shard" if fmt == "npz" and batch * row <= free else ""
+    raise GloError(f"max_steps={max_steps}, {images} image(s) of {size} px: their loss curves and latents need at "
+                   f"least {need / 2**30:.1f} GiB of RAM, and {free / 2**30:.1f} GiB is available; lower max_steps "
+                   f"(the stopping rule ends an image once its loss stops changing){hdf5}")
+
+
 def run(cfg: DictConfig) -> float:
     settings, speed = validate(cfg)
     # Imported only once the settings are valid: Lightning, diffusers and torchmetrics take several seconds to
@@ -202,8 +225,10 @@ def run(cfg: DictConfig) -> float:
     if 0 < len(todo) < processes:  # Lightning's sampler gives every process at least one image, or fails
         raise GloError(f"{exporter.out}: {len(todo)} image(s) to do for {processes} processes; run the same command "
                        "with trainer.devices=1 trainer.num_nodes=1 to finish them (what is done is kept)")
-    vae = load_model(cfg, speed)
     batch = min(cfg.batch_size, math.ceil(len(todo) / processes))  # the largest batch a process will decode
+    if todo:
+        check_rows(cfg.max_steps, len(dataset.ids), batch, dataset.size, bool(masks), exporter.format)
+    vae = load_model(cfg, speed)
     if todo:
         # Lightning's local rank: torchrun's and its own LOCAL_RANK, or SLURM_LOCALID under srun
         check_memory(speed, vae, dataset.size, precision, batch, trainer.num_devices, trainer.local_rank)

@@ -203,6 +203,27 @@ def test_a_memory_refusal_offers_only_the_switches_whose_lower_bound_fits(checkp
     assert str(e.value).split("kept: ")[1] == f"{resume}start a new directory with data.size={size} or less", str(e.value)
 
 
+def test_loss_curves_and_rows_that_ram_cannot_hold_are_refused_in_one_line(monkeypatch):
+    """Each image keeps a curve of max_steps floats; the engine holds a batch's (masked rows too), an NPZ merge
+    every row twice, HDF5 one shard: max_steps=1e9 was killed by the kernel without a word."""
+    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: 2**30)
+    glo.run.check_rows(10**8, 1, 2, 64, False, "npz")  # 0.8 GB of curves fit
+    with pytest.raises(GloError, match=r"^max_steps=100000000, 1 image\(s\) of 64 px: .*1\.5 GiB of RAM, and 1\.0 GiB"):
+        glo.run.check_rows(10**8, 1, 2, 64, True, "npz")  # the masked rows double the batch's curves
+    glo.run.check_rows(1000, 20000, 4, 256, False, "hdf5")  # streamed shard by shard
+    with pytest.raises(GloError, match="lower max_steps .*; export.format=hdf5 merges shard by shard$"):
+        glo.run.check_rows(1000, 20000, 4, 256, False, "npz")  # 1.4 GB of rows held twice
+    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: None)
+    glo.run.check_rows(10**12, 10**6, 8, 1024, True, "npz")  # unknown: no check
+
+
+def test_a_run_whose_curves_do_not_fit_is_refused_before_loading_the_vae(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(glo.run, "load_model", lambda *a: pytest.fail("the VAE was loaded"))
+    with pytest.raises(SystemExit), one_line_errors("glo"):
+        glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, "max_steps=1000000000000", "logger=none"))
+    assert capsys.readouterr().err.startswith("glo: error: max_steps=1000000000000, 3 image(s) of 64 px: ")
+
+
 def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch, tiny_vae):
     speed = instantiate(run_config(*FAST).speed)
     fixed, per_image = decode_memory(tiny_vae, None)
