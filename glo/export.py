@@ -19,7 +19,7 @@ import h5py
 import lightning.pytorch as pl
 import numpy as np
 
-from glo import GloError
+from glo import GloError, Stopped
 from glo.atomic import atomic_path, save_json, save_npz, to_json
 from glo.latents import SUMMARY_KEYS, failed_crc, load_latents, summarize
 
@@ -91,12 +91,6 @@ def same_columns(files: list[Path]) -> Iterator[dict[str, np.ndarray]]:
             raise GloError(f"{shard}: has other columns than {files[0].name} ({odd!r} in one only), so an older glo "
                            "made one of them; use resume=restart to start this directory over")
         yield part
-
-
-class Stopped(GloError):
-    """A run stopped on request (SIGTERM) with everything finished so far intact."""
-
-    exit_code = 143  # 128 + SIGTERM, what shells and schedulers expect
 
 
 class LatentExporter(pl.Callback):

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import warnings
@@ -22,11 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from glo import GloError
+from glo import GloError, Stopped
 from glo.cli import hydra_main, one_line_errors
 
 if TYPE_CHECKING:
     from glo.engine import Settings
+    from glo.export import LatentExporter
     from glo.hardware import Speed
     from glo.vae import FrozenVAE
 
@@ -75,6 +77,8 @@ def quiet_third_parties() -> None:
     """Lightning's hardware lines and product tip, and a deprecation inside Lightning itself, tell a glo user
     nothing they can act on; glo's own warnings and Lightning's warnings stay."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # "Received SIGTERM: 15" before glo's own line, which says what is safe
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
@@ -185,7 +189,34 @@ def check_rows(max_steps: int, images: int, batch: int, size: int, masked: bool,
                    f"(the stopping rule ends an image once its loss stops changing){hdf5}")
 
 
+class StopOnSigterm:
+    """SIGTERM ends glo.run in one line, exit 143, wherever it lands. Inside trainer.predict Lightning's handler is
+    installed and calls this one after its own: there the batch in flight is finished and LatentExporter stops
+    after it, so this one does nothing. Outside it (imports, checks, loading the VAE, the report) the run stops at
+    once: everything glo writes is written whole or not at all."""
+
+    def __init__(self) -> None:
+        self.exporter: LatentExporter | None = None  # set once known: what is safe, and where
+
+    def __enter__(self) -> StopOnSigterm:
+        self.previous = signal.signal(signal.SIGTERM, self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if signal.getsignal(signal.SIGTERM) is not self:  # called by Lightning's, which lets the batch finish
+            return
+        raise Stopped(self.exporter.stopped("by SIGTERM") if self.exporter else "stopped by SIGTERM before any work")
+
+
 def run(cfg: DictConfig) -> float:
+    with StopOnSigterm() as stop:
+        return _run(cfg, stop)
+
+
+def _run(cfg: DictConfig, stop: StopOnSigterm) -> float:
     settings, speed = validate(cfg)
     # Imported only once the settings are valid: Lightning, diffusers and torchmetrics take several seconds to
     # import, and a mistyped setting should be refused at once
@@ -209,6 +240,7 @@ def run(cfg: DictConfig) -> float:
     exporter = next((c for c in callbacks if isinstance(c, LatentExporter)), None)
     if exporter is None:
         raise GloError("callbacks: no glo.export.LatentExporter among them; glo.run exists to export latents")
+    stop.exporter = exporter
     precision, reason = resolve_precision(cfg.precision, pick_device(cfg.device))
     if rank_zero_only.rank == 0:  # other DDP ranks start later, inside this run's lock and checks
         held = rundir.lock(exporter.out)  # noqa: F841 (the lock lasts as long as this file stays open)
@@ -254,6 +286,8 @@ def run(cfg: DictConfig) -> float:
                    f"({str(e).splitlines()[0]})")
             switches = [f"batch_size={batch // 2}"] * (batch > 1) + ["checkpointing=true"] * (not speed.checkpointing)
             raise GloError(memory_line(why, switches, dataset.size // 2)) from None
+        if trainer.received_sigterm:  # during the merge, which Lightning's handler let finish
+            raise Stopped(exporter.stopped("by SIGTERM during the merge"))
         if not trainer.is_global_zero:
             return float("nan")  # rank 0 merges, reports and returns the sweep objective
     else:

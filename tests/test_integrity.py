@@ -422,7 +422,7 @@ def test_a_killed_or_terminated_run_resumes_to_bitwise_the_same_dataset(uninterr
     if sig in said:
         code, how = said[sig]
         assert proc.returncode == code and "Traceback" not in stderr, stderr[-2000:]
-        assert [ln for ln in stderr.splitlines() if ln.startswith("glo: error:")] == [
+        assert [ln for ln in stderr.splitlines() if "SIGTERM" in ln or ln.startswith("glo: error:")] == [
             f"glo: error: stopped {how}; {safe} image(s) are safe in {killed / 'shards'}: run the same command again "
             "to resume"]
     if sig == signal.SIGTERM:

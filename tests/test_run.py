@@ -2,6 +2,8 @@
 import contextlib
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -222,6 +224,40 @@ def test_a_run_whose_curves_do_not_fit_is_refused_before_loading_the_vae(monkeyp
     with pytest.raises(SystemExit), one_line_errors("glo"):
         glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, "max_steps=1000000000000", "logger=none"))
     assert capsys.readouterr().err.startswith("glo: error: max_steps=1000000000000, 3 image(s) of 64 px: ")
+
+
+def sigterm_then(call):
+    """`call`, after this process is sent SIGTERM (its handler runs before the next line)."""
+    def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return call(*args, **kwargs)
+    return wrapped
+
+
+@pytest.mark.parametrize("where,how,published", [
+    ("glo.run.load_model", "stopped by SIGTERM; 0 image(s) are safe", False),  # before the first batch
+    ("glo.export.LatentExporter.merge", "stopped by SIGTERM during the merge; 3 image(s) are safe", True),
+    ("glo.evaluate.evaluate", "stopped by SIGTERM; 3 image(s) are safe", True),  # the report
+])
+def test_sigterm_outside_the_batches_is_one_line_and_exit_143(where, how, published, monkeypatch, tmp_path,
+                                                               capsys):
+    """Inside the batches Lightning lets the batch in flight finish (test_integrity); elsewhere the default
+    handler ended the run without a word, and during the report Lightning's left SIGTERM ignored."""
+    import glo.evaluate
+    import glo.export
+
+    owner, name = where.rsplit(".", 1)
+    target = {"glo.run": glo.run, "glo.export.LatentExporter": glo.export.LatentExporter,
+              "glo.evaluate": glo.evaluate}[owner]
+    monkeypatch.setattr(target, name, sigterm_then(getattr(target, name)))
+    with pytest.raises(SystemExit) as e, one_line_errors("glo"):
+        glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, "logger=none"))
+    assert e.value.code == 143
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if "SIGTERM" in ln] == [
+        f"glo: error: {how} in {tmp_path / 'shards'}: run the same command again to resume"], err
+    assert (tmp_path / "latents.npz").exists() == published and (tmp_path / "report.md").exists() is False
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the caller's again
 
 
 def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch, tiny_vae):
