@@ -106,3 +106,16 @@ def test_andersons_regularization_is_relative_to_the_residuals():
     assert torch.allclose(mix(hist, reg=0.1)[0], mix(small, reg=0.1)[0], atol=1e-5)
     assert not torch.allclose(mix(hist, reg=0.1)[0], mix(hist, reg=0.0)[0], atol=1e-3)  # reg matters at all
 
+
+
+def test_the_reencode_drift_encodes_the_decode_clamped_to_an_image(tiny_vae, monkeypatch):
+    """Catches the clamp dropped: the re-encode asks what the latent becomes as an image, and an image lies in
+    [-1,1]; the decode itself stays unclamped (the loss needs gradients on saturated pixels)."""
+    from glo.fit import fit_batch
+
+    decode, encode, seen = tiny_vae.decode, tiny_vae.encode, []
+    monkeypatch.setattr(tiny_vae, "decode", lambda z: 3 * decode(z))  # saturated far past [-1,1]
+    monkeypatch.setattr(tiny_vae, "encode", lambda x: seen.append(x) or encode(x))
+    fitted = fit_batch(tiny_vae, torch.rand(1, 3, 32, 32) * 2 - 1, settings(max_steps=2), l2)
+    assert fitted.final.abs().max() > 1.5  # the decode is unclamped
+    assert [float(x.abs().max()) for x in seen[-2:]] == [1.0, 1.0]  # the re-encodes: clamped
