@@ -23,23 +23,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from glo import GloError
-from glo.atomic import save_json, save_text
-from glo.cli import COMMAND_LINE_ERRORS, hydra_main, one_line, one_line_errors
-from glo.drift import drift, pooled_channel_stats
-from glo.engine import Settings
-from glo.fit import fit_batch
-from glo.hardware import emulated, machine, resolve_precision
-from glo.metrics import psnr
-from glo.report import describe, markdown_table
-from glo.vae import pick_device
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from glo.app.cli import COMMAND_LINE_ERRORS, CONF, hydra_main, one_line, one_line_errors
+from glo.method.drift import drift, pooled_channel_stats
+from glo.method.fit import fit_batch
+from glo.method.metrics import psnr
+from glo.method.settings import Settings
+from glo.model.hardware import emulated, machine, pick_device, resolve_precision
+from glo.report.render import describe, markdown_table, publish
+from glo.store.atomic import save_json, save_text
 
 
 def glo_config(overrides: list[str]) -> DictConfig:
     """conf/run.yaml with overrides, as `python -m glo.run` would compose it."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="run", overrides=overrides)
 
 
@@ -191,16 +188,20 @@ def median_row(runs: list[dict]) -> dict:
 
 
 def render(result: dict) -> str:
+    """bench.md: the machine, then the tables."""
+    m = result["machine"]
+    return "\n".join([f"# glo.bench — {result['date'][:10]}", "",
+                      f"Machine: {describe(m)}; {m['platform']}, torch {m['torch']}.", "", tables(result)])
+
+
+def tables(result: dict) -> str:
     repeats = result["config"]["repeats"]
     cols = ("method", "images_per_second", "seconds_per_image", "speedup", *(("speedup_range",) if repeats > 1 else ()),
             "psnr_gain_mean", "gain_vs_reference_db",
             "improved_fraction", "passes_mean", "drift_distance", "hf_share", "hf_share_encoder",
             "channel_std_ratio_max", "precision", "peak_memory_mb", "overrides")
-    c, m = result["config"], result["machine"]
-    text = [f"# glo.bench — {result['date'][:10]}", "",
-            f"Machine: {describe(m)}; {m['platform']}, torch {m['torch']}.",
-            "",
-            f"VAE `{c['vae']}`, {c['data']['limit']} images from `{c['data']['path']}` at {c['data']['size']} px; "
+    c = result["config"]
+    text = [f"VAE `{c['vae']}`, {c['data']['limit']} images from `{c['data']['path']}` at {c['data']['size']} px; "
             f"reference: per-image Adam, {c['reference']['max_steps']} steps, lr {c['reference']['lr']}, fp32, batch 1 "
             "(experiment=prototype).", "",
             f"One fp32 decode + backward, batch 1, at {c['data']['size']} px: "
@@ -215,7 +216,7 @@ def render(result: dict) -> str:
         text += [f"Not measured on this machine: {names} ({skipped[0]['skipped']}).", ""]
     if result["memory"]:
         keys = ("method", "peak_memory_mb", "seconds_per_image", "overrides")
-        text += ["## Peak memory", "", markdown_table([{k: r[k] for k in keys} for r in result["memory"]]), ""]
+        text += ["Peak memory:", "", markdown_table([{k: r[k] for k in keys} for r in result["memory"]]), ""]
     return "\n".join(text)
 
 
@@ -225,6 +226,12 @@ def main(cfg: DictConfig) -> None:
         out = Path(HydraConfig.get().runtime.output_dir)
         result = bench(cfg, out)
         print(f"glo.bench: {len(result['methods'])} methods -> {out / 'bench.md'}")
+        if cfg.publish:
+            command = " ".join(["python -m glo.bench", *(o for o in HydraConfig.get().overrides.task
+                                                         if not o.startswith(("publish=", "hydra."))), ])
+            header = f"`{command}` — {describe(result['machine'])}, {result['date'][:10]}"
+            publish(Path(cfg.publish), f"glo.bench {cfg.section}", header, tables(result))
+            print(f"glo.bench: section 'glo.bench {cfg.section}' of {cfg.publish} written")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from glo.atomic import save_json, save_text
 from glo.latents import find_latents, load_latents
-from glo.report import markdown_table
+from glo.report.render import markdown_table
+from glo.store.atomic import save_json, save_text
 
 
 def make_images(folder: Path, n: int, size: int) -> None:

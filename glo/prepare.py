@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from glo import GloError
-from glo.atomic import save_json, save_npz
-from glo.cli import one_line_errors
-from glo.data import FolderDataset, check_size, image_files, subfolders
+from glo.app.cli import one_line_errors
+from glo.data.images import FolderDataset, image_files, subfolders
+from glo.data.pixels import check_size
+from glo.store.atomic import save_json, save_npz
 
 
 def prepare(src: str, out: str, split: str, size: int) -> dict:

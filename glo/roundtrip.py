@@ -22,16 +22,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from glo import GloError
-from glo.atomic import save_json, save_text
-from glo.cli import hydra_main, one_line_errors
-from glo.engine import Settings
-from glo.fit import fit
-from glo.losses import PixelLoss
-from glo.masks import batch_holes
-from glo.metrics import known_psnr, psnr
-from glo.report import markdown_table, save_figure
-from glo.run import absolute_paths, load_model, validate
-from glo.vae import FrozenVAE
+from glo.app.cli import hydra_main, one_line_errors
+from glo.app.config import absolute_paths, load_model, validate
+from glo.data.masks import batch_holes
+from glo.method.fit import fit
+from glo.method.losses import PixelLoss
+from glo.method.metrics import known_psnr, psnr
+from glo.method.settings import Settings
+from glo.model.vae import FrozenVAE
+from glo.report.render import markdown_table, save_figure
+from glo.store.atomic import save_json, save_text
 
 SCORES = ("plain_known", "glo_known", "plain_whole", "glo_whole")
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from glo import GloError
-from glo.cli import one_line_errors
+from glo.app.cli import one_line_errors
 from glo.latents import damaged, find_latents, open_latents
 
 WRITER_BATCH = 64

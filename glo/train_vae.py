@@ -1,4 +1,4 @@
-"""python -m glo.train_vae: train the stand-in VAE that glo ships (the training itself: glo/vae_training.py).
+"""python -m glo.train_vae: train the stand-in VAE that glo ships (the training itself: glo/standin/training.py).
 
 Lightning and diffusers are imported only once Hydra has composed the config, so a mistyped key is refused at once.
 """
@@ -7,13 +7,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from glo.cli import hydra_main, one_line_errors
+from glo.app.cli import hydra_main, one_line_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_vae")
 def main(cfg: DictConfig) -> None:
     with one_line_errors("glo.train_vae"):
-        from glo.vae_training import train
+        from glo.standin.training import train
 
         train(cfg)
 

@@ -14,9 +14,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from glo.data import SampleDataset
-from glo.engine import Settings
-from glo.vae import FrozenVAE
+from glo.data.images import SampleDataset
+from glo.method.settings import Settings
+from glo.model.vae import FrozenVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 # One fp32 pass of the tiny VAE computed by another kernel (a batch of 1 against 2, another thread count or CPU) sums

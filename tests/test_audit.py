@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from glo.drift import high_frequency_share
-from glo.engine import Settings, flat, mix, optimize
-from glo.export import shard_problem
 from glo.latents import LatentDataset, load_latents
-from glo.losses import l2
-from glo.rundir import fingerprint
+from glo.method.anderson import mix
+from glo.method.drift import high_frequency_share
+from glo.method.engine import optimize
+from glo.method.losses import l2
+from glo.method.samples import flat
+from glo.method.settings import Settings
+from glo.store.export import shard_problem
+from glo.store.rundir import fingerprint
 from tests.conftest import run_config, settings
 from tests.test_export import batch, export
 
@@ -111,7 +114,7 @@ def test_andersons_regularization_is_relative_to_the_residuals():
 def test_the_reencode_drift_encodes_the_decode_clamped_to_an_image(tiny_vae, monkeypatch):
     """Catches the clamp dropped: the re-encode asks what the latent becomes as an image, and an image lies in
     [-1,1]; the decode itself stays unclamped (the loss needs gradients on saturated pixels)."""
-    from glo.fit import fit_batch
+    from glo.method.fit import fit_batch
 
     decode, encode, seen = tiny_vae.decode, tiny_vae.encode, []
     monkeypatch.setattr(tiny_vae, "decode", lambda z: 3 * decode(z))  # saturated far past [-1,1]

@@ -10,11 +10,11 @@ from PIL import Image
 
 from glo import GloError
 from glo.bench import median_row
-from glo.hardware import cpu_native_bf16
-from glo.report import describe
+from glo.model.hardware import cpu_native_bf16
+from glo.report.render import describe
 from tests.conftest import ROOT, compose_config, run_config, run_glo
 
-ONLY = ["default", "fp32_batch8", "bf16", "steps16_eps0.3", "gradfree"]  # each code path once
+ONLY = ["default", "default_batch8", "default_eps0.3", "bf16", "gradfree"]  # each code path once
 
 
 def smooth_images(folder, n):
@@ -28,10 +28,12 @@ def smooth_images(folder, n):
 
 @pytest.mark.slow
 def test_bench_writes_json_and_markdown_for_the_methods_asked(tmp_path):
-    out = tmp_path / "bench"
+    out, figures = tmp_path / "bench", tmp_path / "figures.md"
+    figures.write_text("# Figures\n\n<!-- glo.bench tiny_random -->\nold\n<!-- /glo.bench tiny_random -->\n\n"
+                       "<!-- glo.bench_load -->\nkept\n<!-- /glo.bench_load -->\n")
     p = run_glo("vae=tiny_random", f"data.path={smooth_images(tmp_path / 'images', 2)}", "data.limit=2", "data.size=32",
                 'reference=["experiment=prototype","max_steps=5"]', f"only=[{','.join(ONLY)}]", "memory.enabled=true", "memory.vae=tiny_random", "memory.size=64",
-                f"hydra.run.dir={out}", module="glo.bench")
+                f"hydra.run.dir={out}", f"publish={figures}", module="glo.bench")
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     assert [r["method"] for r in result["methods"]] == ["reference", *ONLY]
@@ -44,7 +46,7 @@ def test_bench_writes_json_and_markdown_for_the_methods_asked(tmp_path):
         assert np.isfinite(r["psnr_gain_mean"]) and np.isfinite(r["speedup"])
         assert r["passes_mean"] > 0 and r["precision"] in ("fp32", "bf16", "fp16")
     by_name = {r["method"]: r for r in result["methods"]}
-    assert by_name["steps16_eps0.3"]["drift_distance"] < by_name["default"]["drift_distance"]
+    assert by_name["default_eps0.3"]["drift_distance"] < by_name["default"]["drift_distance"]
     assert by_name["reference"]["psnr_gain_mean"] > 0 and by_name["reference"]["passes_mean"] == 5
     assert by_name["bf16"]["skipped"] or by_name["bf16"]["psnr_gain_mean"] > 0
     assert by_name["reference"]["speedup"] == 1.0 and result["decode_backward_seconds"] > 0
@@ -52,6 +54,13 @@ def test_bench_writes_json_and_markdown_for_the_methods_asked(tmp_path):
     md = (out / "bench.md").read_text()
     assert all(f"| {name} |" in md for name in by_name) and "Peak memory" in md
     assert describe(result["machine"]) in md.splitlines()[2]  # the CPU and its capability head every table
+    # docs/figures.md: this VAE's section replaced, under the command and the machine; the others kept
+    text = figures.read_text()
+    section = text[text.index("<!-- glo.bench tiny_random -->"):text.index("<!-- /glo.bench tiny_random -->")]
+    header = section.splitlines()[1]
+    assert header.startswith("`python -m glo.bench vae=tiny_random ") and "publish=" not in header
+    assert header.endswith(f"{describe(result['machine'])}, {result['date'][:10]}") and "old" not in section
+    assert "| default |" in section and "<!-- glo.bench_load -->\nkept\n" in text
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from glo import GloError
-from glo.data import BSDS500Dataset, FolderDataset, SampleDataset, to_rgb
+from glo.data.images import BSDS500Dataset, FolderDataset, SampleDataset
+from glo.data.pixels import to_rgb
 from glo.prepare import main as prepare_main
 from glo.prepare import prepare
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from glo.drift import drift, high_frequency_share, pooled_channel_stats
-from glo.engine import optimize
-from glo.latents import drift_summary
-from glo.losses import PixelLoss
+from glo.method.drift import drift, high_frequency_share, pooled_channel_stats
+from glo.method.engine import optimize
+from glo.method.losses import PixelLoss
+from glo.report.summary import drift_summary
 from tests.conftest import photos, settings
 
 L2 = PixelLoss("l2", l1=0.0, l2=1.0)

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from glo import GloError
-from glo.drift import drift
-from glo.engine import mix, optimize
-from glo.fit import fit_batch
-from glo.losses import PixelLoss
-from glo.metrics import psnr
+from glo.method.anderson import mix
+from glo.method.drift import drift
+from glo.method.engine import optimize
+from glo.method.fit import fit_batch
+from glo.method.losses import PixelLoss
+from glo.method.metrics import psnr
 from tests.conftest import VAE_FP32_ATOL, adam_fp32_tol, photos, settings
 
 L2 = PixelLoss("l2", l1=0.0, l2=1.0)
@@ -180,7 +181,7 @@ def test_gradient_free_inversion_lowers_the_latent_residual(tiny_vae):
 
 
 def test_cosine_schedule_with_warmup():
-    from glo.engine import lr_factor
+    from glo.method.engine import lr_factor
 
     factors = [lr_factor(t, 10, "cosine", 2) for t in range(11)]
     assert factors[0] == pytest.approx(0.5) and factors[1] == pytest.approx(math.cos(math.pi / 10) * 0.5 + 0.5)

@@ -12,14 +12,15 @@ import torch
 from PIL import Image
 
 from glo import GloError
-from glo.data import SampleDataset
+from glo.data.images import SampleDataset
 from glo.evaluate import main as evaluate_main
-from glo.evaluate import upscaling
-from glo.grids import comparison_grid, error_map
-from glo.latents import DRIFT, load_latents, summarize
-from glo.metrics import known_psnr, mae, ms_ssim, psnr, ssim
-from glo.report import describe, drift_rows, markdown_table, write_report
-from glo.vae import FrozenVAE
+from glo.latents import load_latents
+from glo.method.metrics import known_psnr, mae, ms_ssim, psnr, ssim
+from glo.model.vae import FrozenVAE
+from glo.report.evaluation import upscaling
+from glo.report.grids import comparison_grid, error_map
+from glo.report.render import describe, drift_rows, markdown_table, write_report
+from glo.report.summary import DRIFT, summarize
 from tests.conftest import FAST, run_glo
 from tests.test_export import rows
 
@@ -155,7 +156,7 @@ def test_a_masked_runs_report_gives_the_masked_latents_their_own_drift_table_and
     # a run from before passes were counted: no passes claimed; drift measures are not quality rows
     assert "; 3 images improved; 1.0 steps on average.\n" in report
     assert "| 3 | 1 | nan | 0 | 0 | 3 | 1 | — |\n\n## Drift from the encoder's latents\n\nHow far the optimized latents " \
-           "lie from what the encoder produces, the distribution a diffusion UNet was trained on (glo.drift; scaled SD " \
+           "lie from what the encoder produces, the distribution a diffusion UNet was trained on (glo.method.drift; scaled SD " \
            "units).\n\n| measure |" in report
     assert "| hf_share" not in report and "| reencode" not in report
     assert "## Notes" not in report and "```json\n{}\n```" in report and "|\n\n## Plots" in report
@@ -197,7 +198,7 @@ def test_metrics_of_an_image_changed_since_its_latent_was_made_are_refused(finis
 
 
 def test_a_report_reads_each_rows_scores_and_decodes_only_the_grid_images(tmp_path, monkeypatch):
-    """glo.fit scored every image on the decodes it made: the report decodes again only its best, median and worst
+    """glo.method.fit scored every image on the decodes it made: the report decodes again only its best, median and worst
     image (for the grids), not the whole dataset, and its means are the rows' own."""
     run = tmp_path / "run"
     p = run_glo(*FAST, "data.limit=6", "report=false", "logger=none", f"hydra.run.dir={run}")
@@ -216,7 +217,7 @@ def test_a_report_reads_each_rows_scores_and_decodes_only_the_grid_images(tmp_pa
 
 def test_rows_without_a_metric_are_scored_by_decoding_and_agree_with_the_rows_that_have_it(finished_run, tmp_path):
     """A run from a glo whose rows had no ms_ssim or mae still gets its report, by decoding every image; the scores
-    equal those glo.fit stored (so the stored ones are the same metric on the same decodes)."""
+    equal those glo.method.fit stored (so the stored ones are the same metric on the same decodes)."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     arrays = load_latents(run / "latents.npz")
@@ -247,7 +248,7 @@ def test_a_run_resumed_on_another_machine_names_both_in_its_report(tmp_path):
 def test_a_plot_is_a_png_at_110_dpi(tmp_path):
     from matplotlib.figure import Figure
 
-    from glo.report import save_figure
+    from glo.report.render import save_figure
 
     path = save_figure(Figure(figsize=(2, 1)), tmp_path / "plot.png")
     with Image.open(path) as img:
@@ -260,7 +261,7 @@ def test_a_plot_cut_off_while_written_leaves_no_file(tmp_path, monkeypatch):
     neither a truncated PNG nor the temporary file."""
     from matplotlib.figure import Figure
 
-    from glo.report import save_figure
+    from glo.report.render import save_figure
 
     def half_then_fail(self, f, **kwargs):
         f.write(b"\x89PNG half")
@@ -330,7 +331,7 @@ def _job(sweep, name, gain, machine, overrides):
 
 
 def test_compare_ranks_jobs_and_names_the_machine_their_speeds_were_measured_on(tmp_path):
-    from glo.report import compare
+    from glo.compare import compare
 
     a = {"cpu": "CPU A", "cpu_capability": "AVX2", "cpu_native_bf16": False, "cpus": 2, "torch_threads": 2}
     _job(tmp_path, "0", 1.0, a, ["lr=0.05"])
@@ -371,7 +372,7 @@ def test_a_file_name_that_is_not_utf8_is_reported_not_a_crash_after_the_work(tmp
 
 def test_compare_names_the_jobs_it_leaves_out_instead_of_a_traceback(tmp_path):
     """A killed job (no summary.json), a damaged one and one from another tool: each named, the rest ranked."""
-    from glo.report import compare
+    from glo.compare import compare
 
     a = {"cpu": "CPU A", "cpu_capability": "AVX2", "cpu_native_bf16": False, "cpus": 2, "torch_threads": 2}
     _job(tmp_path, "0", 1.0, a, ["lr=0.05"])

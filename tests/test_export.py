@@ -10,15 +10,9 @@ import pytest
 import torch
 
 from glo import GloError
-from glo.export import LatentExporter
-from glo.latents import (
-    DRIFT,
-    LatentDataset,
-    drift_summary,
-    load_latents,
-    open_latents,
-    summarize,
-)
+from glo.latents import LatentDataset, load_latents, open_latents
+from glo.report.summary import DRIFT, drift_summary, summarize
+from glo.store.export import LatentExporter
 
 
 def batch(ids, seed):

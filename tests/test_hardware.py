@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from glo import hardware
-from glo.engine import optimize
-from glo.losses import PixelLoss
-from glo.report import describe
+from glo.method.engine import optimize
+from glo.method.losses import PixelLoss
+from glo.model import hardware, memory
+from glo.report.render import describe
 from tests.conftest import photos, settings
 
 L2 = PixelLoss("l2", l1=0.0, l2=1.0)
@@ -107,12 +107,12 @@ def test_fp16_latents_get_the_fp32_gradient_at_sd_sizes(optim):
 def test_available_memory_is_linux_memavailable_or_the_gpus_free_memory(monkeypatch):
     meminfo = "MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    600 kB\n"
     monkeypatch.setattr(hardware.Path, "read_text", lambda self: meminfo if str(self) == "/proc/meminfo" else "")
-    assert hardware.available_memory(torch.device("cpu")) == 600 * 1024  # free + reclaimable cache, not MemFree
-    assert hardware.available_memory(torch.device("mps")) is None  # no figure there: no check
+    assert memory.available_memory(torch.device("cpu")) == 600 * 1024  # free + reclaimable cache, not MemFree
+    assert memory.available_memory(torch.device("mps")) is None  # no figure there: no check
     meminfo = "MemTotal:       1000 kB\n"  # a kernel without the field
-    assert hardware.available_memory(torch.device("cpu")) is None
+    assert memory.available_memory(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123 + device.index, 456))  # (free, total)
-    assert hardware.available_memory(torch.device("cuda", 1)) == 124  # that GPU's, not the current one's
+    assert memory.available_memory(torch.device("cuda", 1)) == 124  # that GPU's, not the current one's
 
 
 @pytest.mark.parametrize("proc,files,left", [
@@ -135,10 +135,10 @@ def test_a_cgroup_memory_limit_caps_the_available_memory(monkeypatch, tmp_path, 
     for name, text in files.items():
         (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "fs" / name).write_text(text + "\n")
-    monkeypatch.setattr(hardware, "PROC_CGROUP", tmp_path / "cgroup")
-    monkeypatch.setattr(hardware, "CGROUP_FS", tmp_path / "fs")
-    read = hardware._read  # the machine's MemAvailable, fixed: the real one moves between two reads
-    monkeypatch.setattr(hardware, "_read", lambda path: "MemAvailable: 7000 kB\n" if path == Path("/proc/meminfo")
+    monkeypatch.setattr(memory, "PROC_CGROUP", tmp_path / "cgroup")
+    monkeypatch.setattr(memory, "CGROUP_FS", tmp_path / "fs")
+    read = memory._read  # the machine's MemAvailable, fixed: the real one moves between two reads
+    monkeypatch.setattr(memory, "_read", lambda path: "MemAvailable: 7000 kB\n" if path == Path("/proc/meminfo")
                         else read(path))
-    assert hardware.cgroup_memory_left() == left
-    assert hardware.available_memory(torch.device("cpu")) == (7000 * 1024 if left is None else left)
+    assert memory.cgroup_memory_left() == left
+    assert memory.available_memory(torch.device("cpu")) == (7000 * 1024 if left is None else left)

@@ -48,7 +48,7 @@ def copy_of(finished_run, tmp_path):
 
 
 def fingerprint_of(*overrides: str, precision: str = "fp32") -> dict:
-    from glo.rundir import fingerprint
+    from glo.store.rundir import fingerprint
 
     cfg = run_config(*RUN, *overrides)
     return fingerprint(cfg, ["a", "b", "c"][: cfg.data.limit], precision)
@@ -94,7 +94,7 @@ def test_the_vae_weights_are_identified_by_their_content_wherever_they_are(tmp_p
 
 
 def test_the_fingerprint_holds_which_images_not_only_how_many():
-    from glo.rundir import fingerprint
+    from glo.store.rundir import fingerprint
 
     cfg = run_config(*RUN)
     ab, ac = fingerprint(cfg, ["a", "b"], "fp32"), fingerprint(cfg, ["a", "c"], "fp32")
@@ -127,7 +127,7 @@ def test_a_hub_vae_is_identified_by_the_weights_in_the_cache_as_if_given_by_path
 
 def test_the_precision_used_is_in_the_fingerprint():
     assert fingerprint_of()["precision"] == "fp32" and fingerprint_of(precision="bf16")["precision"] == "bf16"
-    # fp16 directories from before its gradient was scaled (2026-11-27) lack the key, so they are refused
+    # an fp16 directory whose fingerprint lacks the key holds unscaled, unmoved latents: refused
     assert fingerprint_of(precision="fp16")["fp16_grad_scale"] == 2**16 and "fp16_grad_scale" not in fingerprint_of()
 
 
@@ -228,7 +228,7 @@ def results(run: Path) -> None:
 def test_a_directory_without_results_takes_the_new_settings(tmp_path):
     """A run stopped before its first batch (out of memory, a VAE that does not fit the settings) kept nothing that
     could be mixed: the corrected command may use the same directory."""
-    from glo.rundir import claim
+    from glo.store.rundir import claim
 
     claim(tmp_path, {"a": 1}, "auto")
     (tmp_path / "shards").mkdir()
@@ -241,7 +241,7 @@ def test_a_directory_without_results_takes_the_new_settings(tmp_path):
 
 
 def test_the_precision_hint_is_only_given_where_the_precision_alone_differs(tmp_path):
-    from glo.rundir import claim
+    from glo.store.rundir import claim
 
     claim(tmp_path, fingerprint_of(), "auto")  # made where auto chose fp32
     results(tmp_path)
@@ -256,7 +256,7 @@ def test_the_precision_hint_is_only_given_where_the_precision_alone_differs(tmp_
 
 
 def test_a_refusal_names_what_differs_even_a_setting_only_one_side_has(tmp_path):
-    from glo.rundir import claim
+    from glo.store.rundir import claim
 
     made = {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}
     claim(tmp_path, made, "auto")
@@ -275,7 +275,7 @@ def test_a_refusal_names_what_differs_even_a_setting_only_one_side_has(tmp_path)
 
 @pytest.mark.parametrize("result", ["shards/manifest-0.json", "latents.npz", "latents.h5"])
 def test_results_without_a_readable_fingerprint_are_refused_and_restart_removes_only_results(tmp_path, result):
-    from glo.rundir import claim
+    from glo.store.rundir import claim
 
     kept = [".hydra/config.yaml", ".lock", "notes.txt"]  # Hydra's, the lock, and the user's own files
     for name in [*kept, result, "shards/a.npz", "report.md", "grids.png", "events.out.tfevents.1.host"]:
@@ -297,7 +297,7 @@ def test_results_without_a_readable_fingerprint_are_refused_and_restart_removes_
 def test_a_directory_glo_did_not_make_is_left_untouched(tmp_path, resume):
     """A user's report.md and metadata.json (an empty hydra.run.dir in a script meant the working directory) are
     neither overwritten nor deleted, whatever resume says."""
-    from glo.rundir import claim
+    from glo.store.rundir import claim
 
     for name in ("report.md", "metadata.json", "shards/notes.txt"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -316,7 +316,7 @@ def test_an_empty_run_directory_is_one_line(tmp_path):
 def test_a_dead_writers_temporary_files_are_removed_on_resume(tmp_path):
     """kill -9 during a merge leaves `.latents.h5.<pid>.tmp` (up to the dataset's size); the next process to hold
     the lock removes it, and every other temporary file a dead writer left."""
-    from glo.rundir import claim
+    from glo.store.rundir import claim
 
     claim(tmp_path, {"a": 1}, "auto")
     left = [tmp_path / ".latents.h5.123.tmp", tmp_path / "shards" / ".shard-00000000-ab.npz.123.tmp"]
@@ -348,7 +348,7 @@ def test_a_second_process_on_the_same_directory_stops_at_once(tmp_path):
 def test_two_glo_locks_on_one_directory_exclude_each_other_until_the_first_is_released(tmp_path):
     """Both sides use glo's own lock, so a shared lock (two holders at once) fails here, which a test holding an
     exclusive lock from outside could not show."""
-    from glo.rundir import lock
+    from glo.store.rundir import lock
 
     held = lock(tmp_path / "run")
     with pytest.raises(GloError, match=r"run: another glo process is working in this directory; wait for it"):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from glo import GloError
-from glo.losses import PixelLoss, l1, l2, l2_residual
+from glo.method.losses import PixelLoss, l1, l2, l2_residual
 
 
 def test_l1_l2_match_hand_computed_values():

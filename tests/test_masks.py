@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 
 from glo import GloError
-from glo.engine import optimize
+from glo.data.masks import FolderMasks, RandomMasks
 from glo.latents import LatentDataset, load_latents
-from glo.losses import PixelLoss
-from glo.masks import FolderMasks, RandomMasks, latent_mask
-from glo.metrics import psnr
+from glo.method.engine import optimize
+from glo.method.fit import latent_mask
+from glo.method.losses import PixelLoss
+from glo.method.metrics import psnr
 from tests.conftest import FAST, VAE_FP32_ATOL, photos, run_glo, settings
 
 IDS = ["astronaut", "coffee", "chelsea", "0001", "a/b"]

@@ -14,21 +14,24 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigAttributeError
 from PIL import Image
 
-import glo.hardware
-import glo.losses
-import glo.module
+import glo.app.config
+import glo.app.module
+import glo.method.losses
+import glo.model.hardware
+import glo.model.memory
 import glo.run
 from glo import GloError
-from glo.cli import (
+from glo.app.cli import (
     COMMAND_LINE_ERRORS,
     NoUnreadKeys,
     hydra_main,
     one_line,
     one_line_errors,
 )
-from glo.hardware import Speed, decode_memory, saved_bytes
+from glo.model.hardware import Speed
+from glo.model.memory import decode_memory, saved_bytes
+from glo.model.vae import load_vae
 from glo.run import validate
-from glo.vae import load_vae
 from tests.conftest import FAST, run_config, run_glo
 
 SUMMARY_KEYS = {"num_images", "psnr_initial_mean", "psnr_final_mean", "psnr_gain_mean", "images_improved",
@@ -86,7 +89,7 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
                                                                                              capsys):
     """The second batch meets the CPU allocator's real error; glo.run runs in this process, as its __main__ does.
     The resumed run, on "another CPU", adds its session beside the first in metadata.json."""
-    fit_batch, calls = glo.module.fit_batch, []
+    fit_batch, calls = glo.app.module.fit_batch, []
 
     def second_runs_out(*args, **kwargs):
         calls.append(1)
@@ -94,7 +97,7 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
             torch.empty(2**60, dtype=torch.uint8)  # more than any address space: the CPU allocator's own error
         return fit_batch(*args, **kwargs)
 
-    monkeypatch.setattr(glo.module, "fit_batch", second_runs_out)
+    monkeypatch.setattr(glo.app.module, "fit_batch", second_runs_out)
     args = [*FAST, "data.limit=2", "batch_size=1", "logger=none", "report=false"]
     with pytest.raises(SystemExit), one_line_errors("glo"):  # as glo.run's main wraps run()
         glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
@@ -106,9 +109,9 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
     (shard,) = (tmp_path / "shards").glob("*.npz")
     kept = shard.read_bytes()
 
-    monkeypatch.setattr(glo.module, "fit_batch", fit_batch)
-    here = glo.hardware.machine()
-    monkeypatch.setattr(glo.hardware, "machine", lambda: {**here, "cpu": "another CPU"})  # resumed elsewhere
+    monkeypatch.setattr(glo.app.module, "fit_batch", fit_batch)
+    here = glo.model.hardware.machine()
+    monkeypatch.setattr(glo.model.hardware, "machine", lambda: {**here, "cpu": "another CPU"})  # resumed elsewhere
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args, "checkpointing=true"))
     assert list(np.load(tmp_path / "latents.npz")["ids"]) == ["astronaut", "coffee"] and shard.read_bytes() == kept
     sessions = json.loads((tmp_path / "metadata.json").read_text())["sessions"]  # both machines named
@@ -116,7 +119,7 @@ def test_out_of_memory_is_one_line_and_the_command_it_names_resumes_after_the_fi
 
 
 def test_a_run_where_most_images_met_a_non_finite_loss_says_so_at_the_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(glo.losses.PixelLoss, "forward", lambda self, pred, target, weight=None:
+    monkeypatch.setattr(glo.method.losses.PixelLoss, "forward", lambda self, pred, target, weight=None:
                         (pred - target).flatten(1).mean(1) * float("nan"))
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, "logger=none", "report=false"))
     err = capsys.readouterr().err
@@ -135,7 +138,7 @@ def test_a_resume_that_computes_removes_the_dataset_until_its_merge(tmp_path, mo
     def dies(*a, **k):
         raise GloError("killed")
 
-    monkeypatch.setattr(glo.module, "fit_batch", dies)
+    monkeypatch.setattr(glo.app.module, "fit_batch", dies)
     with pytest.raises(GloError, match="killed"):
         glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
     assert not [n for n in ("latents.npz", "metadata.json", "summary.json", "hf") if (tmp_path / n).exists()]
@@ -148,7 +151,7 @@ def test_running_out_of_memory_with_checkpointing_on_offers_a_smaller_batch_only
     def out_of_memory(*args, **kwargs):
         torch.empty(2**60, dtype=torch.uint8)  # the CPU allocator's own error
 
-    monkeypatch.setattr(glo.module, "fit_batch", out_of_memory)
+    monkeypatch.setattr(glo.app.module, "fit_batch", out_of_memory)
     with pytest.raises(SystemExit), one_line_errors("glo"):
         glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, "checkpointing=true", "logger=none", "report=false"))
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glo: error:")]
@@ -170,7 +173,7 @@ def probed() -> tuple:
     """The stand-in and its bf16 memory probes without and with checkpointing, measured once (bf16 is emulated, so
     slow, on CPUs without it): the refusal cases below test the policy on them."""
     cfg = run_config(*FAST)
-    vae = glo.run.load_model(cfg, instantiate(cfg.speed))
+    vae = glo.app.config.load_model(cfg, instantiate(cfg.speed))
     plain = decode_memory(vae, torch.bfloat16)
     vae.model.enable_gradient_checkpointing()
     ckpt = decode_memory(vae, torch.bfloat16)
@@ -191,13 +194,13 @@ def test_a_memory_refusal_offers_only_the_switches_whose_lower_bound_fits(checkp
     vae, plain, ckpt = probed
     if checkpointing:
         vae.model.enable_gradient_checkpointing()
-    monkeypatch.setattr(glo.hardware, "decode_memory",
+    monkeypatch.setattr(glo.model.memory, "decode_memory",
                         lambda vae, dtype: ckpt if vae.model.is_gradient_checkpointing else plain)
-    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(free(plain, ckpt)))
+    monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: math.ceil(free(plain, ckpt)))
     speed = instantiate(run_config(*FAST, f"checkpointing={checkpointing}").speed)
     try:
         with pytest.raises(GloError, match=f"^{batch} image\\(s\\) of 64 px need at least") as e:
-            glo.run.check_memory(speed, vae, 64, "bf16", batch, 1)
+            glo.model.memory.check_memory(speed, vae, 64, "bf16", batch, 1)
         assert vae.model.is_gradient_checkpointing == checkpointing  # the VAE is left as it was
     finally:
         vae.model.disable_gradient_checkpointing()
@@ -208,15 +211,15 @@ def test_a_memory_refusal_offers_only_the_switches_whose_lower_bound_fits(checkp
 def test_loss_curves_and_rows_that_ram_cannot_hold_are_refused_in_one_line(monkeypatch):
     """Each image keeps a curve of max_steps floats; the engine holds a batch's (masked rows too), an NPZ merge
     every row twice, HDF5 one shard: max_steps=1e9 was killed by the kernel without a word."""
-    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: 2**30)
-    glo.run.check_rows(10**8, 1, 2, 64, False, "npz")  # 0.8 GB of curves fit
+    monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: 2**30)
+    glo.model.memory.check_rows(10**8, 1, 2, 64, False, "npz")  # 0.8 GB of curves fit
     with pytest.raises(GloError, match=r"^max_steps=100000000, 1 image\(s\) of 64 px: .*1\.5 GiB of RAM, and 1\.0 GiB"):
-        glo.run.check_rows(10**8, 1, 2, 64, True, "npz")  # the masked rows double the batch's curves
-    glo.run.check_rows(1000, 20000, 4, 256, False, "hdf5")  # streamed shard by shard
+        glo.model.memory.check_rows(10**8, 1, 2, 64, True, "npz")  # the masked rows double the batch's curves
+    glo.model.memory.check_rows(1000, 20000, 4, 256, False, "hdf5")  # streamed shard by shard
     with pytest.raises(GloError, match="lower max_steps .*; export.format=hdf5 merges shard by shard$"):
-        glo.run.check_rows(1000, 20000, 4, 256, False, "npz")  # 1.4 GB of rows held twice
-    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: None)
-    glo.run.check_rows(10**12, 10**6, 8, 1024, True, "npz")  # unknown: no check
+        glo.model.memory.check_rows(1000, 20000, 4, 256, False, "npz")  # 1.4 GB of rows held twice
+    monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: None)
+    glo.model.memory.check_rows(10**12, 10**6, 8, 1024, True, "npz")  # unknown: no check
 
 
 def test_a_run_whose_curves_do_not_fit_is_refused_before_loading_the_vae(monkeypatch, tmp_path, capsys):
@@ -236,19 +239,19 @@ def sigterm_then(call):
 
 @pytest.mark.parametrize("where,how,published", [
     ("glo.run.load_model", "stopped by SIGTERM; 0 image(s) are safe", False),  # before the first batch
-    ("glo.export.LatentExporter.merge", "stopped by SIGTERM during the merge; 3 image(s) are safe", True),
-    ("glo.evaluate.evaluate", "stopped by SIGTERM; 3 image(s) are safe", True),  # the report
+    ("glo.store.export.LatentExporter.merge", "stopped by SIGTERM during the merge; 3 image(s) are safe", True),
+    ("glo.report.evaluation.evaluate", "stopped by SIGTERM; 3 image(s) are safe", True),  # the report
 ])
 def test_sigterm_outside_the_batches_is_one_line_and_exit_143(where, how, published, monkeypatch, tmp_path,
                                                                capsys):
     """Inside the batches Lightning lets the batch in flight finish (test_integrity); elsewhere the default
     handler ended the run without a word, and during the report Lightning's left SIGTERM ignored."""
-    import glo.evaluate
-    import glo.export
+    import glo.report.evaluation
+    import glo.store.export
 
     owner, name = where.rsplit(".", 1)
-    target = {"glo.run": glo.run, "glo.export.LatentExporter": glo.export.LatentExporter,
-              "glo.evaluate": glo.evaluate}[owner]
+    target = {"glo.run": glo.run, "glo.store.export.LatentExporter": glo.store.export.LatentExporter,
+              "glo.report.evaluation": glo.report.evaluation}[owner]
     monkeypatch.setattr(target, name, sigterm_then(getattr(target, name)))
     with pytest.raises(SystemExit) as e, one_line_errors("glo"):
         glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, "logger=none"))
@@ -263,10 +266,10 @@ def test_sigterm_outside_the_batches_is_one_line_and_exit_143(where, how, publis
 def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch, tiny_vae):
     speed = instantiate(run_config(*FAST).speed)
     fixed, per_image = decode_memory(tiny_vae, None)
-    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(fixed + 3 * per_image))
-    glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 1)  # 3 images of 64 px fit once
+    monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: math.ceil(fixed + 3 * per_image))
+    glo.model.memory.check_memory(speed, tiny_vae, 64, "fp32", 3, 1)  # 3 images of 64 px fit once
     with pytest.raises(GloError, match="^3 image"):
-        glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 2)  # not twice
+        glo.model.memory.check_memory(speed, tiny_vae, 64, "fp32", 3, 2)  # not twice
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -278,14 +281,14 @@ def test_a_batch_that_fits_with_little_to_spare_is_run_with_a_warning(monkeypatc
     need = fixed + 3 * per_image
     for free, warned in ((3.01 * need, False), (2.99 * need, True)):
         caplog.clear()
-        monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(free))
-        glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 1)
+        monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: math.ceil(free))
+        glo.model.memory.check_memory(speed, tiny_vae, 64, "fp32", 3, 1)
         assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
             f"3 image(s) of 64 px need at least 0.0 GiB on cpu for the decoder's backward, and 0.0 GiB is available: "
             f"the count is a lower bound, so the run may still run out of memory (on a CPU the kernel then ends it "
             f"without a message){'' if checkpointing else '; checkpointing=true needs less'}"] * warned
     caplog.clear()
-    glo.run.check_memory(speed, tiny_vae, 64, "fp32", 3, 1, local_rank=1)  # another DDP rank: rank 0 has said it
+    glo.model.memory.check_memory(speed, tiny_vae, 64, "fp32", 3, 1, local_rank=1)  # another DDP rank: rank 0 has said it
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
@@ -328,16 +331,16 @@ def test_the_memory_count_with_round_numbers(monkeypatch, caplog, device, proces
     machine's RAM and GPU processes have a device each, a switch is offered only where its own count fits, and the
     smaller size is the one whose count fits (64 px * sqrt(room / need at 64 px), down to a multiple of 8)."""
     vae = _CountedVAE(device)
-    monkeypatch.setattr(glo.hardware, "decode_memory", lambda v, dtype: tuple(x * G for x in counts[v.checkpointing]))
-    monkeypatch.setattr(glo.hardware, "available_memory", lambda d: free * G if d == vae.device else None)
+    monkeypatch.setattr(glo.model.memory, "decode_memory", lambda v, dtype: tuple(x * G for x in counts[v.checkpointing]))
+    monkeypatch.setattr(glo.model.memory, "available_memory", lambda d: free * G if d == vae.device else None)
     speed = instantiate(run_config(*FAST).speed)
     if line is None or "lower bound" in line:
-        glo.run.check_memory(speed, vae, size, "fp32", batch, processes)
+        glo.model.memory.check_memory(speed, vae, size, "fp32", batch, processes)
         assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == ([("glo", "WARNING", line)] if line
                                                                                   else [])
         return
     with pytest.raises(GloError) as e:
-        glo.run.check_memory(speed, vae, size, "fp32", batch, processes)
+        glo.model.memory.check_memory(speed, vae, size, "fp32", batch, processes)
     assert str(e.value) == line if not line.startswith("...") else str(e.value).endswith(line[3:]), str(e.value)
     assert not vae.checkpointing  # the VAE is left as it was
 
@@ -357,7 +360,7 @@ def test_each_ddp_process_checks_memory_as_the_local_rank_lightning_gives_it(tmp
         seen.append(args[6:])
         raise GloError("checked")
 
-    monkeypatch.setattr(glo.run, "check_memory", stop)
+    monkeypatch.setattr(glo.model.memory, "check_memory", stop)
     ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "logger=none", "report=false"]
     with pytest.raises(GloError, match="^checked$"):
         glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, *ddp))
@@ -397,8 +400,8 @@ def test_a_checkpointed_count_holds_the_largest_blocks_recompute(tiny_vae, large
 
 
 def test_the_memory_count_grows_with_the_area_and_autocasts_weight_copies_are_kept_once(tiny_vae):
-    """From probes at 64 and 128 px, the count at 256 px; counting the bf16 weight copies per image of 64 px, as
-    session 14 did, made the SD VAE's estimate at 512 px 3x too big."""
+    """From probes at 64 and 128 px, the count at 256 px; autocast's bf16 weight copies are kept once, not per
+    image (counted per image, the SD VAE's estimate at 512 px came out 3x too big)."""
     vae = tiny_vae
     fixed, per_image = decode_memory(vae, None)
     assert 0 <= fixed < 0.001 * per_image  # fp32: everything grows with the image
@@ -415,7 +418,7 @@ def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that
     """Where the kernel's OOM killer acts first, a run too big is killed without a word; glo refuses it up front."""
     fixed, per_64px = decode_memory(tiny_vae, None)  # the VAE of FAST's vae=tiny_random
     free = fixed + per_64px * 4 * 2 * 0.5  # half of 2 images at 128 px
-    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(free))
+    monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: math.ceil(free))
     args = [*FAST, "data.size=128", "batch_size=2", "logger=none", "report=false"]
     with pytest.raises(SystemExit), one_line_errors("glo"):
         glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args, "batch_size=4"))  # 3 images: a batch of 3
@@ -425,7 +428,7 @@ def test_a_batch_too_big_for_memory_is_refused_before_any_image_with_a_size_that
                       "finished are kept: run the same command with batch_size=1 to resume after them, or start a "
                       "new directory with data.size=72 or less"]  # 128 * sqrt(2/3) / 2 = 73.9; checkpointing: too much
     assert not list((tmp_path / "shards").glob("*.npz"))
-    monkeypatch.setattr(glo.hardware, "available_memory", lambda device: math.ceil(fixed + per_64px * 4 * 2))  # just enough
+    monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: math.ceil(fixed + per_64px * 4 * 2))  # just enough
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path / "big_batch", *args, "data.limit=2", "batch_size=8"))  # 2 left
     glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *args))
     assert len(np.load(tmp_path / "latents.npz")["ids"]) == 3
@@ -668,7 +671,7 @@ def test_setting_a_key_under_a_deleted_group_is_one_line_naming_both(monkeypatch
 
 @pytest.mark.parametrize("args,cause", [
     (["~lr"], "Interpolation key 'lr' not found"),
-    (["~engine.lr"], "Error in call to target 'glo.engine.Settings':; TypeError"),
+    (["~engine.lr"], "Error in call to target 'glo.method.settings.Settings':; TypeError"),
     (["lr=0.1"], None),
     (["~report"], None),  # deleted, and read nowhere the error names: the error is glo's bug, not the deletion's
 ])

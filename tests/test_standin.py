@@ -1,4 +1,4 @@
-"""The stand-in VAE shipped in glo/assets: loads offline, has the SD latent interface, and is worth optimizing."""
+"""The stand-in VAE shipped in glo/standin: loads offline, has the SD latent interface, and is worth optimizing."""
 import re
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from glo.engine import optimize
-from glo.losses import PixelLoss
-from glo.metrics import psnr
-from glo.vae import ASSETS
+from glo.method.engine import optimize
+from glo.method.losses import PixelLoss
+from glo.method.metrics import psnr
+from glo.standin import ASSETS
 from tests.conftest import ROOT, photos, settings
 
 CARD = ASSETS / "standin_vae" / "README.md"

@@ -1,24 +1,78 @@
-"""The structure a newcomer relies on: one source of defaults, one settings object, a light library."""
+"""The structure a newcomer relies on: one source of defaults, one settings object, a light library, rooms that
+keep to their imports."""
+import ast
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
 
 from glo import GloError
-from glo.engine import Settings
-from glo.hardware import Speed
-from tests.conftest import ROOT, run_config
+from glo.method.settings import Settings
+from glo.model.hardware import Speed
+from tests.conftest import ROOT, compose_config, run_config
 
 
-@pytest.mark.parametrize("module", ["glo", "glo.latents", "glo.engine", "glo.fit"])
+@pytest.mark.parametrize("module", ["glo", "glo.latents", "glo.method.engine", "glo.method.fit"])
 def test_the_library_imports_neither_lightning_nor_hydra(module):
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'hydra', 'omegaconf')))"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+GLO = ROOT / "glo"
+TOOLS = sorted(p.stem for p in GLO.glob("*.py") if p.stem not in ("__init__", "latents"))  # python -m glo.<tool>
+ROOMS = sorted(p.name for p in GLO.iterdir() if (p / "__init__.py").is_file())
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function (the tools import heavy ones late)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_the_house_has_its_rooms_and_tools():
+    """The layout the README's map describes: a library of rooms, and tools apart."""
+    assert ROOMS == ["app", "data", "method", "model", "report", "standin", "store"]
+    assert TOOLS == ["bench", "bench_load", "compare", "evaluate", "prepare", "roundtrip", "run", "to_hf", "train_vae"]
+
+
+@pytest.mark.parametrize("path", sorted(GLO.rglob("*.py")), ids=lambda p: str(p.relative_to(GLO)))
+def test_no_module_imports_a_tool_but_its_own_entry_point(path):
+    """A tool is an entry point: the library never imports one, nor does one tool another (shared code moves
+    into a room)."""
+    tools = {f"glo.{t}" for t in TOOLS} - {f"glo.{path.stem}"}
+    assert not {m for m in imports(path) if m in tools or m.rsplit(".", 1)[0] in tools}
+
+
+@pytest.mark.parametrize("path", sorted((GLO / "method").glob("*.py")), ids=lambda p: p.name)
+def test_the_method_imports_torch_and_itself_only(path):
+    """The method is plain PyTorch: no Lightning, Hydra, disk formats or pictures, and of glo only the method and
+    the model it fits through (the VAE, the machine's precision)."""
+    outside = {m for m in imports(path) if m.split(".")[0] in ("lightning", "hydra", "omegaconf", "diffusers",
+                                                                "h5py", "PIL", "matplotlib")}
+    glo = {m for m in imports(path) if m.startswith("glo.")
+           and not m.startswith(("glo.method", "glo.model")) and m not in ("glo.GloError", "glo.is_number")}
+    assert not outside and not glo
+
+
+def test_a_room_imports_no_shell():
+    """Only the tools and the app shell itself know Lightning's module and Hydra's CLI helpers."""
+    for room in ROOMS:
+        if room == "app":
+            continue
+        for path in (GLO / room).rglob("*.py"):
+            assert not {m for m in imports(path) if m.startswith("glo.app")}, path
 
 
 @pytest.mark.parametrize("override, message, needs_torch", [
@@ -48,7 +102,7 @@ def test_a_bad_setting_is_refused_before_the_heavy_libraries_are_imported(overri
     ("glo.train_vae", "max_step=5", "glo: error: max_step=5: glo has no setting max_step"),  # its LightningModule
 ])
 def test_the_other_tools_refuse_bad_input_before_diffusers_torchmetrics_or_lightning(tool, arg, message):
-    """glo.vae imports diffusers, and glo.metrics torchmetrics, only to build a model or score (seconds each): a tool
+    """glo.model.vae imports diffusers, and glo.method.metrics torchmetrics, only to build a model or score (seconds each): a tool
     that imports them refuses a typo only after they load. A top-level import of either fails this."""
     code = (f"import runpy, sys; sys.argv = ['{tool}', '{arg}']\n"  # python -m TOOL ARG
             f"try:\n    runpy.run_module('{tool}', run_name='__main__', alter_sys=True)\n"
@@ -146,3 +200,22 @@ def test_help_names_the_tool_says_what_it_does_and_lists_its_settings(tool, head
     assert p.stdout.startswith(f"python -m glo.{tool}: {header}\n"), p.stdout[:300]
     assert f"\n{key}" in p.stdout and "powered by Hydra" not in p.stdout
     assert p.stdout.rstrip().endswith("README.md says what each does.\nHydra's own options: --hydra-help")
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every `python -m glo.run|bench|roundtrip ...` command in the README and docs/, as (tool, overrides)."""
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text().replace("\\\n", " ")
+        for m in re.finditer(r"python -m glo\.(run|bench|roundtrip)\b([^`\n#]*)", text):
+            args = [a for a in shlex.split(m.group(2)) if "=" in a and not a.startswith("-")]
+            # a sweep (--multirun loss=l1,l2) composes each job from one value of each list
+            args = [a if a.split("=", 1)[1][:1] in "['\"" else a.split(",")[0] for a in args]
+            found.append((f"{page.name}: {m.group(0).strip()}", m.group(1), args))
+    return found
+
+
+@pytest.mark.parametrize("where, tool, overrides", documented_commands(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_documented_command_composes(where, tool, overrides):
+    """A renamed or removed key fails here, not in a reader's terminal."""
+    compose_config(tool, *overrides, hydra_node=True)

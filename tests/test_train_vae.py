@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from glo.vae import load_vae
-from glo.vae_training import trainer_precision
+from glo.model.vae import load_vae
+from glo.standin.training import trainer_precision
 from tests.conftest import photos, run_glo
 
 TINY = ["vae.block_out_channels=[8,8,16,16]", "vae.norm_num_groups=4", "crop=32", "crops_per_epoch=8",
@@ -73,7 +73,7 @@ def test_fresh_encoder_trains_a_new_encoder_against_the_frozen_decoder(tmp_path)
 
 @pytest.mark.parametrize("native,expected", [(False, "32-true"), (True, "bf16-mixed")])
 def test_auto_precision_trains_in_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native, expected):
-    monkeypatch.setattr("glo.hardware.cpu_native_bf16", lambda: native)
+    monkeypatch.setattr("glo.model.hardware.cpu_native_bf16", lambda: native)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)
     assert trainer_precision("auto") == expected

@@ -12,9 +12,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-import glo.vae
+import glo.model.vae
 from glo import GloError
-from glo.vae import load_vae, pick_device
+from glo.model.hardware import pick_device
+from glo.model.vae import load_vae
 from tests.conftest import ROOT, photos, run_glo
 
 
@@ -167,7 +168,7 @@ def test_an_uncached_hub_model_says_why_it_waits_then_how_to_fix_it(monkeypatch,
         tried.append((source, subfolder, local_files_only))
         raise OSError("unreachable")
 
-    monkeypatch.setattr(glo.vae, "_pretrained", unreachable)
+    monkeypatch.setattr(glo.model.vae, "_pretrained", unreachable)
     with caplog.at_level(logging.INFO, logger="glo"), pytest.raises(GloError, match="not in the Hugging Face cache and"):
         load_vae("sd15", pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="vae")
     assert tried == [("stable-diffusion-v1-5/stable-diffusion-v1-5", "vae", True),  # the cache, then the hub

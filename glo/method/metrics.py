@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from glo.losses import weighted_mean
+from glo.method.losses import weighted_mean
 
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # the standard five scales
 
@@ -59,7 +59,7 @@ def known_psnr(pred: Tensor, target: Tensor, known: Tensor) -> Tensor:
     return torch.where(known.flatten(1).gt(0).any(1), 10 * torch.log10(1 / mse), float("nan"))
 
 
-# What every exported row carries, before and after (glo.fit scores them on the decodes it already has, so a report
+# What every exported row carries, before and after (fit scores them on the decodes it already has, so a report
 # decodes nothing again); LOWER_IS_BETTER says which way improves
 METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"psnr": psnr, "ssim": ssim, "ms_ssim": ms_ssim, "mae": mae}
 LOWER_IS_BETTER = {"mae", "lpips"}

@@ -17,30 +17,16 @@ from huggingface_hub.utils import logging as hub_logging
 from torch import Tensor, nn
 
 from glo import GloError
+from glo.standin import ASSETS
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-    from glo.hardware import Speed
+    from glo.model.hardware import Speed
 
 log = logging.getLogger("glo")
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` = CUDA, else Apple's MPS, else CPU; any other name is taken as given, if this machine has it."""
-    if name == "cuda" and not torch.cuda.is_available():
-        why, fix = "a CPU-only build", "install torch's CUDA build into .venv"
-        if torch.version.cuda is not None:
-            why = f"built for CUDA {torch.version.cuda}, but no GPU is visible"
-            fix = "check the driver and CUDA_VISIBLE_DEVICES"
-        raise GloError(f"device=cuda: torch {torch.__version__} is {why}; use device=auto or device=cpu, or {fix}")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise GloError("device=mps: Apple's MPS is not available here; use device=auto or device=cpu")
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
 class FrozenVAE(nn.Module):
@@ -92,18 +78,17 @@ class FrozenVAE(nn.Module):
                 "shift_factor": self.shift_factor}
 
 
-ASSETS = Path(__file__).parent / "assets"
 
 
 def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = None, path: str | None = None,
              asset: str | None = None, config: dict | None = None, seed: int = 0) -> FrozenVAE:
     """Build the VAE a config names: a local directory or weights file (`path`, a file in `config`'s architecture)
-    wins, then weights shipped in glo/assets (`asset`), then a random `config`, then a hub id."""
+    wins, then weights shipped in glo/standin (`asset`), then a random `config`, then a hub id."""
     if path:
         model = _from_file(Path(path), config) if Path(path).is_file() else _from_directory(Path(path))
         return FrozenVAE(model, name, str(Path(path).resolve()))
     if asset:
-        return FrozenVAE(_from_directory(ASSETS / asset), name, f"glo/assets/{asset}")
+        return FrozenVAE(_from_directory(ASSETS / asset), name, f"glo/standin/{asset}")
     if config:
         from diffusers import AutoencoderKL
 

@@ -5,12 +5,13 @@ import difflib
 import errno
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import (
@@ -23,9 +24,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
-from glo import GloError
+from glo import GloError, Stopped
 
-CONF = Path(__file__).resolve().parents[1] / "conf"  # every tool's config_path
+if TYPE_CHECKING:
+    from glo.store.export import LatentExporter
+
+CONF = Path(__file__).resolve().parents[2] / "conf"  # every tool's config_path
 USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 COMMAND_LINE_ERRORS = (ConfigCompositionException, MissingConfigException, OverrideParseException)  # not a bug's
 
@@ -57,7 +61,7 @@ def one_line_errors(prog: str) -> Iterator[None]:
         while cause is not None and not isinstance(cause, GloError):
             cause = cause.__cause__
         if cause is None:  # torch is imported only here: glo.compare never needs it otherwise
-            from glo.hardware import out_of_memory
+            from glo.model.memory import out_of_memory
 
             if not out_of_memory(e):
                 raise
@@ -214,3 +218,25 @@ class NoUnreadKeys(Callback):
                 line = no_such_setting(override.input_line, key, config, ", so it would change nothing")
                 print(f"glo: error: {line}", file=sys.stderr)
                 sys.exit(1)
+
+
+class StopOnSigterm:
+    """SIGTERM ends glo.run in one line, exit 143, wherever it lands. Inside trainer.predict Lightning's handler is
+    installed and calls this one after its own: there the batch in flight is finished and LatentExporter stops
+    after it, so this one does nothing. Outside it (imports, checks, loading the VAE, the report) the run stops at
+    once: everything glo writes is written whole or not at all."""
+
+    def __init__(self) -> None:
+        self.exporter: LatentExporter | None = None  # set once known: what is safe, and where
+
+    def __enter__(self) -> StopOnSigterm:
+        self.previous = signal.signal(signal.SIGTERM, self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if signal.getsignal(signal.SIGTERM) is not self:  # called by Lightning's, which lets the batch finish
+            return
+        raise Stopped(self.exporter.stopped("by SIGTERM") if self.exporter else "stopped by SIGTERM before any work")

@@ -1,11 +1,9 @@
-"""Pictures and tables a researcher reads: plots, comparison grids, report.md, sweep comparison.
+"""Pictures and tables a researcher reads: plots, comparison grids, report.md.
 
 Everything here renders arrays that are already computed; nothing decodes or optimizes.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -17,8 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from glo import GloError  # noqa: E402
-from glo.atomic import atomic_write, save_text  # noqa: E402
+from glo.store.atomic import atomic_write, save_text  # noqa: E402
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -28,10 +25,24 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
 
 def describe(m: dict) -> str:
-    """The machine a figure was measured on (glo.hardware.machine()), in one line for its caption."""
+    """The machine a figure was measured on (glo.model.hardware.machine()), in one line for its caption."""
     gpu = f", GPU {m['cuda']}" if m.get("cuda") else ""
     bf16 = "native bf16" if m["cpu_native_bf16"] else "no native bf16"
     return f"{m['cpu']} ({m['cpu_capability']}, {bf16}), {m['cpus']} CPUs, {m['torch_threads']} torch threads{gpu}"
+
+
+def publish(path: Path, section: str, header: str, body: str) -> None:
+    """Put a measuring tool's tables into a shared Markdown file (docs/figures.md) as its section `section`, under
+    one header line (the command that reproduces them, the machine, the date); the file's other sections stay, so
+    each figure in it is as its tool last wrote it."""
+    start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    block = f"{start}\n{header}\n\n{body.strip()}\n{end}"
+    text = path.read_text() if path.is_file() else "# Figures\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    save_text(path, text)
 
 
 def measured_on(metadata: dict) -> str:
@@ -115,7 +126,7 @@ def gain_drift_figure(gain: np.ndarray, distance: np.ndarray) -> Figure:
 
 def drift_rows(summary: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
     """report.md's drift table: each channel's pooled mean and std, encoder's against optimized, then the
-    per-image means of the other drift measures (glo.drift)."""
+    per-image means of the other drift measures (glo.method.drift)."""
     rows = [{"measure": f"channel {c} mean / std", "encoder": f"{m0:.3f} / {s0:.3f}",
              "optimized": f"{m1:.3f} / {s1:.3f}", "ratio": f"std x{s1 / s0:.2f}" if s0 > 0 else "—"}
             for c, (m0, s0, m1, s1) in enumerate(zip(*(summary[f"{prefix}channel_{k}_{w}"]
@@ -165,7 +176,7 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], me
         *([f"{where}.", ""] if where else []),
         *(["## Drift from the encoder's latents", "",
            "How far the optimized latents lie from what the encoder produces, the distribution a diffusion UNet "
-           "was trained on (glo.drift; scaled SD units).", "", markdown_table(drift_rows(summary)), ""]
+           "was trained on (glo.method.drift; scaled SD units).", "", markdown_table(drift_rows(summary)), ""]
           if "drift_distance_mean" in summary else []),
         *(["### The masked-image latents (inpainting conditioning)", "",
            markdown_table(drift_rows(summary, "masked_")), ""]
@@ -177,57 +188,3 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], me
     path = out / "report.md"
     save_text(path, "\n".join(text))
     return path
-
-
-SUMMARY_NEEDED = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "ssim_initial_mean", "steps_mean",
-                  "images_per_second")
-
-
-def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per finished job of a Hydra multirun directory, best mean PSNR gain first, written to compare.md
-    (with the machine the jobs' speeds were measured on: a column where they differ) and compare.csv."""
-    sweep = Path(sweep_dir)
-    if not sweep.is_dir():
-        raise GloError(f"{sweep}: no such directory")
-    rows, left_out = [], []
-    for job in sorted({p.parent for p in (*sweep.glob("*/summary.json"), *sweep.glob("*/.hydra"))}):
-        summary_file = job / "summary.json"
-        try:
-            s = json.loads(summary_file.read_text())
-            missing = [k for k in SUMMARY_NEEDED if k not in s]
-            if missing:
-                raise ValueError(f"no '{missing[0]}'")
-        except FileNotFoundError:
-            left_out.append(f"{job.name} (not finished: no summary.json)")
-            continue
-        except (OSError, ValueError) as e:
-            left_out.append(f"{job.name} (summary.json unreadable: {e})")
-            continue
-        meta_file = job / "metadata.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = [line[2:].strip() for line in overrides_file.read_text().splitlines() if line.startswith("- ")] \
-            if overrides_file.is_file() else []
-        rows.append({"job": job.name, "overrides": " ".join(overrides), "psnr_gain_mean": s["psnr_gain_mean"],
-                     "psnr_final_mean": s["psnr_final_mean"],
-                     "ssim_gain_mean": s["ssim_final_mean"] - s["ssim_initial_mean"],
-                     "steps_mean": s["steps_mean"], "passes_mean": s.get("passes_mean", float("nan")),
-                     "images_per_second": s["images_per_second"],
-                     "precision": meta.get("precision", {}).get("used", "—"),
-                     "machine": measured_on(meta) or "—"})
-    if not rows:
-        raise GloError(f"{sweep}: no finished jobs (no readable */summary.json)"
-                       + (f"; left out: {', '.join(left_out)}" if left_out else ""))
-    rows.sort(key=lambda r: r["psnr_gain_mean"], reverse=True)
-    machines = {r["machine"] for r in rows}
-    one = machines.pop() if len(machines) == 1 else None  # then a line says it, rather than a column
-    shown = rows if one is None else [{k: v for k, v in r.items() if k != "machine"} for r in rows]
-    text = markdown_table(shown) + "\n" + (f"\nMeasured on {one}.\n" if one not in (None, "—") else "")
-    text += f"\nLeft out: {', '.join(left_out)}.\n" if left_out else ""
-    save_text(sweep / "compare.md", text)
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    save_text(sweep / "compare.csv", table.getvalue())
-    return rows

@@ -20,17 +20,17 @@ from rich.progress import (
 )
 from torch import Tensor
 
-from glo.engine import Settings
-from glo.fit import fit_batch
-from glo.grids import comparison_grid, error_map
-from glo.losses import PixelLoss
-from glo.masks import MaskSource, batch_holes
-from glo.vae import FrozenVAE
+from glo.data.masks import MaskSource, batch_holes
+from glo.method.fit import fit_batch
+from glo.method.losses import PixelLoss
+from glo.method.settings import Settings
+from glo.model.vae import FrozenVAE
+from glo.report.grids import comparison_grid, error_map
 
 
 class GLOModule(pl.LightningModule):
     """Lightning's concerns only: the predict loop calls `fit_batch` per batch, logs it, and hands the arrays
-    to the exporter. The algorithm is in glo.engine, the per-batch work in glo.fit."""
+    to the exporter. The algorithm is in glo.method.engine, the per-batch work in glo.method.fit."""
 
     def __init__(self, vae: FrozenVAE, loss: PixelLoss, settings: Settings, image_every_n_batches: int,
                  masks: MaskSource | None = None) -> None:

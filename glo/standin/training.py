@@ -23,12 +23,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from glo import GloError
-from glo.data import FolderDataset, check_size, to_tensor
-from glo.engine import lr_factor
-from glo.grids import comparison_grid, error_map
-from glo.hardware import resolve_precision
-from glo.metrics import psnr, ssim
-from glo.vae import pick_device
+from glo.data.images import FolderDataset
+from glo.data.pixels import check_size, to_tensor
+from glo.method.engine import lr_factor
+from glo.method.metrics import psnr, ssim
+from glo.model.hardware import pick_device, resolve_precision
+from glo.report.grids import comparison_grid, error_map
 
 log = logging.getLogger("glo.train_vae")
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}

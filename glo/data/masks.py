@@ -21,7 +21,9 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from glo import GloError, is_number
-from glo.data import IMAGE_SUFFIXES, open_image, repeated_stems, resize_center_crop, sha256_file
+from glo.data.images import repeated_stems
+from glo.data.pixels import IMAGE_SUFFIXES, open_image, resize_center_crop
+from glo.store.digests import sha256_file
 
 MAX_SHAPES = 1000
 
@@ -45,13 +47,6 @@ def no_mask() -> None:
     return None
 
 
-def latent_mask(mask: Tensor, factor: int = 8) -> Tensor:
-    """(B,1,H,W) pixel hole mask -> (B,1,H/8,W/8) by max-pooling: any latent cell the hole touches is a hole.
-
-    diffusers' pipeline resizes with nearest-neighbour instead, which can mark a cell known although
-    part of its 8x8 pixels is hole; max-pooling never lets the UNet treat hole content as known.
-    """
-    return torch.nn.functional.max_pool2d(mask, factor)
 
 
 def batch_holes(masks: MaskSource, meta: dict, size: int) -> Tensor:

@@ -4,7 +4,7 @@ glo.run's LightningModule, glo.bench and glo.roundtrip all call this, so they me
 With hole masks, each image also gets its inpainting twin: the latent of the masked image (hole set
 to 0, i.e. grey, as diffusers does), optimized in the same engine run (on the known pixels only if
 `known_only`) and exported with the mask at latent resolution. Every latent also gets its drift
-from the encoder's (glo.drift), which costs two encoder passes per latent (the re-encode of the
+from the encoder's (glo.method.drift), which costs two encoder passes per latent (the re-encode of the
 initial and of the optimized decode).
 """
 from __future__ import annotations
@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from glo.drift import drift
-from glo.engine import Result, Settings, optimize
-from glo.hardware import resolve_precision
-from glo.masks import latent_mask
-from glo.metrics import METRICS, known_psnr
-from glo.vae import FrozenVAE
+from glo.method.drift import drift
+from glo.method.engine import optimize
+from glo.method.metrics import METRICS, known_psnr
+from glo.method.samples import Result
+from glo.method.settings import Settings
+from glo.model.hardware import resolve_precision
+from glo.model.vae import FrozenVAE
 
 
 def fit(vae: FrozenVAE, target: Tensor, s: Settings, loss: Callable[..., Tensor], weight: Tensor | None = None,
@@ -85,3 +86,12 @@ def fit_batch(vae: FrozenVAE, x: Tensor, s: Settings, loss: Callable[..., Tensor
             "psnr_known_final": known_psnr(decoded1[n:], x, known).cpu().numpy(),
         })
     return Fitted(out, x0, x1)
+
+
+def latent_mask(mask: Tensor, factor: int = 8) -> Tensor:
+    """(B,1,H,W) pixel hole mask -> (B,1,H/8,W/8) by max-pooling: any latent cell the hole touches is a hole.
+
+    diffusers' pipeline resizes with nearest-neighbour instead, which can mark a cell known although
+    part of its 8x8 pixels is hole; max-pooling never lets the UNet treat hole content as known.
+    """
+    return torch.nn.functional.max_pool2d(mask, factor)

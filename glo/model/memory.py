@@ -1,102 +1,23 @@
-"""What this machine is, which decoder precision it runs natively, and what a decode needs in memory.
+"""What a batch needs in memory, what the machine can still give, and the refusal that names what fits.
 
-Reduced precision is only a speed-up where the hardware computes in it: on a CPU without native bf16
-(AVX2 only) autocast emulates bf16 and one decode + backward gets over 100x slower. So `precision=auto`
-decides from the hardware's capability, never from one machine's benchmark, and every figure says
-which machine it was measured on. The decoder's speed and memory switches (`Speed`) sit beside the memory count.
+Where the kernel's OOM killer acts first, a run that does not fit is killed without a word: so the need is
+counted before computing anything, from what autograd keeps in small probe decodes, and compared with the
+device's free memory (or the RAM a cgroup still allows).
 """
 from __future__ import annotations
 
-import os
-import platform
-from dataclasses import dataclass
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from glo import GloError
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the decoder's autocast dtype
-
-
-@dataclass(frozen=True)
-class Speed:
-    """The decoder's speed and memory switches (`speed:` in conf/run.yaml); none changes the result beyond
-    float rounding (tiling blends seams)."""
-
-    channels_last: bool  # NHWC memory layout
-    checkpointing: bool  # recompute decoder activations in backward instead of storing them
-    tile_size: int       # > 0: decode images larger than this many pixels in overlapping tiles
-
-    def __post_init__(self) -> None:
-        for key in ("channels_last", "checkpointing"):
-            if not isinstance(getattr(self, key), bool):
-                raise GloError(f"{key}={getattr(self, key)!r}: must be true or false")
-        t = self.tile_size
-        # diffusers' tiles overlap by a quarter: below 64 px the pieces at an image's edge can be narrower than a
-        # conv's kernel (tile_size=8 and 16 ended in tracebacks)
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t % 8 or 0 < t < 64:
-            raise GloError(f"tile_size={t!r}: must be 0 (no tiling) or a multiple of 8 from 64 up")
-
-
-def check_precision(requested: str) -> None:
-    """One line naming what `precision=` accepts, if `requested` is not among it."""
-    if requested != "auto" and requested not in PRECISIONS:
-        raise GloError(f"precision={requested}: must be one of auto, {', '.join(PRECISIONS)}")
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (platform.processor() is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX), not by emulation."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def gpu_native_bf16(device: torch.device) -> bool:
-    """True where the GPU computes bf16 in hardware: compute capability 8.0 (Ampere) and newer, or ROCm.
-    torch.cuda.is_bf16_supported() also says True where bf16 is only emulated (T4, V100), where fp16 is fast."""
-    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
-
-
-def emulated(precision: str, device: torch.device) -> bool:
-    """Reduced precision on a CPU without native bf16: autocast emulates it, over 100x slower per pass."""
-    return precision != "fp32" and device.type == "cpu" and not cpu_native_bf16()
-
-
-def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
-    """`auto` -> the fastest precision this device runs natively, with the reason; anything else is forced."""
-    check_precision(requested)
-    if requested != "auto":  # forcing it on the wrong hardware is allowed, but never silently
-        note = ""
-        if emulated(requested, device):
-            note = "; this CPU has no native bf16, so it is emulated: each pass over 100x slower than fp32"
-        elif requested == "fp16" and device.type == "cpu":
-            note = ("; fp16 is meant for GPUs without bf16: on a CPU with native bf16, bf16 is the fast dtype "
-                    "(fp16 measured 2x slower than fp32 on an Intel Xeon with AVX512-FP16)")
-        elif requested == "bf16" and device.type == "cuda" and not gpu_native_bf16(device):
-            note = (f"; {torch.cuda.get_device_name(device)} has no native bf16 (before Ampere), so it is emulated: "
-                    "fp16 is this GPU's fast dtype")
-        return requested, f"forced by precision={requested}{note}"
-    if device.type == "cuda":
-        if gpu_native_bf16(device):
-            return "bf16", f"auto: {torch.cuda.get_device_name(device)} has native bf16"
-        return "fp16", f"auto: {torch.cuda.get_device_name(device)} has no native bf16 (before Ampere), fp16 instead"
-    if device.type == "cpu":
-        capability = torch.backends.cpu.get_cpu_capability()
-        if not emulated("bf16", device):
-            return "bf16", f"auto: {cpu_model()} ({capability}) has native bf16"
-        return "fp32", f"auto: {cpu_model()} ({capability}) has no native bf16 (it would be emulated, far slower)"
-    return "fp32", f"auto: no reduced precision chosen for {device.type}"
+if TYPE_CHECKING:
+    from glo.model.hardware import Speed
+    from glo.model.vae import FrozenVAE
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -220,9 +141,67 @@ def decode_memory(vae: torch.nn.Module, dtype: torch.dtype | None) -> tuple[floa
     return max(0.0, small - per_image), per_image
 
 
-def machine() -> dict:
-    """The machine a figure was measured on: CPU model and capability, threads, GPU if any."""
-    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_native_bf16": cpu_native_bf16(), "cpus": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+def memory_line(why: str, switches: list[str], smaller: int) -> str:
+    """Out of memory: what to change. A smaller batch and checkpointing change memory, not the method (they are
+    not in the fingerprint), so the same directory resumes after the finished images; a smaller size changes the
+    results. tile_size is not offered: without checkpointing it doubled the stand-in's peak memory at 1024 px."""
+    resume = f"run the same command with {' '.join(switches)} to resume after them, or " if switches else ""
+    return f"{why}; the images finished are kept: {resume}start a new directory with data.size={smaller} or less"
+
+
+def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch: int, processes: int,
+                 local_rank: int = 0) -> None:
+    """Refuse a batch the device cannot hold before computing anything: where the kernel's OOM killer acts first,
+    such a run is killed without a word (at 8192 px the stand-in ran 7 minutes first). The estimate is what
+    autograd keeps, from probes at 64 and 128 px: a lower bound, so a run that fits in memory is never refused,
+    and a switch is offered unless even its lower bound is too much; one that fits with little to spare is run with
+    a warning. batch: the largest batch this process will decode (fewer images may be left than batch_size, and
+    halving batch_size would change nothing). local_rank: this process's rank on its machine; rank 0 warns for all."""
+    from glo.model.hardware import PRECISIONS
+
+    free = available_memory(vae.device)
+    if free is None:
+        return
+    share = processes if vae.device.type == "cpu" else 1  # this machine's processes share its RAM
+    area, dtype = (size / 64) ** 2, PRECISIONS[precision]
+    fixed, per_image = decode_memory(vae, dtype)
+    need = (fixed + per_image * area * batch) * share
+    why = (f"{batch} image(s) of {size} px need at least {need / 2**30:.1f} GiB on {vae.device} for the "
+           f"decoder's backward, and {free / 2**30:.1f} GiB is available")
+    if need <= free:
+        # Peak RSS, interpreter and model included, runs up to about 3x the count (more with checkpointing, whose
+        # recomputed blocks the count holds only at their largest): within 3x, warn
+        if 3 * need > free and local_rank == 0:  # DDP: once per machine, not per rank
+            hint = "; checkpointing=true needs less" if not speed.checkpointing else ""
+            logging.getLogger("glo").warning("%s: the count is a lower bound, so the run may still run out of memory "
+                                             "(on a CPU the kernel then ends it without a message)%s", why, hint)
+        return
+    room = free / share - fixed  # what the images may take
+    switches = [f"batch_size={int(room // (per_image * area))}"] if room >= per_image * area else []
+    if not speed.checkpointing:
+        vae.model.enable_gradient_checkpointing()
+        fixed_ckpt, per_image_ckpt = decode_memory(vae, dtype)
+        vae.model.disable_gradient_checkpointing()
+        if (fixed_ckpt + per_image_ckpt * area * batch) * share <= free:
+            switches.append("checkpointing=true")
+    smaller = max(8, int(64 * (max(room, 0) / (per_image * batch)) ** 0.5) // 8 * 8)
+    raise GloError(memory_line(why, switches, smaller))
+
+
+def check_rows(max_steps: int, images: int, batch: int, size: int, masked: bool, fmt: str) -> None:
+    """Refuse a run whose exported rows RAM cannot hold, before computing anything: each image keeps a loss curve
+    of max_steps floats (the engine holds a batch's, masked images included; an NPZ merge holds every row twice,
+    list and concatenation; HDF5 merges shard by shard), so max_steps=1000000000 was killed by the kernel without
+    a word. Counted: curves and the latent-shaped columns, in float32; a lower bound, like check_memory's."""
+    free = available_memory(torch.device("cpu"))  # rows live on the CPU wherever the latents are fitted
+    if free is None:
+        return
+    rows = 2 if masked else 1  # the full image and the masked one are fitted side by side
+    row = 4 * (max_steps + rows * 2 * 4 * (size // 8) ** 2)  # curve + latents and the encoder's, per row
+    need = max(4 * max_steps * rows * batch, (2 * images if fmt == "npz" else batch) * row)
+    if need <= free:
+        return
+    hdf5 = "; export.format=hdf5 merges shard by shard" if fmt == "npz" and batch * row <= free else ""
+    raise GloError(f"max_steps={max_steps}, {images} image(s) of {size} px: their loss curves and latents need at "
+                   f"least {need / 2**30:.1f} GiB of RAM, and {free / 2**30:.1f} GiB is available; lower max_steps "
+                   f"(the stopping rule ends an image once its loss stops changing){hdf5}")

@@ -21,10 +21,11 @@ from typing import IO, Any
 from omegaconf import DictConfig, OmegaConf
 
 from glo import GloError
-from glo.atomic import save_json
-from glo.data import sha256_files
-from glo.engine import FP16_GRAD_SCALE
 from glo.latents import ROWS_VERSION
+from glo.method.engine import FP16_GRAD_SCALE
+from glo.standin import ASSETS
+from glo.store.atomic import save_json
+from glo.store.digests import sha256_files
 
 log = logging.getLogger("glo")
 FINGERPRINT = "fingerprint.json"
@@ -55,7 +56,7 @@ def vae_folder(vae: DictConfig) -> Path | None:
     if vae.get("path"):
         return Path(vae.path)
     if vae.get("asset"):
-        return Path(__file__).parent / "assets" / vae.asset
+        return ASSETS / vae.asset
     if vae.get("pretrained"):
         from huggingface_hub import try_to_load_from_cache
 

@@ -20,8 +20,9 @@ import lightning.pytorch as pl
 import numpy as np
 
 from glo import GloError, Stopped
-from glo.atomic import atomic_path, save_json, save_npz, to_json
-from glo.latents import SUMMARY_KEYS, failed_crc, load_latents, summarize
+from glo.latents import failed_crc, load_latents
+from glo.report.summary import SUMMARY_KEYS, summarize
+from glo.store.atomic import atomic_path, save_json, save_npz, to_json
 
 log = logging.getLogger("glo")
 
