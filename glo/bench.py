@@ -9,6 +9,7 @@ from __future__ import annotations
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
@@ -74,6 +75,7 @@ def measure(name: str, common: list[str], overrides: list[str], reference: bool)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)[0]
+    settings = replace(settings, precision=precision)  # resolved once: the engine runs at what this row records
     if emulated(precision, device):
         return {"method": name, "overrides": " ".join(overrides), "precision": precision,
                 "skipped": "not measured: this CPU has no native bf16, so reduced precision is emulated (over 100x "

@@ -9,6 +9,7 @@ image. Writes roundtrip.json, roundtrip.md and roundtrip.png into the run direct
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -29,6 +30,7 @@ from glo.method.fit import fit
 from glo.method.losses import PixelLoss
 from glo.method.metrics import known_psnr, psnr
 from glo.method.settings import Settings
+from glo.model.hardware import resolve_precision
 from glo.model.vae import FrozenVAE
 from glo.report.render import markdown_table, save_figure
 from glo.store.atomic import save_json, save_text
@@ -71,6 +73,7 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
         raise GloError("mask=none: the round trip needs a mask (mask=boxes|strokes|folder)")
     masks.check(dataset.originals())
     vae, loss = load_model(cfg, speed), instantiate(cfg.loss)
+    settings = replace(settings, precision=resolve_precision(cfg.precision, vae.device)[0])
     parts: dict[str, list[Tensor]] = {k: [] for k in SCORES}
     ids: list[str] = []
     for images, meta in DataLoader(dataset, batch_size=cfg.batch_size):

@@ -396,3 +396,10 @@ def test_no_tensor_is_made_on_the_cpu_beside_latents_on_a_gpu(tiny_vae, optim):
         moved = drift(got.latents, z0, reencoded)
     assert torch.equal(got.latents, expected.latents) and torch.equal(got.loss_curves, expected.loss_curves)
     assert all(torch.equal(v, drift(expected.latents, z0, reencoded)[k]) for k, v in moved.items())
+
+
+def test_the_engine_runs_at_the_precision_its_caller_resolved():
+    """Each tool resolves precision=auto once, for its device, and records it; the engine never chooses again."""
+    z0 = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="^precision=auto: the engine runs at one of fp32, bf16, fp16"):
+        optimize(lambda z: z, z0, z0, L2, settings(precision="auto"))

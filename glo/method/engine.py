@@ -26,7 +26,7 @@ from glo.method.anderson import anderson
 from glo.method.lbfgs import lbfgs
 from glo.method.samples import Result, Samples
 from glo.method.settings import SCHEDULES, Settings
-from glo.model.hardware import PRECISIONS, resolve_precision
+from glo.model.hardware import PRECISIONS
 
 # A per-pixel mean's gradient, ~2 * error / pixels, is below fp16's range at SD sizes: the latents' gradient came out
 # all zeros at 512 px. So in fp16 it crosses the decoder multiplied by this (exact, a power of two; GradScaler's start)
@@ -53,7 +53,8 @@ def optimize(
     encode: the encoder, needed by optim=gradfree (Hong et al., NeurIPS 2024): Adam follows E(D(z)) - E(x)
     instead of the back-propagated gradient, so no backward pass runs; z0 must be E(x).
     z0_std: the encoder's posterior std (like z0), needed by anchor_to=posterior.
-    The decoder runs in s.precision (auto: what this device runs natively); latents, Adam and the loss stay fp32.
+    The decoder runs in s.precision (fp32, bf16 or fp16: the caller resolves auto); latents, Adam and the loss
+    stay fp32.
     """
     gradfree = s.optim == "gradfree"
     check(s, z0, encode, z0_std)
@@ -102,6 +103,9 @@ def check(s: Settings, z0: Tensor, encode: Callable | None, z0_std: Tensor | Non
         raise ValueError("optim=gradfree needs the encoder")
     if s.anchor and s.anchor_to == "posterior" and z0_std is None:
         raise ValueError("anchor_to=posterior needs the posterior std")
+    if s.precision not in PRECISIONS:  # each tool resolves auto once, for its device, and records what it chose
+        raise ValueError(f"precision={s.precision}: the engine runs at one of {', '.join(PRECISIONS)}; resolve auto "
+                         "with glo.model.hardware.resolve_precision first")
     if s.channel_lr is not None and len(s.channel_lr) != z0.shape[1]:
         raise GloError(f"channel_lr={list(s.channel_lr)}: has {len(s.channel_lr)} values, but this VAE's latents have "
                        f"{z0.shape[1]} channels")
@@ -110,8 +114,8 @@ def check(s: Settings, z0: Tensor, encode: Callable | None, z0_std: Tensor | Non
 def make_objective(decode: Callable[[Tensor], Tensor], z0: Tensor, target: Tensor, loss_fn: Callable[..., Tensor],
                    s: Settings, weight: Tensor | None, z0_std: Tensor | None) -> tuple[Objective, torch.autocast]:
     """The per-sample loss of latents z (the samples idx), with their decodes in fp32 and the anchor's
-    displacement; and the decoder's autocast, which s.precision sets (auto: what this device runs natively)."""
-    autocast = PRECISIONS[resolve_precision(s.precision, z0.device)[0]]
+    displacement; and the decoder's autocast, which s.precision sets."""
+    autocast = PRECISIONS[s.precision]
     low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
     grad_scale = FP16_GRAD_SCALE if autocast is torch.float16 else 1.0
     if z0_std is not None:  # relative to its mean per image: the shape of the encoder's doubt, not its size, so one

@@ -21,7 +21,6 @@ from glo.method.engine import optimize
 from glo.method.metrics import METRICS, known_psnr
 from glo.method.samples import Result
 from glo.method.settings import Settings
-from glo.model.hardware import resolve_precision
 from glo.model.vae import FrozenVAE
 
 
@@ -31,7 +30,7 @@ def fit(vae: FrozenVAE, target: Tensor, s: Settings, loss: Callable[..., Tensor]
     z0, z0_std = vae.posterior(target)
     with torch.enable_grad():  # Lightning predicts under no_grad; the latents need gradients
         r = optimize(vae.decode, z0, target, loss, s, weight=weight, encode=vae.encode, z0_std=z0_std, on_step=on_step)
-    if resolve_precision(s.precision, z0.device)[0] == "fp32":  # the engine already decoded both: a pass saved
+    if s.precision == "fp32":  # the engine already decoded both: a pass saved
         return z0, r, r.initial_decoded, r.decoded
     with torch.no_grad():  # a reduced-precision decode is not what the metrics should measure
         return z0, r, vae.decode(z0), vae.decode(r.latents)
