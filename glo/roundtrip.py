@@ -10,6 +10,7 @@ image. Writes roundtrip.json, roundtrip.md and roundtrip.png into the run direct
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -23,16 +24,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from glo import GloError
-from glo.app.cli import hydra_main, one_line_errors
+from glo.app.cli import hydra_main, one_line_errors, published_header
 from glo.app.config import absolute_paths, load_model, validate
 from glo.data.masks import batch_holes
 from glo.method.fit import fit
 from glo.method.losses import PixelLoss
 from glo.method.metrics import known_psnr, psnr
 from glo.method.settings import Settings
-from glo.model.hardware import resolve_precision
+from glo.model.hardware import machine, resolve_precision
 from glo.model.vae import FrozenVAE
-from glo.report.render import markdown_table, save_figure
+from glo.report.render import markdown_table, publish, save_figure
 from glo.store.atomic import save_json, save_text
 
 SCORES = ("plain_known", "glo_known", "plain_whole", "glo_whole")
@@ -92,13 +93,16 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
               "per_trip": {k: v.tolist() for k, v in scores.items()}}
     save_json(out / "roundtrip.json", result)
     save_figure(figure(scores), out / "roundtrip.png")
-    save_text(out / "roundtrip.md", "\n".join([
-        f"# glo.roundtrip: {len(ids)} images, VAE `{vae.name}`, mask `{HydraConfig.get().runtime.choices.mask}`, "
-        f"{cfg.data.size} px", "",
+    body = "\n".join([
+        f"{len(ids)} images, VAE `{vae.name}`, mask `{HydraConfig.get().runtime.choices.mask}`, {cfg.data.size} px. "
         "PSNR (dB) against the original after k encode -> decode trips, each saved as 8 bits. `known` = the pixels "
         "outside the mask; `plain` = the encoder's latent; `glo` = the optimized latent"
         f"{' fitted to the known pixels only' if masks.known_only else ''} ({cfg.max_steps} steps max, lr {cfg.lr}).",
-        "", markdown_table(rows), "", "![PSNR against round trips](roundtrip.png)", ""]))
+        "", markdown_table(rows)])
+    save_text(out / "roundtrip.md", f"# glo.roundtrip\n\n{body}\n\n![PSNR against round trips](roundtrip.png)\n")
+    if cfg.publish:
+        header = published_header("glo.roundtrip", machine(), datetime.now(timezone.utc).isoformat())
+        publish(Path(cfg.publish), "glo.roundtrip", header, body)
     return result
 
 

@@ -182,8 +182,9 @@ def test_gradfree_cannot_be_known_only(tmp_path):
 
 
 def test_roundtrip_end_to_end(tmp_path):
+    figures = tmp_path / "figures.md"
     p = run_glo(*FAST, "data.limit=2", "trips=3", "report_at=[1,3]", f"hydra.run.dir={tmp_path}",
-                module="glo.roundtrip")
+                f"publish={figures}", module="glo.roundtrip")
     assert p.returncode == 0, p.stderr[-2000:]
     result = json.loads((tmp_path / "roundtrip.json").read_text())
     assert [r["trips"] for r in result["rows"]] == [1, 3]
@@ -191,6 +192,9 @@ def test_roundtrip_end_to_end(tmp_path):
     first = result["rows"][0]
     assert first["glo_known_psnr"] > first["plain_known_psnr"]  # one optimized trip beats the plain one
     assert "| 3 |" in (tmp_path / "roundtrip.md").read_text() and (tmp_path / "roundtrip.png").stat().st_size > 0
+    section = figures.read_text().split("<!-- glo.roundtrip -->\n")[1]  # the table, under the command reproducing it
+    assert section.startswith("`python -m glo.roundtrip vae=tiny_random ") and "publish=" not in section.splitlines()[0]
+    assert "| 3 |" in section and section.rstrip().endswith("<!-- /glo.roundtrip -->")
 
 
 @pytest.mark.parametrize("coverage", [[0.1], [0.3, 0.1], [0.1, 1.0], [0, 0.3], 0.2, "ab", [0.1, "x"], [True, 0.5]])
