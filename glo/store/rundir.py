@@ -82,7 +82,7 @@ def fingerprint(cfg: DictConfig, ids: list[str], precision: str) -> dict[str, An
         **{k: v for k, v in OmegaConf.to_container(cfg.engine, resolve=True).items() if not k.startswith("_")},
         **{k: cfg[k] for k in OTHER_RESULTS},
         "precision": precision,  # the one used, not `auto`
-        # fp16 rows made before the gradient was scaled hold unmoved latents: such a directory must not resume
+        # fp16 rows fitted without this gradient scale hold unmoved latents: a fingerprint without it must not resume
         **({"fp16_grad_scale": FP16_GRAD_SCALE} if precision == "fp16" else {}),
         "rows_version": ROWS_VERSION,  # shards with other columns would not merge: refuse before computing more
     }
