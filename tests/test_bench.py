@@ -14,7 +14,7 @@ from glo.model.hardware import cpu_native_bf16
 from glo.report.render import describe
 from tests.conftest import ROOT, compose_config, run_config, run_glo
 
-ONLY = ["default", "default_batch8", "default_eps0.3", "bf16", "gradfree"]  # each code path once
+ONLY = ["default", "default_batch8", "default_eps0.3", "prototype_eps0.15", "bf16", "gradfree"]  # each code path once
 
 
 def smooth_images(folder, n):
@@ -54,6 +54,10 @@ def test_bench_writes_json_and_markdown_for_the_methods_asked(tmp_path):
     md = (out / "bench.md").read_text()
     assert all(f"| {name} |" in md for name in by_name) and "Peak memory" in md
     assert describe(result["machine"]) in md.splitlines()[2]  # the CPU and its capability head every table
+    d, b = by_name["default"], by_name["prototype_eps0.15"]  # the speed target, read against the bounded loop
+    assert (f"(prototype_eps0.15): {d['images_per_second'] / b['images_per_second']:.2f}× its images per second, "
+            f"{d['psnr_gain_mean'] - b['psnr_gain_mean']:+.3f} dB; against the prototype itself (reference): "
+            f"{d['speedup']:.2f}×") in md
     # docs/figures.md: this VAE's section replaced, under the command and the machine; the others kept
     text = figures.read_text()
     section = text[text.index("<!-- glo.bench tiny_random -->"):text.index("<!-- /glo.bench tiny_random -->")]
