@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from glo.latents import find_latents, load_latents
-from glo.report.render import markdown_table
+from glo.model.hardware import machine
+from glo.report.render import describe, markdown_table, publish
 from glo.store.atomic import save_json, save_text
 
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--out", default=f"experiments/bench_load/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    p.add_argument("--publish", metavar="FILE", help="a Markdown file (docs/figures.md): the table replaces its "
+                   "section glo.bench_load, under the command, the machine and the date")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,8 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     result = {"date": datetime.now(timezone.utc).isoformat(), "size": args.size, "rows": rows,
               "peak_growth_largest_over_smallest": growth}
     save_json(out / "bench_load.json", result)
-    save_text(out / "bench_load.md", f"# glo.bench_load — {result['date'][:10]}\n\n{markdown_table(rows)}\n\n"
-                                     f"Peak RSS, largest over smallest run: {growth}\n")
+    body = (f"{markdown_table(rows)}\n\nPeak RSS, largest over smallest run: "
+            + ", ".join(f"{fmt} {g:.2f}×" for fmt, g in growth.items()))
+    save_text(out / "bench_load.md", f"# glo.bench_load — {result['date'][:10]}\n\n{body}\n")
+    if args.publish:
+        command = " ".join(["python -m glo.bench_load", "--counts", *map(str, args.counts), "--size", str(args.size),
+                            "--batch-size", str(args.batch_size)])
+        publish(Path(args.publish), "glo.bench_load", f"`{command}` — {describe(machine())}, {result['date'][:10]}",
+                body)
     print(f"glo.bench_load: {out / 'bench_load.md'}")
 
 

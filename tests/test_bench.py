@@ -114,12 +114,15 @@ def test_a_mistyped_row_stops_the_bench_before_any_row_runs(monkeypatch, tmp_pat
 @pytest.mark.slow
 def test_bench_load_exports_every_image_once_in_both_formats(tmp_path):
     p = run_glo("--counts", "3", "12", "--size", "16", "--batch-size", "5", "--out", str(tmp_path),
-                module="glo.bench_load")
+                "--publish", str(tmp_path / "figures.md"), module="glo.bench_load")
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads((tmp_path / "bench_load.json").read_text())
     assert [(r["images"], r["format"]) for r in result["rows"]] == [(3, "npz"), (3, "hdf5"), (12, "npz"), (12, "hdf5")]
     assert all(r["exported"] == r["unique"] == r["images"] and r["peak_rss_mb"] > 50 for r in result["rows"])
     assert set(result["peak_growth_largest_over_smallest"]) == {"npz", "hdf5"}
+    section = (tmp_path / "figures.md").read_text().split("<!-- glo.bench_load -->\n")[1]
+    assert section.startswith("`python -m glo.bench_load --counts 3 12 --size 16 --batch-size 5` — ")
+    assert "| 12 | hdf5 |" in section and "Peak RSS, largest over smallest run: npz " in section
 
 
 @pytest.mark.parametrize("channels", [4, 16])
