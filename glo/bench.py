@@ -222,7 +222,7 @@ def tables(result: dict) -> str:
     skipped = [r for r in result["methods"] if r["skipped"]]
     if skipped:
         names = ", ".join(r["method"] for r in skipped)
-        text += [f"Not measured on this machine: {names} ({skipped[0]['skipped']}).", ""]
+        text += [f"Not measured on this machine: {names} ({skipped[0]['skipped'].removeprefix('not measured: ')}).", ""]
     if result["memory"]:
         keys = ("method", "peak_memory_mb", "seconds_per_image", "overrides")
         text += ["Peak memory:", "", markdown_table([{k: r[k] for k in keys} for r in result["memory"]]), ""]
