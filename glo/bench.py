@@ -24,13 +24,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from glo import GloError
-from glo.app.cli import COMMAND_LINE_ERRORS, CONF, hydra_main, one_line, one_line_errors, published_header
-from glo.method.drift import drift, pooled_channel_stats
+from glo.app.cli import COMMAND_LINE_ERRORS, CONF, hydra_main, one_line, one_line_errors
+from glo.method.drift import drift, pooled_channel_stats, pooled_covariance, spread_ratio
 from glo.method.fit import fit_batch
 from glo.method.metrics import psnr
 from glo.method.settings import Settings
 from glo.model.hardware import emulated, machine, pick_device, resolve_precision
-from glo.report.render import describe, markdown_table, publish
+from glo.report.render import describe, markdown_table, publish, published_header
 from glo.store.atomic import save_json, save_text
 
 
@@ -107,6 +107,9 @@ def measure(name: str, common: list[str], overrides: list[str], reference: bool)
             "improved_fraction": float((gain > 0).mean()), "passes_mean": float(passes.mean()),
             "drift_distance": float(after["drift_distance"].mean()), "hf_share": float(after["hf_share"].mean()),
             "hf_share_encoder": float(before["hf_share"].mean()), "channel_std_ratio_max": float(std_ratio.max()),
+            "spread_ratio_max": spread_ratio(*(pooled_covariance(d["channel_mean"].cpu().numpy(),
+                                                                 d["channel_moment"].cpu().numpy())
+                                               for d in (after, before))),
             "channel_std_ratios": std_ratio.tolist(), "precision": precision, "skipped": ""}
 
 
@@ -201,7 +204,7 @@ def tables(result: dict) -> str:
     cols = ("method", "images_per_second", "seconds_per_image", "speedup", *(("speedup_range",) if repeats > 1 else ()),
             "psnr_gain_mean", "gain_vs_reference_db",
             "improved_fraction", "passes_mean", "drift_distance", "hf_share", "hf_share_encoder",
-            "channel_std_ratio_max", "precision", "peak_memory_mb", "overrides")
+            "channel_std_ratio_max", "spread_ratio_max", "precision", "peak_memory_mb", "overrides")
     c = result["config"]
     text = [f"VAE `{c['vae']}`, {c['data']['limit']} images from `{c['data']['path']}` at {c['data']['size']} px; "
             f"reference: per-image Adam, {c['reference']['max_steps']} steps, lr {c['reference']['lr']}, fp32, batch 1 "

@@ -180,5 +180,5 @@ class LatentDataset(Dataset):
 
 
 # bump when exported rows gain or lose a column (2: `rank`, 3: `source_sha256`, 4: `ms_ssim_*`, `mae_*`,
-# 5: `mask_sha256`): a run directory resumes only its own
-ROWS_VERSION = 5
+# 5: `mask_sha256`, 6: `channel_moment_*`): a run directory resumes only its own
+ROWS_VERSION = 6

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from glo import GloError
-from glo.app.cli import hydra_main, one_line_errors, published_header
+from glo.app.cli import hydra_main, one_line_errors
 from glo.app.config import absolute_paths, load_model, validate
 from glo.data.masks import batch_holes
 from glo.method.fit import fit
@@ -33,7 +33,7 @@ from glo.method.metrics import known_psnr, psnr
 from glo.method.settings import Settings
 from glo.model.hardware import machine, resolve_precision
 from glo.model.vae import FrozenVAE
-from glo.report.render import markdown_table, publish, save_figure
+from glo.report.render import markdown_table, publish, published_header, save_figure
 from glo.store.atomic import save_json, save_text
 
 SCORES = ("plain_known", "glo_known", "plain_whole", "glo_whole")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from glo.method.drift import drift, high_frequency_share, pooled_channel_stats
+from glo.method.drift import drift, high_frequency_share, pooled_channel_stats, pooled_covariance, spread_ratio
 from glo.method.engine import optimize
 from glo.method.losses import PixelLoss
 from glo.report.summary import drift_summary
@@ -132,3 +132,36 @@ def test_the_posterior_anchor_is_as_strong_as_the_z0_anchor_on_average(std):
                     z0_std=torch.full_like(z0, std))
     plain = optimize(lambda z: z, z0, target, loss, settings(**kw, anchor_to="z0"))
     assert torch.equal(post.latents, plain.latents) and not torch.equal(plain.latents, z0)
+
+
+def test_the_spread_ratio_is_the_largest_std_ratio_along_any_direction_whatever_the_coordinates():
+    """Stretching the latents 2x along one direction gives 2 in any coordinates; the per-channel ratio sees it only
+    where that direction is a channel (a VAE whose channels are mixed by a rotation hides it there)."""
+    cov0 = np.diag([0.01, 1.0, 4.0, 0.25])
+    v = np.array([1.0, 0, 0, 0])
+    cov = cov0 + 3 * cov0[0, 0] * np.outer(v, v)  # the variance along channel 0 x4: its std x2
+    q = np.linalg.qr(np.random.default_rng(0).standard_normal((4, 4)))[0]
+    assert spread_ratio(cov0, cov0) == pytest.approx(1.0)
+    assert spread_ratio(cov, cov0) == pytest.approx(2.0) and spread_ratio(q @ cov @ q.T, q @ cov0 @ q.T) == pytest.approx(2.0)
+    per_channel = np.sqrt(np.diag(q @ cov @ q.T) / np.diag(q @ cov0 @ q.T)).max()
+    assert per_channel < 1.5  # what the per-channel figure reports for the same latents, rotated
+    assert spread_ratio(cov, np.diag([0.0, 1, 1, 1])) == math.inf  # no encoder spread in some direction
+
+
+def test_pooled_covariance_is_the_covariance_of_every_cell_of_the_run():
+    z = torch.randn(3, 4, 5, 6) * torch.tensor([0.2, 1, 2, 3]).view(1, 4, 1, 1) + 0.5
+    d = drift(z, z, z)
+    cov = pooled_covariance(d["channel_mean"].numpy(), d["channel_moment"].numpy())
+    every_cell = z.permute(1, 0, 2, 3).flatten(1).double().numpy()
+    np.testing.assert_allclose(cov, np.cov(every_cell, bias=True), rtol=1e-4, atol=1e-5)
+
+
+def test_a_runs_spread_ratio_bounds_every_channels_std_ratio(tiny_vae):
+    """The largest ratio along any direction is at least the ratio along each channel: summary.json carries both."""
+    from glo.method.fit import fit_batch
+    from glo.report.summary import summarize
+
+    rows = fit_batch(tiny_vae, photos(2, 32), settings(max_steps=6, eps=1e-6, lr=0.5), L2).arrays
+    s = summarize({**rows, "ids": np.array(["a", "b"]), "seconds": np.ones(2)})
+    per_channel = max(a / b for a, b in zip(s["channel_std_final"], s["channel_std_initial"]))
+    assert s["spread_ratio_max"] >= per_channel * (1 - 1e-4) and s["spread_ratio_max"] > 1.0

@@ -71,7 +71,8 @@ def test_report_files_of_a_run(finished_run):
     assert f"std x{std1 / std0:.2f}" in drift and f"| {summary['drift_distance_mean']:.4f} |" in drift
     table = [line for line in drift.splitlines() if line.startswith("|")]
     columns = {len(re.findall(r"(?<!\\)\|", line)) for line in table}  # unescaped pipes per line
-    assert len(table) == 9 and columns == {5}, table  # norms like ||z|| do not split a row into more columns
+    assert len(table) == 10 and columns == {5}, table  # norms like ||z|| do not split a row into more columns
+    assert f"| largest std ratio along any direction of channel space | 1 | {summary['spread_ratio_max']:.3f} |" in drift
 
 
 def test_a_run_dir_without_or_with_a_truncated_latents_file_is_named(tmp_path, capsys):
@@ -148,7 +149,7 @@ def test_an_all_hole_mask_has_no_known_psnr_and_is_left_out_of_the_means():
 
 def test_a_masked_runs_report_gives_the_masked_latents_their_own_drift_table_and_known_psnr(tmp_path):
     rng = np.random.default_rng(0)
-    drift = {f"{p}{k}": rng.random((3, 4) if "channel" in k else 3) + 0.1 for p in ("", "masked_") for k in DRIFT}
+    drift = {f"{p}{k}": rng.random((3, 4, 4) if "moment" in k else (3, 4) if "channel" in k else 3) + 0.1 for p in ("", "masked_") for k in DRIFT}
     known = {"psnr_known_initial": np.array([10.0, 12, 14]), "psnr_known_final": np.array([11.0, 12, 17])}
     s = summarize(rows(3, **drift, **known))
     report = write_report(tmp_path, s, {}, {}, []).read_text()

@@ -201,7 +201,7 @@ def test_ranks_working_at_once_count_by_the_busiest_ones_seconds():
 
 def test_summary_carries_the_drift_of_full_and_masked_latents():
     rng = np.random.default_rng(0)
-    drift = {f"{p}{k}": rng.random((3, 4) if "channel" in k else 3) for p in ("", "masked_") for k in DRIFT}
+    drift = {f"{p}{k}": rng.random((3, 4, 4) if "moment" in k else (3, 4) if "channel" in k else 3) for p in ("", "masked_") for k in DRIFT}
     a = rows(3, **drift)
     s = summarize(a)
     assert s["drift_distance_mean"] == pytest.approx(drift["drift_distance"].mean())

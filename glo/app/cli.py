@@ -242,12 +242,3 @@ class StopOnSigterm:
         raise Stopped(self.exporter.stopped("by SIGTERM") if self.exporter else "stopped by SIGTERM before any work")
 
 
-def published_header(tool: str, machine: dict, date: str) -> str:
-    """The line above a tool's section of docs/figures.md: the command that reproduces it (this Hydra job's
-    overrides, less where they are published), the machine, the date."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from glo.report.render import describe
-
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("publish=", "hydra."))]
-    return f"`{' '.join([f'python -m {tool}', *overrides])}` — {describe(machine)}, {date[:10]}"

@@ -71,7 +71,7 @@ def fit_batch(vae: FrozenVAE, x: Tensor, s: Settings, loss: Callable[..., Tensor
     for prefix, part in (("", slice(None, n)), ("masked_", slice(n, None)))[: 1 if holes is None else 2]:
         before, after = drift(z0[part], z0[part], reencoded0[part]), drift(r.latents[part], z0[part], reencoded1[part])
         out[f"{prefix}drift_distance"] = after["drift_distance"].cpu().numpy()
-        for k in ("hf_share", "channel_mean", "channel_std", "reencode_error"):
+        for k in ("hf_share", "channel_mean", "channel_std", "channel_moment", "reencode_error"):
             out[f"{prefix}{k}_initial"], out[f"{prefix}{k}_final"] = before[k].cpu().numpy(), after[k].cpu().numpy()
     if holes is not None:
         out.update({

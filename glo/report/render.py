@@ -136,6 +136,9 @@ def drift_rows(summary: dict[str, Any], prefix: str = "") -> list[dict[str, Any]
         before, after = summary[f"{prefix}{key}_initial_mean"], summary[f"{prefix}{key}_final_mean"]
         rows.append({"measure": name, "encoder": f"{before:.4f}", "optimized": f"{after:.4f}",
                      "ratio": f"x{after / before:.2f}" if before > 0 else "—"})
+    if f"{prefix}spread_ratio_max" in summary:
+        rows.append({"measure": "largest std ratio along any direction of channel space", "encoder": "1",
+                     "optimized": f"{summary[f'{prefix}spread_ratio_max']:.3f}", "ratio": "—"})
     rows.append({"measure": "distance ||z - z0|| / ||z0||", "encoder": "0", "optimized":
                  f"{summary[f'{prefix}drift_distance_mean']:.4f}", "ratio": "—"})
     return rows
@@ -188,3 +191,12 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], me
     path = out / "report.md"
     save_text(path, "\n".join(text))
     return path
+
+
+def published_header(tool: str, machine: dict, date: str) -> str:
+    """The line above a tool's section of docs/figures.md: the command that reproduces it (this Hydra job's
+    overrides, less where they are published), the machine, the date."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("publish=", "hydra."))]
+    return f"`{' '.join([f'python -m {tool}', *overrides])}` — {describe(machine)}, {date[:10]}"

@@ -5,9 +5,10 @@ from typing import Any
 
 import numpy as np
 
-from glo.method.drift import pooled_channel_stats
+from glo.method.drift import pooled_channel_stats, pooled_covariance, spread_ratio
 
-DRIFT = ("drift_distance", *(f"{k}_{w}" for k in ("hf_share", "channel_mean", "channel_std", "reencode_error")
+DRIFT = ("drift_distance", *(f"{k}_{w}" for k in ("hf_share", "channel_mean", "channel_std", "channel_moment",
+                                                  "reencode_error")
                               for w in ("initial", "final")))
 SUMMARY_KEYS = ("ids", "psnr_initial", "psnr_final", "ssim_initial", "ssim_final", "steps", "passes", "converged",
                 "nonfinite", "seconds", "rank", *DRIFT,
@@ -65,4 +66,8 @@ def drift_summary(a: dict[str, np.ndarray], prefix: str = "") -> dict[str, float
         out[f"{prefix}reencode_error_{w}_mean"] = float(a[f"{prefix}reencode_error_{w}"].mean())
         mean, std = pooled_channel_stats(a[f"{prefix}channel_mean_{w}"], a[f"{prefix}channel_std_{w}"])
         out[f"{prefix}channel_mean_{w}"], out[f"{prefix}channel_std_{w}"] = mean.tolist(), std.tolist()
+    if f"{prefix}channel_moment_final" in a:  # rows without it (ROWS_VERSION < 6) give the per-channel figures only
+        cov = {w: pooled_covariance(a[f"{prefix}channel_mean_{w}"], a[f"{prefix}channel_moment_{w}"])
+               for w in ("initial", "final")}
+        out[f"{prefix}spread_ratio_max"] = spread_ratio(cov["final"], cov["initial"])
     return out
