@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from glo import GloError
-from glo.app.cli import COMMAND_LINE_ERRORS, CONF, hydra_main, one_line, one_line_errors
+from glo.app.cli import COMMAND_LINE_ERRORS, CONF, command_line, hydra_main, one_line, one_line_errors
 from glo.method.drift import drift, pooled_channel_stats, pooled_covariance, spread_ratio
 from glo.method.fit import fit_batch
 from glo.method.metrics import psnr
@@ -239,7 +239,7 @@ def main(cfg: DictConfig) -> None:
         result = bench(cfg, out)
         print(f"glo.bench: {len(result['methods'])} methods -> {out / 'bench.md'}")
         if cfg.publish:
-            header = published_header("glo.bench", result["machine"], result["date"])
+            header = published_header(command_line("glo.bench"), result["machine"], result["date"])
             publish(Path(cfg.publish), f"glo.bench {cfg.section}", header, tables(result))
             print(f"glo.bench: section 'glo.bench {cfg.section}' of {cfg.publish} written")
 

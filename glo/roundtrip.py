@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from glo import GloError
-from glo.app.cli import hydra_main, one_line_errors
+from glo.app.cli import command_line, hydra_main, one_line_errors
 from glo.app.config import absolute_paths, load_model, validate
 from glo.data.masks import batch_holes
 from glo.method.fit import fit
@@ -101,7 +101,7 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
         "", markdown_table(rows)])
     save_text(out / "roundtrip.md", f"# glo.roundtrip\n\n{body}\n\n![PSNR against round trips](roundtrip.png)\n")
     if cfg.publish:
-        header = published_header("glo.roundtrip", machine(), datetime.now(timezone.utc).isoformat())
+        header = published_header(command_line("glo.roundtrip"), machine(), datetime.now(timezone.utc).isoformat())
         publish(Path(cfg.publish), "glo.roundtrip", header, body)
     return result
 

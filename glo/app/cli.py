@@ -242,3 +242,9 @@ class StopOnSigterm:
         raise Stopped(self.exporter.stopped("by SIGTERM") if self.exporter else "stopped by SIGTERM before any work")
 
 
+def command_line(tool: str) -> str:
+    """The command that reproduces this Hydra job's figures: the tool and its overrides, less where they go."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("publish=", "hydra."))]
+    return " ".join([f"python -m {tool}", *overrides])

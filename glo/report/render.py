@@ -193,10 +193,6 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], me
     return path
 
 
-def published_header(tool: str, machine: dict, date: str) -> str:
-    """The line above a tool's section of docs/figures.md: the command that reproduces it (this Hydra job's
-    overrides, less where they are published), the machine, the date."""
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("publish=", "hydra."))]
-    return f"`{' '.join([f'python -m {tool}', *overrides])}` — {describe(machine)}, {date[:10]}"
+def published_header(command: str, machine: dict, date: str) -> str:
+    """The line above a tool's section of docs/figures.md: the command that reproduces it, the machine, the date."""
+    return f"`{command}` — {describe(machine)}, {date[:10]}"
