@@ -14,7 +14,7 @@ from glo.model.hardware import cpu_native_bf16
 from glo.report.render import describe
 from tests.conftest import ROOT, compose_config, run_config, run_glo
 
-ONLY = ["default", "default_batch8", "default_eps0.3", "prototype_eps0.15", "bf16", "gradfree"]  # each code path once
+ONLY = ["default", "default_batch8", "default_eps2", "prototype_eps1", "bf16", "gradfree"]  # each code path once
 
 
 def smooth_images(folder, n):
@@ -47,7 +47,7 @@ def test_bench_writes_json_and_markdown_for_the_methods_asked(tmp_path):
         assert r["passes_mean"] > 0 and r["precision"] in ("fp32", "bf16", "fp16")
         assert r["spread_ratio_max"] >= r["channel_std_ratio_max"] * (1 - 1e-4)  # any direction, channels among them
     by_name = {r["method"]: r for r in result["methods"]}
-    assert by_name["default_eps0.3"]["drift_distance"] < by_name["default"]["drift_distance"]
+    assert by_name["default_eps2"]["drift_distance"] < by_name["default"]["drift_distance"]
     assert by_name["reference"]["psnr_gain_mean"] > 0 and by_name["reference"]["passes_mean"] == 5
     assert by_name["bf16"]["skipped"] or by_name["bf16"]["psnr_gain_mean"] > 0
     assert by_name["reference"]["speedup"] == 1.0 and result["decode_backward_seconds"] > 0
@@ -55,8 +55,8 @@ def test_bench_writes_json_and_markdown_for_the_methods_asked(tmp_path):
     md = (out / "bench.md").read_text()
     assert all(f"| {name} |" in md for name in by_name) and "Peak memory" in md
     assert describe(result["machine"]) in md.splitlines()[2]  # the CPU and its capability head every table
-    d, b = by_name["default"], by_name["prototype_eps0.15"]  # the speed target, read against the bounded loop
-    assert (f"(prototype_eps0.15): {d['images_per_second'] / b['images_per_second']:.2f}× its images per second, "
+    d, b = by_name["default"], by_name["prototype_eps1"]  # the speed target, read against the bounded loop
+    assert (f"(prototype_eps1): {d['images_per_second'] / b['images_per_second']:.2f}× its images per second, "
             f"{d['psnr_gain_mean'] - b['psnr_gain_mean']:+.3f} dB; against the prototype itself (reference): "
             f"{d['speedup']:.2f}×") in md
     # docs/figures.md: this VAE's section replaced, under the command and the machine; the others kept

@@ -88,8 +88,8 @@ def test_the_anchor_pulls_toward_the_encoders_latent(tiny_vae):
 
 
 def test_a_larger_adam_eps_moves_less(tiny_vae):
-    z0, free = _run(tiny_vae, eps=4.1e-5)
-    _, damped = _run(tiny_vae, eps=1.0)
+    z0, free = _run(tiny_vae, eps=3e-4)
+    _, damped = _run(tiny_vae, eps=3.0)
     assert (_distance(damped.latents, z0) < _distance(free.latents, z0)).all()
     assert (damped.final_loss < damped.initial_loss).all()
 
@@ -99,7 +99,7 @@ def test_the_default_keeps_latents_closer_to_the_encoders_than_plain_adam(tiny_v
     x = photos(2)
     z0 = tiny_vae.encode(x)
     default = optimize(tiny_vae.decode, z0, x, L2, settings(rel_tol=0.0))
-    plain = optimize(tiny_vae.decode, z0, x, L2, settings(rel_tol=0.0, eps=4.1e-5))
+    plain = optimize(tiny_vae.decode, z0, x, L2, settings(rel_tol=0.0, eps=3e-4))
     d_default, d_plain = (drift(r.latents, z0, r.latents) for r in (default, plain))
     assert (d_default["drift_distance"] < 0.99 * d_plain["drift_distance"]).all()  # a random decoder responds evenly
     assert (default.final_loss < default.initial_loss).all()

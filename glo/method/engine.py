@@ -89,6 +89,8 @@ def optimize(
                 if s.anderson:  # gradfree's steps are not the loss's gradient: not mixed (not measured)
                     anderson(zs, history, active, going, pred, target, weight, moved, s.anchor, z0[0].numel(),
                              s.anderson)
+            if t == 0:
+                scale_eps(opt, zs, [active[j] for j in going], s.eps)
             adam_step(opt, sched, [zs[active[j]] for j in going], channel_lr)
         active = [active[j] for j in going]
         if on_step and t < s.max_steps:
@@ -137,12 +139,20 @@ def make_objective(decode: Callable[[Tensor], Tensor], z0: Tensor, target: Tenso
 
 
 def adam(zs: list[Tensor], s: Settings) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
-    """One Adam over every sample's latent, with its learning-rate schedule. A sample's loss is a mean over its
-    pixels, so each element's gradient shrinks with the image: eps is divided by the elements of a latent to mean
-    the same at every size (Adam(k*g, eps) == Adam(g, eps/k))."""
-    opt = torch.optim.Adam(zs, lr=s.lr, betas=s.betas, eps=s.eps / zs[0].numel())
+    """One Adam over every sample's latent, each in its own group so that each gets its own eps (scale_eps),
+    with the learning-rate schedule."""
+    opt = torch.optim.Adam([{"params": [z]} for z in zs], lr=s.lr, betas=s.betas, eps=s.eps)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, s.max_steps, s.schedule,
                                                                            s.warmup_steps))
+
+
+def scale_eps(opt: torch.optim.Adam, zs: list[Tensor], moving: list[int], eps: float) -> None:
+    """Set each sample's Adam eps to `eps` times the RMS of its first gradient. Adam(k*g, k*eps) == Adam(g, eps), so
+    the result no longer depends on the loss's scale (a VAE's decoder gain, L1 or L2, the image size, how far the
+    image is from its reconstruction): elements whose gradient is well below the image's typical one barely move."""
+    for i in moving:
+        rms = float(zs[i].grad.detach().float().square().mean().sqrt())
+        opt.param_groups[i]["eps"] = eps * max(rms, torch.finfo(torch.float32).tiny)  # an all-zero gradient: no step
 
 
 def adam_step(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, moving: list[Tensor],

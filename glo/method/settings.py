@@ -20,8 +20,9 @@ class Settings:
                                 # search, one sample at a time) | gradfree (follow E(D(z)) - E(x))
     lr: float
     betas: tuple[float, float]  # Adam's
-    eps: float                  # Adam's, per latent element of the sample (so image size does not change it): larger
-                                # moves the elements the loss barely responds to by less than lr per step
+    eps: float                  # Adam's, times the RMS of the sample's first gradient (so neither the loss's scale
+                                # nor the image size changes it): larger moves the elements the loss barely responds
+                                # to by less than lr per step
     anchor: float               # weight of mean(((z - z0) / scale)^2) added to each sample's loss: a pull toward z0
     anchor_to: str              # z0: scale 1 | posterior: scale = the encoder's posterior std over its mean on the
                                 # image (a Mahalanobis pull with the same average strength as z0's)
