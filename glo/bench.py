@@ -30,7 +30,8 @@ from glo.method.fit import fit_batch
 from glo.method.metrics import psnr
 from glo.method.settings import Settings
 from glo.model.hardware import emulated, machine, pick_device, resolve_precision
-from glo.report.render import describe, markdown_table, publish, published_header
+from glo.report.bench_tables import render, tables
+from glo.report.render import markdown_table, publish, published_header
 from glo.store.atomic import save_json, save_text
 
 
@@ -132,9 +133,12 @@ def run_isolated(name: str, common: list[str], overrides: list[str], reference: 
 
 
 def bench(cfg: DictConfig, out: Path) -> dict:
-    common = [f"vae={cfg.vae.name}", "data=folder", f"data.path={cfg.data.path}", f"data.limit={cfg.data.limit}",
-              f"data.size={cfg.data.size}", f"loss={cfg.loss.name}"]
-    common += [f"vae.path={cfg.vae.path}"] if cfg.vae.get("path") else []
+    data = ["data=folder", f"data.path={cfg.data.path}", f"data.limit={cfg.data.limit}", f"data.size={cfg.data.size}",
+            f"loss={cfg.loss.name}"]
+    vaes = list(cfg.family or [cfg.vae.name])  # the family's vaes by name; the one vae with its path, if it has one
+    commons = {v: [f"vae={v}", *data] for v in vaes}
+    commons[vaes[0]] += [f"vae.path={cfg.vae.path}"] if cfg.vae.get("path") and not cfg.family else []
+    common = commons[vaes[0]]
     unknown = sorted(set(cfg.only or ()) - set(cfg.methods))
     if unknown:
         raise GloError(f"only={list(cfg.only)}: no method named {unknown[0]} in conf/bench.yaml")
@@ -142,22 +146,28 @@ def bench(cfg: DictConfig, out: Path) -> dict:
         raise GloError(f"repeats={cfg.repeats}: must be an integer >= 1")
     names = [n for n in cfg.methods if not cfg.only or n in cfg.only]
     for name, overrides in [("reference", cfg.reference), *((n, cfg.methods[n]) for n in names)]:
-        try:  # a mistyped override stops the bench now, not after the rows before it have run for minutes
-            checked = glo_config(common + list(overrides))
-        except COMMAND_LINE_ERRORS as e:
-            raise GloError(f"{name} {list(overrides)}: {one_line(e)}") from None
-        instantiate(checked.engine), instantiate(checked.speed)
+        for vae_common in commons.values():
+            try:  # a mistyped override stops the bench now, not after the rows before it have run for minutes
+                checked = glo_config(vae_common + list(overrides))
+            except COMMAND_LINE_ERRORS as e:
+                raise GloError(f"{name} {list(overrides)}: {one_line(e)}") from None
+            instantiate(checked.engine), instantiate(checked.speed)
     rounds = []  # each round runs every row once, so a row's speedup compares it with the reference of its own round
     for k in range(cfg.repeats):
-        rows = [run_isolated("reference", common, list(cfg.reference), reference=True)]
-        print(markdown_table(rows), flush=True)
-        for name in names:
-            rows.append(run_isolated(name, common, list(cfg.methods[name])))
-            print(f"{name} ({k + 1}/{cfg.repeats}): {rows[-1]['skipped'] or 'measured'}", flush=True)
-        for r in rows:
-            if not r["skipped"]:
-                r["speedup"] = r["images_per_second"] / rows[0]["images_per_second"]
-                r["gain_vs_reference_db"] = r["psnr_gain_mean"] - rows[0]["psnr_gain_mean"]
+        rows = []
+        for vae, vae_common in commons.items():
+            ref = run_isolated("reference", vae_common, list(cfg.reference), reference=True)
+            print(markdown_table([ref]), flush=True)
+            these = [ref, *(run_isolated(name, vae_common, list(cfg.methods[name])) for name in names)]
+            for r in these:
+                r["vae"] = vae
+                if not r["skipped"]:
+                    r["speedup"] = r["images_per_second"] / ref["images_per_second"]
+                    r["gain_vs_reference_db"] = r["psnr_gain_mean"] - ref["psnr_gain_mean"]
+                    r["gain_share_of_reference"] = r["psnr_gain_mean"] / ref["psnr_gain_mean"]
+                    r["hf_share_ratio"] = r["hf_share"] / r["hf_share_encoder"]
+            print(f"{vae} ({k + 1}/{cfg.repeats}): measured", flush=True)
+            rows += these
         rounds.append(rows)
     rows = [median_row(list(same)) for same in zip(*rounds)]
     memory = []
@@ -171,7 +181,7 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     prototype = glo_config(common + list(cfg.reference))
     result = {"date": datetime.now(timezone.utc).isoformat(), "machine": machine(), "decode_backward_seconds": unit,
               "config": {
-        "vae": cfg.vae.name, "loss": cfg.loss.name, "data": dict(cfg.data),
+        "vae": ", ".join(vaes), "loss": cfg.loss.name, "data": dict(cfg.data),
         "reference": {k: prototype[k] for k in ("lr", "max_steps")}, "repeats": cfg.repeats}, "methods": rows,
         "memory": memory}
     save_json(out / "bench.json", result)
@@ -190,46 +200,6 @@ def median_row(runs: list[dict]) -> dict:
         row[k], row[f"{k}_runs"] = float(np.median(values)), values
     row["speedup_range"] = f"{min(row['speedup_runs']):.2f}–{max(row['speedup_runs']):.2f}"
     return row
-
-
-def render(result: dict) -> str:
-    """bench.md: the machine, then the tables."""
-    m = result["machine"]
-    return "\n".join([f"# glo.bench — {result['date'][:10]}", "",
-                      f"Machine: {describe(m)}; {m['platform']}, torch {m['torch']}.", "", tables(result)])
-
-
-def tables(result: dict) -> str:
-    repeats = result["config"]["repeats"]
-    cols = ("method", "images_per_second", "seconds_per_image", "speedup", *(("speedup_range",) if repeats > 1 else ()),
-            "psnr_gain_mean", "gain_vs_reference_db",
-            "improved_fraction", "passes_mean", "drift_distance", "hf_share", "hf_share_encoder",
-            "channel_std_ratio_max", "spread_ratio_max", "precision", "peak_memory_mb", "overrides")
-    c = result["config"]
-    text = [f"VAE `{c['vae']}`, {c['data']['limit']} images from `{c['data']['path']}` at {c['data']['size']} px; "
-            f"reference: per-image Adam, {c['reference']['max_steps']} steps, lr {c['reference']['lr']}, fp32, batch 1 "
-            "(experiment=prototype).", "",
-            f"One fp32 decode + backward, batch 1, at {c['data']['size']} px: "
-            f"{result['decode_backward_seconds']:.3f} s (median of 5).", "",
-            *([f"Every row ran {repeats} times, interleaved with the reference; times and speedups are medians, "
-               "each speedup against the reference of its own round, with the range over rounds.", ""]
-              if repeats > 1 else []),
-            markdown_table([{k: r.get(k, "—") for k in cols} for r in result["methods"]]), ""]
-    by_name = {r["method"]: r for r in result["methods"] if not r["skipped"]}
-    if "default" in by_name and "prototype_eps1" in by_name:  # the speed target reads against the bounded loop
-        d, b = by_name["default"], by_name["prototype_eps1"]
-        text += [f"The default against the prototype's loop under the same drift limit (prototype_eps1): "
-                 f"{d['images_per_second'] / b['images_per_second']:.2f}× its images per second, "
-                 f"{d['psnr_gain_mean'] - b['psnr_gain_mean']:+.3f} dB; against the prototype itself (reference): "
-                 f"{d['speedup']:.2f}×, {d['gain_vs_reference_db']:+.3f} dB.", ""]
-    skipped = [r for r in result["methods"] if r["skipped"]]
-    if skipped:
-        names = ", ".join(r["method"] for r in skipped)
-        text += [f"Not measured on this machine: {names} ({skipped[0]['skipped'].removeprefix('not measured: ')}).", ""]
-    if result["memory"]:
-        keys = ("method", "peak_memory_mb", "seconds_per_image", "overrides")
-        text += ["Peak memory:", "", markdown_table([{k: r[k] for k in keys} for r in result["memory"]]), ""]
-    return "\n".join(text)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")

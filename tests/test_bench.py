@@ -132,3 +132,25 @@ def test_the_unit_cost_is_timed_on_the_vaes_own_latent_channels(channels):
     from glo.bench import decode_backward_seconds
 
     assert decode_backward_seconds(["vae=tiny_random", f"vae.config.latent_channels={channels}"], 16, repeats=1) > 0
+
+
+@pytest.mark.slow
+def test_a_family_bench_measures_each_vae_against_its_own_reference(tmp_path):
+    out = tmp_path / "bench"
+    p = run_glo(f"data.path={smooth_images(tmp_path / 'images', 2)}", "data.limit=2", "data.size=32",
+                "family=[tiny_random,standin_half]", 'reference=["experiment=prototype","max_steps=5"]',
+                "only=[default]", f"hydra.run.dir={out}", module="glo.bench")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((out / "bench.json").read_text())["methods"]
+    assert [(r["vae"], r["method"]) for r in rows] == [(v, m) for v in ("tiny_random", "standin_half")
+                                                       for m in ("reference", "default")]
+    for ref, default in (rows[:2], rows[2:]):  # each VAE's default reads against that VAE's reference
+        assert ref["speedup"] == 1.0 and default["speedup"] == pytest.approx(
+            default["images_per_second"] / ref["images_per_second"])
+        assert default["gain_share_of_reference"] == pytest.approx(default["psnr_gain_mean"] / ref["psnr_gain_mean"])
+        assert default["hf_share_ratio"] == pytest.approx(default["hf_share"] / default["hf_share_encoder"])
+    assert rows[0]["psnr_gain_mean"] != rows[2]["psnr_gain_mean"]  # two VAEs, not one measured twice
+    md = (out / "bench.md").read_text()
+    family = md[md.index("The default on each VAE"):]
+    assert f"| tiny_random | {rows[1]['gain_share_of_reference']:.4g} |" in family
+    assert f"| standin_half | {rows[3]['gain_share_of_reference']:.4g} |" in family

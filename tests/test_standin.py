@@ -10,7 +10,7 @@ from glo.method.engine import optimize
 from glo.method.losses import PixelLoss
 from glo.method.metrics import psnr
 from glo.standin import ASSETS
-from tests.conftest import ROOT, photos, settings
+from tests.conftest import ROOT, photos, run_config, settings
 
 CARD = ASSETS / "standin_vae" / "README.md"
 
@@ -49,3 +49,26 @@ def test_reconstruction_and_optimization_on_a_photo(standin):
     with torch.no_grad():
         after = float(psnr(standin.decode(r.latents), x))
     assert after - before > 0.5
+
+
+OFFLINE_VAES = ["standin", "standin_rotated", "standin_half", "family_all4"]
+
+
+@pytest.mark.parametrize("name", OFFLINE_VAES)
+def test_every_shipped_or_derived_vae_loads_offline_with_the_scaling_factor_its_card_states(monkeypatch, name):
+    """Each VAE the defaults are chosen on: its weights ship (or derive from weights that ship), and the scaling
+    factor it loads with is its model card's (times latent_scale for a derived one)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = run_config(f"vae={name}").vae
+    vae = instantiate(cfg)
+    card = (ASSETS / cfg.asset / "README.md").read_text()
+    stated = float(re.search(r"`scaling_factor` ([0-9.]+)", card).group(1))
+    assert vae.scaling_factor == pytest.approx(stated * cfg.get("latent_scale", 1.0), rel=1e-6)
+    assert vae.encode(photos(1)).shape == (1, 4, 8, 8)
+
+
+def test_the_vaes_offline_are_those_the_configs_ship():
+    """A new asset-backed vae config without a card (or a test) fails here."""
+    shipped = sorted(p.stem for p in (ROOT / "conf/vae").glob("*.yaml")
+                     if OmegaConf.load(p).get("asset") or "standin" in OmegaConf.load(p).get("defaults", []))
+    assert shipped == sorted(OFFLINE_VAES)

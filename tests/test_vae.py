@@ -16,7 +16,7 @@ import glo.model.vae
 from glo import GloError
 from glo.model.hardware import pick_device
 from glo.model.vae import load_vae
-from tests.conftest import ROOT, photos, run_glo
+from tests.conftest import ROOT, VAE_FP32_ATOL, photos, run_glo
 
 
 def test_encode_decode_shapes_and_scaling(tiny_vae):
@@ -216,3 +216,24 @@ def test_missing_cuda_says_whether_torch_lacks_it_or_the_machine_does(monkeypatc
     with pytest.raises(GloError, match=f"^device=cuda: torch {re.escape(torch.__version__)} {why}; "
                                        f"use device=auto or device=cpu, or {re.escape(fix)}$"):
         pick_device("cuda")
+
+
+def test_a_vae_in_rotated_or_rescaled_latent_coordinates_decodes_what_the_original_decodes(tiny_vae):
+    """The derivation is right: the rotated VAE's latents are an orthogonal map of the original's, the rescaled
+    one's a multiple, and both decode to the original's images (within one fp32 pass of rounding)."""
+    x = photos(2)
+    cfg = OmegaConf.load(ROOT / "conf/vae/tiny_random.yaml")
+    rotated = instantiate(cfg, rotation_seed=0)
+    half = instantiate(cfg, latent_scale=0.5)
+    z, zr, zh = tiny_vae.encode(x), rotated.encode(x), half.encode(x)
+    with torch.no_grad():
+        reference = tiny_vae.decode(z)
+        assert torch.allclose(rotated.decode(zr), reference, atol=VAE_FP32_ATOL)
+        assert torch.allclose(half.decode(zh), reference, atol=VAE_FP32_ATOL)
+    assert (zr - z).abs().max() > 0.1  # other coordinates ...
+    cells = lambda t: t.flatten(2).transpose(1, 2).reshape(-1, 4)
+    rot = torch.linalg.lstsq(cells(z), cells(zr)).solution
+    assert torch.allclose(rot.T @ rot, torch.eye(4), atol=1e-4)  # ... by an orthogonal map
+    assert torch.equal(zh, 0.5 * z) and half.scaling_factor == 0.5 * tiny_vae.scaling_factor
+    with pytest.raises(GloError, match="latent_scale=0: must be a number > 0"):
+        load_vae("tiny", config=OmegaConf.to_container(cfg.config), latent_scale=0)

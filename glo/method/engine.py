@@ -89,9 +89,7 @@ def optimize(
                 if s.anderson:  # gradfree's steps are not the loss's gradient: not mixed (not measured)
                     anderson(zs, history, active, going, pred, target, weight, moved, s.anchor, z0[0].numel(),
                              s.anderson)
-            if t == 0:
-                scale_eps(opt, zs, [active[j] for j in going], s.eps)
-            adam_step(opt, sched, [zs[active[j]] for j in going], channel_lr)
+            adam_step(opt, sched, zs, [active[j] for j in going], channel_lr, s.eps if t == 0 else None)
         active = [active[j] for j in going]
         if on_step and t < s.max_steps:
             finite = values[torch.isfinite(values)]
@@ -139,26 +137,24 @@ def make_objective(decode: Callable[[Tensor], Tensor], z0: Tensor, target: Tenso
 
 
 def adam(zs: list[Tensor], s: Settings) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
-    """One Adam over every sample's latent, each in its own group so that each gets its own eps (scale_eps),
+    """One Adam over every sample's latent, each in its own group so that each gets its own eps (adam_step),
     with the learning-rate schedule."""
     opt = torch.optim.Adam([{"params": [z]} for z in zs], lr=s.lr, betas=s.betas, eps=s.eps)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, s.max_steps, s.schedule,
                                                                            s.warmup_steps))
 
 
-def scale_eps(opt: torch.optim.Adam, zs: list[Tensor], moving: list[int], eps: float) -> None:
-    """Set each sample's Adam eps to `eps` times the RMS of its first gradient. Adam(k*g, k*eps) == Adam(g, eps), so
-    the result no longer depends on the loss's scale (a VAE's decoder gain, L1 or L2, the image size, how far the
-    image is from its reconstruction): elements whose gradient is well below the image's typical one barely move."""
-    for i in moving:
+def adam_step(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, zs: list[Tensor],
+              idx: list[int], channel_lr: Tensor | None, first_eps: float | None) -> None:
+    """One Adam update of the latents zs[idx], which have a gradient; with channel_lr, each channel moves its
+    multiple of Adam's step. At the first step (first_eps), each sample's eps becomes first_eps times the RMS of its
+    first gradient: Adam(k*g, k*eps) == Adam(g, eps), so the result does not depend on the loss's scale (a decoder's
+    gain, L1 or L2, the image size, how far the image is from its reconstruction), and elements whose gradient is well
+    below the image's typical one barely move."""
+    moving = [zs[i] for i in idx]
+    for i in idx if first_eps is not None else ():
         rms = float(zs[i].grad.detach().float().square().mean().sqrt())
-        opt.param_groups[i]["eps"] = eps * max(rms, torch.finfo(torch.float32).tiny)  # an all-zero gradient: no step
-
-
-def adam_step(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, moving: list[Tensor],
-              channel_lr: Tensor | None) -> None:
-    """One Adam update of the latents that have a gradient; with channel_lr, each channel moves its multiple of
-    Adam's step."""
+        opt.param_groups[i]["eps"] = first_eps * max(rms, torch.finfo(torch.float32).tiny)  # all-zero: no step
     before = [z.detach().clone() for z in moving] if channel_lr is not None else []
     opt.step()
     sched.step()

@@ -16,7 +16,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import logging as hub_logging
 from torch import Tensor, nn
 
-from glo import GloError
+from glo import GloError, is_number
 from glo.standin import ASSETS
 
 if TYPE_CHECKING:
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from glo.model.hardware import Speed
 
 log = logging.getLogger("glo")
-
-
 
 
 class FrozenVAE(nn.Module):
@@ -78,12 +76,47 @@ class FrozenVAE(nn.Module):
                 "shift_factor": self.shift_factor}
 
 
-
-
 def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = None, path: str | None = None,
-             asset: str | None = None, config: dict | None = None, seed: int = 0) -> FrozenVAE:
+             asset: str | None = None, config: dict | None = None, seed: int = 0, rotation_seed: int | None = None,
+             latent_scale: float = 1.0) -> FrozenVAE:
     """Build the VAE a config names: a local directory or weights file (`path`, a file in `config`'s architecture)
-    wins, then weights shipped in glo/standin (`asset`), then a random `config`, then a hub id."""
+    wins, then weights shipped in glo/standin (`asset`), then a random `config`, then a hub id. rotation_seed and
+    latent_scale derive a variant of it (`derive`), to check that glo's defaults do not depend on its coordinates."""
+    vae = _load(name, pretrained, subfolder, path, asset, config, seed)
+    if rotation_seed is not None or latent_scale != 1.0:
+        derive(vae, rotation_seed, latent_scale)
+    return vae
+
+
+def derive(vae: FrozenVAE, rotation_seed: int | None, latent_scale: float) -> None:
+    """The same VAE in other latent coordinates, images in and out unchanged: the latent mean mixed by a random
+    orthogonal 4x4 map (seeded) folded into quant_conv and post_quant_conv, and latents latent_scale times as large
+    in SD units (the scaling factor times latent_scale, as when a VAE's factor was not fitted to its latents). The
+    posterior's log-variance is left as it is: a diagonal posterior cannot be rotated (anchor_to=posterior reads it
+    in the original coordinates)."""
+    if not (is_number(latent_scale) and latent_scale > 0):
+        raise GloError(f"vae.latent_scale={latent_scale!r}: must be a number > 0")
+    if rotation_seed is not None:
+        if vae.shift_factor:  # a shift applies to every channel alike and would not commute with the rotation
+            raise GloError(f"vae '{vae.name}': rotation_seed needs a VAE without a shift_factor")
+        c = vae.model.config.latent_channels
+        q, r = torch.linalg.qr(torch.randn(c, c, generator=torch.Generator().manual_seed(rotation_seed),
+                                           dtype=torch.float64))
+        rot = (q * torch.sign(torch.diagonal(r))).float()  # uniformly distributed over the orthogonal maps
+        with torch.no_grad():
+            quant, post = vae.model.quant_conv, vae.model.post_quant_conv
+            quant.weight[:c] = torch.einsum("ij,jkxy->ikxy", rot, quant.weight[:c])
+            quant.bias[:c] = rot @ quant.bias[:c]
+            post.weight.copy_(torch.einsum("ijxy,kj->ikxy", post.weight, rot))  # W R^T: post(R z) = post(z)
+        vae.source += f" rotated:{rotation_seed}"
+    if latent_scale != 1.0:
+        vae.scaling_factor *= latent_scale
+        vae.model.register_to_config(scaling_factor=vae.scaling_factor)
+        vae.source += f" scaled:{latent_scale:g}"
+
+
+def _load(name: str, pretrained: str | None, subfolder: str | None, path: str | None, asset: str | None,
+          config: dict | None, seed: int) -> FrozenVAE:
     if path:
         model = _from_file(Path(path), config) if Path(path).is_file() else _from_directory(Path(path))
         return FrozenVAE(model, name, str(Path(path).resolve()))
