@@ -31,6 +31,18 @@ def test_bad_weights_are_rejected(w1, w2):
         PixelLoss("bad", l1=w1, l2=w2)
 
 
+@pytest.mark.parametrize("scale", [0, -1.0, "abc", float("nan")])
+def test_a_bad_scale_is_rejected(scale):
+    with pytest.raises(GloError, match=f"loss.scale={scale!r}: must be a number > 0"):
+        PixelLoss("l2", l1=0.0, l2=1.0, scale=scale)
+
+
+def test_scale_multiplies_the_loss():
+    pred, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    plain, scaled = PixelLoss("l1_l2", 0.5, 0.5), PixelLoss("l1_l2", 0.5, 0.5, scale=8.0)
+    assert torch.equal(scaled(pred, target), 8.0 * plain(pred, target))
+
+
 @pytest.mark.parametrize("w1,w2", [(1.0, 0.0), (0.0, 0.5), (0, 2)])
 def test_any_non_negative_weights_are_allowed(w1, w2):
     loss = PixelLoss("ok", l1=w1, l2=w2)

@@ -38,13 +38,17 @@ def l2(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
 
 
 class PixelLoss(nn.Module):
-    """A weighted sum of L1 and L2 on the raw decoder output (never clamped: clamping kills gradients)."""
+    """A weighted sum of L1 and L2 on the raw decoder output (never clamped: clamping kills gradients). `scale`
+    multiplies the whole loss, which changes no result (the engine's steps do not depend on the loss's scale):
+    glo.bench's loss-scale rows check that it does not."""
 
-    def __init__(self, name: str, l1: float, l2: float) -> None:
+    def __init__(self, name: str, l1: float, l2: float, scale: float = 1.0) -> None:
         super().__init__()
         if not (is_number(l1) and is_number(l2) and l1 >= 0 and l2 >= 0 and l1 + l2 > 0):
             raise GloError(f"loss '{name}': weights must be numbers >= 0 and not both 0 (l1={l1!r}, l2={l2!r})")
-        self.name, self.w1, self.w2 = name, l1, l2
+        if not (is_number(scale) and scale > 0):
+            raise GloError(f"loss.scale={scale!r}: must be a number > 0")
+        self.name, self.w1, self.w2 = name, l1 * scale, l2 * scale
 
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         loss = 0.0
