@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from glo import GloError
 from glo.method.anderson import mix
@@ -11,7 +13,7 @@ from glo.method.engine import optimize
 from glo.method.fit import fit_batch
 from glo.method.losses import PixelLoss
 from glo.method.metrics import psnr
-from tests.conftest import VAE_FP32_ATOL, adam_fp32_tol, photos, settings
+from tests.conftest import ROOT, VAE_FP32_ATOL, adam_fp32_tol, photos, settings
 
 L2 = PixelLoss("l2", l1=0.0, l2=1.0)
 
@@ -432,3 +434,26 @@ def test_multiplying_the_loss_changes_nothing(tiny_vae, loss, masked, size):
     # ulps, but they stay orders of magnitude below the displacement an unscaled eps changes
     for k in (1e-3, 1e3):
         assert (fitted(k) - one).abs().max() < 1e-2 * (one - z0).abs().max(), k
+
+
+def test_whitened_coordinates_make_the_result_independent_of_the_vaes_channel_coordinates(tiny_vae):
+    """coords=whitened on a VAE whose latent channels are rotated or rescaled returns the original's latents, rotated
+    or rescaled: the defaults cannot lean on which axes a VAE's channels lie along. Adam on the channels cannot."""
+    cfg, x = OmegaConf.load(ROOT / "conf/vae/tiny_random.yaml"), photos(2)
+    rotated, half = instantiate(cfg, rotation_seed=0), instantiate(cfg, latent_scale=0.5)
+    z0, zr0 = tiny_vae.encode(x), rotated.encode(x)
+    cells = lambda t: t.flatten(2).transpose(1, 2).reshape(-1, 4)
+    rot = torch.linalg.lstsq(cells(z0), cells(zr0)).solution  # z_rotated = z @ rot, cell by cell
+    rotate = lambda z: (cells(z) @ rot).view(2, 8, 8, 4).permute(0, 3, 1, 2)
+    fit = lambda vae, coords: optimize(vae.decode, vae.encode(x), x, L2, settings(coords=coords)).latents
+    white, moved = fit(tiny_vae, "whitened"), (fit(tiny_vae, "whitened") - z0).abs().max()
+    tol = 1e-3 * moved  # fp32 rounding of the rotated passes, carried by Adam's normalization (a whole step: ~moved)
+    assert (fit(rotated, "whitened") - rotate(white)).abs().max() < tol
+    assert (fit(half, "whitened") - 0.5 * white).abs().max() < 0.5 * tol
+    assert (fit(rotated, "channels") - rotate(fit(tiny_vae, "channels"))).abs().max() > 100 * tol
+
+
+def test_whitened_coordinates_refuse_what_takes_no_adam_step_on_them():
+    for bad in (dict(optim="lbfgs"), dict(optim="gradfree"), dict(channel_lr=(8, 1, 1, 1))):
+        with pytest.raises(GloError, match="coords=whitened: takes Adam steps on mixed channels"):
+            settings(coords="whitened", **bad)

@@ -15,7 +15,7 @@ Plain PyTorch: no Lightning, no disk.
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Callable
 
 import torch
@@ -26,6 +26,7 @@ from glo.method.anderson import anderson
 from glo.method.lbfgs import lbfgs
 from glo.method.samples import Result, Samples
 from glo.method.settings import SCHEDULES, Settings
+from glo.method.whiten import principal_basis, to_coords, to_latent
 from glo.model.hardware import PRECISIONS
 
 # A per-pixel mean's gradient, ~2 * error / pixels, is below fp16's range at SD sizes: the latents' gradient came out
@@ -58,7 +59,9 @@ def optimize(
     """
     gradfree = s.optim == "gradfree"
     check(s, z0, encode, z0_std)
-    objective, low_precision = make_objective(decode, z0, target, loss_fn, s, weight, z0_std)
+    basis = principal_basis(z0) if s.coords == "whitened" else None
+    objective, low_precision = make_objective(decode, z0, target, loss_fn, s, weight, z0_std, basis)
+    z0 = z0 if basis is None else to_coords(basis, z0)  # Adam moves the coordinates u of z = M u; Result: latents
     if s.optim == "lbfgs":
         parts = [lbfgs(objective, z0[i : i + 1], i, s, on_step) for i in range(len(z0))]
         return Result(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Result)))
@@ -83,9 +86,7 @@ def optimize(
                     for j, r in zip(going, encode(pred[going]).float() - z0[[active[j] for j in going]]):
                         zs[active[j]].grad = r
             else:
-                losses[going].sum().backward()
-                for j in set(range(len(active))) - set(going):
-                    zs[active[j]].grad = None  # stopped samples must not take this update
+                backward(zs, losses, active, going)
                 if s.anderson:  # gradfree's steps are not the loss's gradient: not mixed (not measured)
                     anderson(zs, history, active, going, pred, target, weight, moved, s.anchor, z0[0].numel(),
                              s.anderson)
@@ -94,7 +95,14 @@ def optimize(
         if on_step and t < s.max_steps:
             finite = values[torch.isfinite(values)]
             on_step(t, len(active), float(finite.mean()) if len(finite) else float("nan"))
-    return book.result()
+    return book.result() if basis is None else replace(book.result(), latents=to_latent(basis, book.best))
+
+
+def backward(zs: list[Tensor], losses: Tensor, active: list[int], going: list[int]) -> None:
+    """The gradients of the samples still going; the stopped ones get none, so they take no update."""
+    losses[going].sum().backward()
+    for j in set(range(len(active))) - set(going):
+        zs[active[j]].grad = None
 
 
 def check(s: Settings, z0: Tensor, encode: Callable | None, z0_std: Tensor | None) -> None:
@@ -112,9 +120,10 @@ def check(s: Settings, z0: Tensor, encode: Callable | None, z0_std: Tensor | Non
 
 
 def make_objective(decode: Callable[[Tensor], Tensor], z0: Tensor, target: Tensor, loss_fn: Callable[..., Tensor],
-                   s: Settings, weight: Tensor | None, z0_std: Tensor | None) -> tuple[Objective, torch.autocast]:
-    """The per-sample loss of latents z (the samples idx), with their decodes in fp32 and the anchor's
-    displacement; and the decoder's autocast, which s.precision sets."""
+                   s: Settings, weight: Tensor | None, z0_std: Tensor | None,
+                   basis: Tensor | None = None) -> tuple[Objective, torch.autocast]:
+    """The per-sample loss of latents z (the samples idx; with a basis, their coordinates in it), with their decodes
+    in fp32 and the anchor's displacement; and the decoder's autocast, which s.precision sets."""
     autocast = PRECISIONS[s.precision]
     low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
     grad_scale = FP16_GRAD_SCALE if autocast is torch.float16 else 1.0
@@ -123,6 +132,7 @@ def make_objective(decode: Callable[[Tensor], Tensor], z0: Tensor, target: Tenso
         z0_std = z0_std / z0_std.mean((1, 2, 3), keepdim=True)
 
     def objective(z: Tensor, idx: list[int]) -> tuple[Tensor, Tensor, Tensor | None]:
+        z = z if basis is None else to_latent(basis[idx], z)
         with low_precision:
             pred = decode(_ScaleGrad.apply(z, 1 / grad_scale)).float()
         pred = _ScaleGrad.apply(pred, grad_scale)

@@ -9,6 +9,7 @@ from glo.model.hardware import check_precision
 OPTIMS = ("adam", "gradfree", "lbfgs")
 SCHEDULES = ("constant", "cosine")
 ANCHORS = ("z0", "posterior")
+COORDS = ("channels", "whitened")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Settings:
                                 # least squares extrapolated linearly, is smallest (Anderson acceleration);
                                 # optim=adam only
     channel_lr: tuple[float, ...] | None  # one multiplier of Adam's step per latent channel, or None (all 1);
+                                # optim=adam only
+    coords: str                 # channels: Adam on each latent element | whitened: on each latent's coordinates along
+                                # its principal channel directions, in units of its spread (glo.method.whiten);
                                 # optim=adam only
     schedule: str               # constant | cosine (to 0 at max_steps)
     warmup_steps: int
@@ -71,6 +75,10 @@ class Settings:
             (self.channel_lr is None or self.optim == "adam", f"channel_lr: optim={self.optim} takes no Adam steps"),
             (self.anchor_to in ANCHORS, f"anchor_to={self.anchor_to}: must be one of {', '.join(ANCHORS)}"),
             (self.optim in OPTIMS, f"optim={self.optim}: must be one of {', '.join(OPTIMS)}"),
+            (self.coords in COORDS, f"coords={self.coords}: must be one of {', '.join(COORDS)}"),
+            (self.coords == "channels" or (self.optim == "adam" and self.channel_lr is None),
+             f"coords=whitened: takes Adam steps on mixed channels (optim=adam, channel_lr=null), not "
+             f"optim={self.optim} channel_lr={self.channel_lr}"),
             (self.schedule in SCHEDULES, f"schedule={self.schedule}: must be one of {', '.join(SCHEDULES)}"),
         ):
             if not ok:
