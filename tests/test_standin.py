@@ -51,7 +51,7 @@ def test_reconstruction_and_optimization_on_a_photo(standin):
     assert after - before > 0.5
 
 
-OFFLINE_VAES = ["standin", "standin_rotated", "standin_half", "family_all4"]
+OFFLINE_VAES = ["standin", "standin_rotated", "standin_half", "family_all4", "family_kl1e4"]
 
 
 @pytest.mark.parametrize("name", OFFLINE_VAES)
