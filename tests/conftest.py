@@ -60,6 +60,12 @@ def settings(**changes) -> Settings:
     return replace(_default_settings(), **{"precision": "fp32", **changes})
 
 
+def channel_map(z: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
+    """The (C,C) matrix A with mapped = z @ A cell by cell (latents (B,C,h,w)), by least squares."""
+    cells = lambda t: t.flatten(2).transpose(1, 2).reshape(-1, t.shape[1])
+    return torch.linalg.lstsq(cells(z), cells(mapped)).solution
+
+
 def photos(n: int, size: int = 64) -> torch.Tensor:
     """(n,3,size,size) in [-1,1] from the photos scikit-image ships."""
     ds = SampleDataset(size=size, limit=n)
