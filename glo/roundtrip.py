@@ -27,9 +27,10 @@ from glo import GloError
 from glo.app.cli import command_line, hydra_main, one_line_errors
 from glo.app.config import absolute_paths, load_model, validate
 from glo.data.masks import batch_holes
+from glo.data.pixels import to_8bit
 from glo.method.fit import fit
 from glo.method.losses import PixelLoss
-from glo.method.metrics import known_psnr, psnr
+from glo.method.metrics import psnr, region_psnr
 from glo.method.settings import Settings
 from glo.model.hardware import machine, resolve_precision
 from glo.model.vae import FrozenVAE
@@ -37,11 +38,6 @@ from glo.report.render import markdown_table, publish, published_header, save_fi
 from glo.store.atomic import save_json, save_text
 
 SCORES = ("plain_known", "glo_known", "plain_whole", "glo_whole")
-
-
-def to_8bit(x: Tensor) -> Tensor:
-    """What saving as an 8-bit image keeps: clamped to [-1,1] and rounded to 256 levels."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
 
 def chains(vae: FrozenVAE, loss: PixelLoss, settings: Settings, x: Tensor, known: Tensor, known_only: bool,
@@ -54,7 +50,7 @@ def chains(vae: FrozenVAE, loss: PixelLoss, settings: Settings, x: Tensor, known
             plain = to_8bit(vae.decode(vae.encode(plain)))
         ours = to_8bit(fit(vae, ours, settings, loss, weight=known if known_only else None)[3])
         for name, y in (("plain", plain), ("glo", ours)):
-            scores[f"{name}_known"].append(known_psnr(y, x, known).cpu())
+            scores[f"{name}_known"].append(region_psnr(y, x, known).cpu())
             scores[f"{name}_whole"].append(psnr(y, x).cpu())
     return {k: torch.stack(v) for k, v in scores.items()}
 

@@ -15,7 +15,7 @@ from glo import GloError
 from glo.data.images import SampleDataset
 from glo.evaluate import main as evaluate_main
 from glo.latents import load_latents
-from glo.method.metrics import known_psnr, mae, ms_ssim, psnr, ssim
+from glo.method.metrics import mae, ms_ssim, psnr, region_psnr, ssim
 from glo.model.vae import FrozenVAE
 from glo.report.evaluation import upscaling
 from glo.report.grids import comparison_grid, error_map
@@ -129,7 +129,7 @@ def test_known_psnr_is_the_noise_on_the_known_pixels_whatever_the_hole_holds():
     sign = torch.randint(0, 2, target.shape).float() * 2 - 1
     pred = target + 0.02 * sign  # exactly 0.01 off in [0,1] units on every pixel -> 40 dB
     pred = torch.where(known > 0, pred, torch.rand_like(pred) * 2 - 1)  # garbage in the hole
-    assert known_psnr(pred, target, known) == pytest.approx(torch.full((2,), 40.0), abs=1e-3)
+    assert region_psnr(pred, target, known) == pytest.approx(torch.full((2,), 40.0), abs=1e-3)
 
 
 def test_an_all_hole_mask_has_no_known_psnr_and_is_left_out_of_the_means():
@@ -137,7 +137,7 @@ def test_an_all_hole_mask_has_no_known_psnr_and_is_left_out_of_the_means():
     pred, target = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.02)
     known = torch.ones(2, 1, 8, 8)
     known[1] = 0
-    scores = known_psnr(pred, target, known)
+    scores = region_psnr(pred, target, known)
     assert scores[0] == pytest.approx(40.0, abs=1e-3) and torch.isnan(scores[1])
     s = summarize(rows(3, psnr_known_initial=np.array([10.0, np.nan, 14]), psnr_known_final=np.array([11.0, np.nan, 13])))
     assert s["psnr_known_initial_mean"] == 12.0 and s["psnr_known_final_mean"] == 12.0

@@ -76,3 +76,8 @@ def open_image(path: Path, size: int | None = None) -> tuple[Image.Image, tuple[
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GloError(f"{path}: not a readable image ({why})") from None
+
+
+def to_8bit(x: Tensor) -> Tensor:
+    """What saving as an 8-bit image keeps: clamped to [-1,1] and rounded to 256 levels."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1

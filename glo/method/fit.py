@@ -18,7 +18,7 @@ from torch import Tensor
 
 from glo.method.drift import drift
 from glo.method.engine import optimize
-from glo.method.metrics import METRICS, known_psnr
+from glo.method.metrics import METRICS, region_psnr
 from glo.method.samples import Result
 from glo.method.settings import Settings
 from glo.model.vae import FrozenVAE
@@ -81,8 +81,8 @@ def fit_batch(vae: FrozenVAE, x: Tensor, s: Settings, loss: Callable[..., Tensor
             "initial_masked_latents": z0[n:].float().cpu().numpy(),
             "masked_steps": r.steps[n:].numpy(),
             "masked_passes": r.passes[n:].numpy(),
-            "psnr_known_initial": known_psnr(decoded0[n:], x, known).cpu().numpy(),
-            "psnr_known_final": known_psnr(decoded1[n:], x, known).cpu().numpy(),
+            "psnr_known_initial": region_psnr(decoded0[n:], x, known).cpu().numpy(),
+            "psnr_known_final": region_psnr(decoded1[n:], x, known).cpu().numpy(),
         })
     return Fitted(out, x0, x1)
 

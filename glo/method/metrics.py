@@ -52,11 +52,29 @@ def mae(pred: Tensor, target: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def known_psnr(pred: Tensor, target: Tensor, known: Tensor) -> Tensor:
-    """PSNR in dB over the pixels where known (B,1,H,W) > 0: the region an inpainting pass must keep; NaN for an
-    image with no known pixel (an all-hole mask), which has no such region to score."""
-    mse = weighted_mean((_unit(pred) - _unit(target)).square(), known)
-    return torch.where(known.flatten(1).gt(0).any(1), 10 * torch.log10(1 / mse), float("nan"))
+def region_psnr(pred: Tensor, target: Tensor, region: Tensor) -> Tensor:
+    """PSNR in dB over the pixels where region (B,1,H,W) > 0 (the known region an inpainting pass must keep, its
+    hole, a seam band); NaN for an image whose region is empty (an all-hole mask's known region)."""
+    mse = weighted_mean((_unit(pred) - _unit(target)).square(), region)
+    return torch.where(region.flatten(1).gt(0).any(1), 10 * torch.log10(1 / mse), float("nan"))
+
+
+@torch.no_grad()
+def region_ssim(pred: Tensor, target: Tensor, region: Tensor) -> Tensor:
+    """SSIM (11-px Gaussian window) averaged over the pixels where region (B,1,H,W) > 0; NaN where it is empty.
+    Each pixel's SSIM looks at its window, so pixels next to the region's edge also see what lies beyond it."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _, full = structural_similarity_index_measure(_unit(pred), _unit(target), data_range=1.0, reduction="none",
+                                                  return_full_image=True)
+    return torch.where(region.flatten(1).gt(0).any(1), weighted_mean(full, region.float()), float("nan"))
+
+
+def seam_band(hole: Tensor, width: int) -> Tensor:
+    """(B,1,H,W) bool: the known pixels within `width` pixels (Chebyshev) of the hole, where an inpainted hole
+    meets the kept image and pasted-back pixels show their edge."""
+    near = torch.nn.functional.max_pool2d(hole.float(), 2 * width + 1, stride=1, padding=width) > 0
+    return near & ~hole.bool()
 
 
 # What every exported row carries, before and after (fit scores them on the decodes it already has, so a report

@@ -9,7 +9,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 from huggingface_hub.errors import RepositoryNotFoundError
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from glo.model.hardware import Speed
 
 log = logging.getLogger("glo")
+T = TypeVar("T")
 
 
 class FrozenVAE(nn.Module):
@@ -179,24 +180,31 @@ def _from_file(path: Path, config: dict | None) -> AutoencoderKL:
 
 
 def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:
-    """Prefer the local Hugging Face cache; go online only when allowed."""
+    return from_hub(lambda **kw: _pretrained(repo, subfolder=subfolder, **kw), f"VAE '{name}'", repo, "vae",
+                    "a diffusers VAE directory")
+
+
+def from_hub(load: Callable[..., T], what: str, repo: str, key: str, directory: str) -> T:
+    """`load(**kwargs)` from the local Hugging Face cache if it is there, else online when allowed; every failure is
+    one line naming `what`, `repo` and the offline alternative `{key}.path=DIR` (a `directory`)."""
+    hub_logging.set_verbosity_error()  # no "Retrying in 8s" lines while the hub is unreachable
     try:
-        return _pretrained(repo, subfolder=subfolder, local_files_only=True)
+        return load(local_files_only=True)
     except OSError:
         pass
-    fix = (f"cannot load VAE '{name}' ({repo}): not in the Hugging Face cache and the hub is unreachable; "
-           f"download it where there is network, or pass vae.path=DIR (a diffusers VAE directory)")
+    fix = (f"cannot load {what} ({repo}): not in the Hugging Face cache and the hub is unreachable; "
+           f"download it where there is network, or pass {key}.path=DIR ({directory})")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "on", "true", "yes"):  # huggingface_hub's spellings
         raise GloError(fix)
     # Unreachable, the hub retries for tens of seconds before it gives up: say what the wait is
     log.info("%s is not in the Hugging Face cache: downloading it (HF_HUB_OFFLINE=1 fails at once when offline)", repo)
     try:
-        return _pretrained(repo, subfolder=subfolder)
+        return load()
     except OSError as e:
         if isinstance(e.__context__, RepositoryNotFoundError):  # the hub answered: no such repository, for you
-            raise GloError(f"cannot load VAE '{name}': the Hugging Face hub has no repository {repo} you may read "
+            raise GloError(f"cannot load {what}: the Hugging Face hub has no repository {repo} you may read "
                            f"(removed, renamed, or gated: accept its terms and log in with `hf auth login`); set "
-                           f"vae.pretrained=REPO, or pass vae.path=DIR") from None
+                           f"{key}.pretrained=REPO, or pass {key}.path=DIR") from None
         raise GloError(fix) from None
 
 
@@ -205,7 +213,6 @@ def _pretrained(source: str | Path, **kwargs) -> AutoencoderKL:
     advice about optional packages: failures get our own one line."""
     from diffusers import AutoencoderKL
 
-    hub_logging.set_verbosity_error()  # no "Retrying in 8s" lines while the hub is unreachable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False, torch_dtype=torch.float32, **kwargs)

@@ -83,23 +83,26 @@ def histogram_figure(values: np.ndarray, xlabel: str, title: str) -> Figure:
     return fig
 
 
-def grid_figure(rows: list[dict[str, Any]]) -> Figure:
-    """Per row: input | initial decode | optimized decode | both |error| maps on one shared colour scale.
+def grid_figure(rows: list[dict[str, Any]], labels: tuple[str, str] = ("initial decode", "optimized decode")
+                ) -> Figure:
+    """Per row: input | mask, where a row has one | two outputs (`initial`, `optimized`, named by `labels`) |
+    both |error| maps on one shared colour scale.
 
-    Each row dict holds `title` and HWC float images in [0,1]: `input`, `initial`, `optimized`.
+    Each row dict holds `title` and HWC float images in [0,1]: `input`, `initial`, `optimized` and maybe `mask`.
     """
-    fig, axes = plt.subplots(len(rows), 5, figsize=(15, 3.2 * len(rows)), squeeze=False, layout="constrained")
+    shown_first = ["input", *(["mask"] if "mask" in rows[0] else []), "initial", "optimized"]
+    names = ["input", *(["mask"] if "mask" in rows[0] else []), *labels, *(f"|error| {k}" for k in labels)]
+    fig, axes = plt.subplots(len(rows), len(names), figsize=(3 * len(names), 3.2 * len(rows)), squeeze=False,
+                             layout="constrained")
     for ax_row, row in zip(axes, rows):
         errors = [np.abs(row[k] - row["input"]).mean(2) for k in ("initial", "optimized")]
         vmax = max(float(np.percentile(np.concatenate([e.ravel() for e in errors]), 99.5)), 1e-6)
-        panels = [row["input"], row["initial"], row["optimized"], *errors]
-        names = ["input", "initial decode", "optimized decode", "|error| initial", "|error| optimized"]
-        for ax, img, name in zip(ax_row, panels, names):
+        for ax, img, name in zip(ax_row, [row[k] for k in shown_first] + errors, names):
             shown = ax.imshow(img, cmap="magma", vmin=0, vmax=vmax) if img.ndim == 2 else ax.imshow(img)
             ax.set_title(name, fontsize=9)
             ax.axis("off")
         ax_row[0].set_title(f"{row['title']}\ninput", fontsize=9)
-        fig.colorbar(shown, ax=list(ax_row[3:]), fraction=0.025)
+        fig.colorbar(shown, ax=list(ax_row[-2:]), fraction=0.025)
     return fig
 
 
