@@ -38,7 +38,7 @@ def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
 
 
 REQUIRED = ("ids", "latents")  # what every reader needs; LatentDataset also reads initial_latents
-INPAINTING = ("latent_masks", "masked_latents")
+INPAINTING = ("latent_masks", "masked_latents", "initial_masked_latents")
 _checked: set[tuple[str, int, int]] = set()  # NPZ files whose CRCs this process (or its parent) has verified
 
 
@@ -143,8 +143,9 @@ class LatentDataset(Dataset):
     """Optimized latents for downstream training: item = {id, latent, initial_latent} as float32 tensors.
 
     inpainting=True adds what Stable Diffusion's inpainting UNet is conditioned on: `mask` (1,h,w), 1 = hole,
-    and `masked_latent` (4,h,w), the optimized latent of the masked image. diffusers' pipeline builds its
-    9-channel input as torch.cat([noisy_latent, mask, masked_latent], dim=1); `latent` is the clean target.
+    and `masked_latent` (4,h,w), the optimized latent of the masked image (`initial_masked_latent`: the
+    encoder's, to train as SD's UNet was). diffusers' pipeline builds its 9-channel input as
+    torch.cat([noisy_latent, mask, masked_latent], dim=1); `latent` is the clean target.
     Reads lazily from either format, so a dataset larger than memory still trains.
     """
 
@@ -171,7 +172,8 @@ class LatentDataset(Dataset):
             self._arrays, self._pid = open_latents(self.path), os.getpid()
         keys = {"latent": "latents", "initial_latent": "initial_latents"}
         if self.inpainting:
-            keys.update(mask="latent_masks", masked_latent="masked_latents")
+            keys.update(mask="latent_masks", masked_latent="masked_latents",
+                        initial_masked_latent="initial_masked_latents")
         try:
             return {"id": self.ids[i],
                     **{k: torch.from_numpy(np.array(self._arrays[a][i], dtype=np.float32)) for k, a in keys.items()}}

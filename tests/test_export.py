@@ -224,13 +224,15 @@ def test_inpainting_items_are_the_exported_conditioning(tmp_path):
     b = batch(["a", "b"], 0)
     rng = np.random.default_rng(5)
     b.update(latent_masks=(rng.random((2, 1, 8, 8)) > 0.5).astype(np.float32),
-             masked_latents=rng.standard_normal((2, 4, 8, 8)).astype(np.float32))
+             masked_latents=rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+             initial_masked_latents=rng.standard_normal((2, 4, 8, 8)).astype(np.float32))
     for fmt, name in (("npz", "latents.npz"), ("hdf5", "latents.h5")):
         export(tmp_path / fmt, [b], format=fmt)
         item = LatentDataset(tmp_path / fmt / name, inpainting=True)[1]
-        assert set(item) == {"id", "latent", "initial_latent", "mask", "masked_latent"} and item["id"] == "b"
+        assert set(item) == {"id", "latent", "initial_latent", "mask", "masked_latent", "initial_masked_latent"}
+        assert item["id"] == "b"
         for key, array in (("latent", "latents"), ("initial_latent", "initial_latents"), ("mask", "latent_masks"),
-                           ("masked_latent", "masked_latents")):
+                           ("masked_latent", "masked_latents"), ("initial_masked_latent", "initial_masked_latents")):
             assert item[key].dtype == torch.float32 and torch.equal(item[key], torch.from_numpy(b[array][1])), key
 
 

@@ -44,7 +44,8 @@ def imports(path: Path) -> set[str]:
 def test_the_house_has_its_rooms_and_tools():
     """The layout the README's map describes: a library of rooms, and tools apart."""
     assert ROOMS == ["app", "data", "method", "model", "report", "standin", "store"]
-    assert TOOLS == ["bench", "bench_load", "compare", "evaluate", "prepare", "roundtrip", "run", "to_hf", "train_vae"]
+    assert TOOLS == ["bench", "bench_load", "compare", "evaluate", "inpaint", "prepare", "roundtrip", "run", "to_hf",
+                     "train_inpaint", "train_vae"]
 
 
 @pytest.mark.parametrize("path", sorted(GLO.rglob("*.py")), ids=lambda p: str(p.relative_to(GLO)))

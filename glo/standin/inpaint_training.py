@@ -1,0 +1,170 @@
+"""Training glo.inpaint's small offline UNets (`python -m glo.train_inpaint`) on the latents of masked glo runs.
+
+A diffusers UNet2DConditionModel learns to predict the noise DDPM added to a latent (SD's schedule and objective),
+conditioned, with 9 input channels, on the mask and the masked image's latent exactly as diffusers'
+StableDiffusionInpaintPipeline feeds SD's inpainting UNet; with 4 it is a plain denoiser, which the pipeline keeps
+outside the hole. Trained on either conditioning a glo run exports (`latents`), so one UNet knows the encoder's
+latents, as SD's does, and one knows glo's. The cross-attention reads a zero condition: no text.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from glo import GloError
+from glo.latents import LatentDataset, find_latents
+from glo.method.engine import lr_factor
+from glo.model.inpainter import KINDS
+from glo.standin.training import trainer_precision
+from glo.store.atomic import save_json, save_text
+
+log = logging.getLogger("glo.train_inpaint")
+KEYS = {"encoder": ("initial_latent", "initial_masked_latent"), "glo": ("latent", "masked_latent")}
+
+
+def split(runs: list[str], latents: str, held_out: float) -> tuple[dict[str, Tensor], dict[str, Tensor], list[str]]:
+    """(train, held-out) tensors {latent, mask, masked_latent} from every run, and the held-out ids: the last
+    `held_out` fraction of each run's images (by id), so the split does not depend on the order runs are given."""
+    if latents not in KEYS:
+        raise GloError(f"latents={latents}: choose one of {', '.join(KEYS)}")
+    if not 0 < held_out < 1:
+        raise GloError(f"held_out={held_out}: a fraction of the images, between 0 and 1")
+    parts: dict[str, dict[str, list[Tensor]]] = {"train": {}, "held_out": {}}
+    held_ids: list[str] = []
+    for run in runs:
+        data = LatentDataset(find_latents(run), inpainting=True)
+        order = sorted(range(len(data)), key=lambda i: data.ids[i])
+        n_held = max(1, math.ceil(held_out * len(order)))
+        if n_held >= len(order):
+            raise GloError(f"{run}: {len(order)} images leave none to train on with held_out={held_out}")
+        for part, rows in (("train", order[:-n_held]), ("held_out", order[-n_held:])):
+            for i in rows:
+                item = data[i]
+                got = {"latent": item[KEYS[latents][0]], "mask": item["mask"],
+                       "masked_latent": item[KEYS[latents][1]]}
+                for k, v in got.items():
+                    parts[part].setdefault(k, []).append(v)
+        held_ids += [f"{run}:{data.ids[i]}" for i in order[-n_held:]]
+    train, held = ({k: torch.stack(v) for k, v in parts[p].items()} for p in ("train", "held_out"))
+    return train, held, held_ids
+
+
+def unet_input(unet: UNet2DConditionModel, noisy: Tensor, mask: Tensor, masked: Tensor) -> Tensor:
+    """What diffusers' inpainting pipeline feeds the UNet: 9 channels cat([noisy, mask, masked]), else noisy."""
+    return torch.cat([noisy, mask, masked], 1) if unet.config.in_channels == 9 else noisy
+
+
+def denoising_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, z: Tensor, mask: Tensor, masked: Tensor,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample MSE of the predicted noise at a random timestep (DDPM's epsilon objective, SD's)."""
+    noise = torch.randn(z.shape, generator=generator).to(z)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z),), generator=generator).to(z.device)
+    noisy = scheduler.add_noise(z, noise, t)
+    condition = torch.zeros(len(z), 1, unet.config.cross_attention_dim, device=z.device, dtype=z.dtype)
+    pred = unet(unet_input(unet, noisy, mask, masked), t, encoder_hidden_states=condition).sample
+    return (pred.float() - noise.float()).square().flatten(1).mean(1)
+
+
+@torch.no_grad()
+def held_out_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, held: dict[str, Tensor], seed: int,
+                  draws: int = 8) -> float:
+    """The denoising loss on images never trained on, with the same noise and timesteps every time it is asked,
+    so an untrained and a trained model are scored on the same draws."""
+    was_training = unet.training
+    unet.eval()
+    generator = torch.Generator().manual_seed(seed)
+    device = next(unet.parameters()).device
+    losses = [denoising_loss(unet, scheduler, *(held[k].to(device) for k in ("latent", "mask", "masked_latent")),
+                             generator) for _ in range(draws)]
+    unet.train(was_training)  # Lightning keeps each module's mode: training must start in train mode
+    return float(torch.cat(losses).mean())
+
+
+class InpaintTraining(pl.LightningModule):
+    """DDPM epsilon MSE, AdamW with warm-up and cosine decay, random flips of all inputs together."""
+
+    def __init__(self, unet: dict, scheduler: dict, lr: float, weight_decay: float, warmup_steps: int,
+                 flip: bool) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.unet = UNet2DConditionModel(**unet)
+        self.scheduler = DDPMScheduler(**scheduler)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        z, mask, masked = batch
+        if self.hparams.flip:
+            flipped = torch.rand(len(z), device=z.device) < 0.5
+            z, mask, masked = (torch.where(flipped[:, None, None, None], t.flip(-1), t) for t in (z, mask, masked))
+        loss = denoising_loss(self.unet, self.scheduler, z, mask, masked).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total, warm = self.trainer.max_steps, self.hparams.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, "cosine", warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def train(cfg: DictConfig) -> Path:
+    if cfg.in_channels not in KINDS:
+        raise GloError(f"in_channels={cfg.in_channels}: 9 (an inpainting UNet) or 4 (a denoiser for blend)")
+    runs = [str(r) for r in cfg.runs]
+    out = Path(cfg.run_dir)
+    precision = trainer_precision(cfg.precision)
+    pl.seed_everything(cfg.seed, verbose=False)
+    train_set, held, held_ids = split(runs, cfg.latents, cfg.held_out)
+    unet_config = {**OmegaConf.to_container(cfg.unet, resolve=True), "in_channels": cfg.in_channels,
+                   "sample_size": int(train_set["latent"].shape[-1])}
+    module = InpaintTraining(unet_config, OmegaConf.to_container(cfg.scheduler, resolve=True), cfg.lr,
+                             cfg.weight_decay, cfg.warmup_steps, cfg.flip)
+    before = held_out_loss(module.unet, module.scheduler, held, cfg.seed)
+    last = out / "checkpoints" / "last.ckpt"
+    trainer = instantiate(cfg.trainer, precision=precision, default_root_dir=str(out),
+                          logger=pl.loggers.TensorBoardLogger(str(out), name="", version=""),
+                          callbacks=[pl.callbacks.ModelCheckpoint(out / "checkpoints", save_last=True,
+                                                                  every_n_train_steps=cfg.checkpoint_every)])
+    data = TensorDataset(*(train_set[k] for k in ("latent", "mask", "masked_latent")))
+    loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
+    module.unet.float()
+    after = held_out_loss(module.unet, module.scheduler, held, cfg.seed)
+    export = Path(cfg.export_dir)
+    module.unet.half().save_pretrained(export / "unet")  # fp16 on disk: half the wheel; glo loads it as fp32
+    module.scheduler.save_pretrained(export / "scheduler")
+    result = {"runs": runs, "latents": cfg.latents, "in_channels": cfg.in_channels, "kind": KINDS[cfg.in_channels],
+              "steps": trainer.global_step, "train_images": len(data),
+              "parameters": sum(p.numel() for p in module.unet.parameters()), "held_out_ids": held_ids,
+              "held_out_loss_untrained": before, "held_out_loss_trained": after}
+    save_json(out / "train.json", result)
+    save_text(export / "README.md", model_card(cfg, result))
+    log.info("held-out loss %.4f untrained -> %.4f trained; saved to %s", before, after, export)
+    return export
+
+
+def model_card(cfg: DictConfig, r: dict) -> str:
+    kind = ("an inpainting UNet (9 input channels: noisy latent, mask, masked image's latent), for glo.inpaint's "
+            "`sd_inpaint` rows" if r["kind"] == "sd_inpaint" else
+            "a denoiser (4 input channels), for glo.inpaint's `blend` row, where the pipeline keeps the known region")
+    return "\n".join([
+        f"# {cfg.name}", "",
+        f"A small diffusers `UNet2DConditionModel` ({r['parameters'] / 1e6:.2f}M parameters, fp16 on disk): "
+        f"{kind}. Trained by `python -m glo.train_inpaint` for {r['steps']} steps on the {r['latents']} latents of "
+        f"{r['train_images']} images ({', '.join(Path(x).name for x in r['runs'])}), DDPM epsilon objective on SD's "
+        "noise schedule, with a zero text condition.", "",
+        f"Held-out denoising loss ({len(r['held_out_ids'])} images never trained on): "
+        f"{r['held_out_loss_untrained']:.4f} untrained, {r['held_out_loss_trained']:.4f} trained.", "",
+        "What it is for: measuring, offline, how glo's latents change diffusers' StableDiffusionInpaintPipeline's "
+        "output (python -m glo.inpaint) in the stand-in VAE's latent space. What it is not: Stable Diffusion, or a "
+        "model whose holes look plausible; it knows a hundred photos. Real figures need SD's own UNets "
+        "(inpainters=sd).", ""])
