@@ -166,5 +166,5 @@ def model_card(cfg: DictConfig, r: dict) -> str:
         f"{r['held_out_loss_untrained']:.4f} untrained, {r['held_out_loss_trained']:.4f} trained.", "",
         "What it is for: measuring, offline, how glo's latents change diffusers' StableDiffusionInpaintPipeline's "
         "output (python -m glo.inpaint) in the stand-in VAE's latent space. What it is not: Stable Diffusion, or a "
-        "model whose holes look plausible; it knows a hundred photos. Real figures need SD's own UNets "
-        "(inpainters=sd).", ""])
+        f"model whose holes look plausible; it knows {r['train_images']} photos. Real figures need SD's own "
+        "UNets (inpainters=sd).", ""])
