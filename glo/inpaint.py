@@ -128,8 +128,10 @@ def inpaint(cfg: DictConfig, out: Path) -> dict:
     rows = summary_rows(per_image, arrays, n, models)
     for row in models:
         save_figure(grid_figure(grids[row], ("from encoder latents", "from glo latents")), out / f"grid_{row}.png")
-    mask_kind = OmegaConf.select(OmegaConf.create(metadata["config"]), "mask.kind") or "folder"
-    result = {"run_dir": str(run.resolve()), "vae": vae.info(), "mask": mask_kind, "images": n, "ids": ids,
+    made = OmegaConf.create(metadata["config"])
+    mask_kind = OmegaConf.select(made, "mask.kind") or "folder"
+    result = {"run_dir": str(run.resolve()), "run_made_by": made_by(made), "vae": vae.info(), "mask": mask_kind,
+              "images": n, "ids": ids,
               "steps": cfg.steps, "seed": cfg.seed, "seam_width": cfg.seam_width,
               "inpainters": {r: {"kind": m.kind, "source": m.source} for r, m in models.items()},
               "seconds": seconds, "seconds_per_image": seconds / max(n, 1), "machine": machine(),
@@ -143,6 +145,15 @@ def inpaint(cfg: DictConfig, out: Path) -> dict:
                                   datetime.now(timezone.utc).isoformat())
         publish(Path(cfg.publish), f"glo.inpaint {cfg.section}", header, body)
     return result
+
+
+def made_by(cfg: DictConfig) -> str:
+    """The glo.run settings that chose the run's images, masks and fit, so a published table names its data, not
+    only a directory on the machine that made it."""
+    keys = ("data.path", "data.limit", "data.size", "mask.kind", "mask.seed", "mask.known_only", "loss.name", "lr",
+            "max_steps")
+    found = {k: OmegaConf.select(cfg, k) for k in keys}
+    return " ".join(f"{k}={v}" for k, v in found.items() if v is not None)
 
 
 def summary_rows(per_image: dict[str, dict[str, list[float]]], arrays: dict[str, np.ndarray], n: int,
@@ -171,7 +182,8 @@ def table_text(result: dict, models: dict) -> str:
                "hole_psnr", "hole_psnr_vs_encoder", "hole_ssim", "known_ssim", "reencoded_known_psnr",
                *(["lpips"] if "lpips" in result["rows"][0] else []), "drift_distance", "spread_ratio"]
     table = markdown_table([{c: r[c] for c in columns} for r in result["rows"]])
-    lines = [f"{result['images']} images of `{result['run_dir']}` (mask `{result['mask']}`), VAE "
+    lines = [f"{result['images']} images of `{result['run_dir']}` (mask `{result['mask']}`; made by glo.run "
+             f"`{result['run_made_by']}`), VAE "
              f"`{result['vae']['name']}`; diffusers' StableDiffusionInpaintPipeline, {result['steps']} DDIM steps, "
              "the same start noise for both conditionings. PSNR in dB against the input: `known` = outside the hole "
              "the pipeline regenerates (the mask at latent resolution), `seam` = known pixels within "

@@ -166,6 +166,7 @@ def test_glo_inpaint_scores_both_conditionings_of_every_pipeline(masked_run, tmp
         assert len(list((out / "images" / name / "glo").glob("*.png"))) == 3 and (out / f"grid_{name}.png").is_file()
     published = (tmp_path / "f.md").read_text()
     assert "<!-- glo.inpaint test -->" in published and "| blend | glo |" in published
+    assert "mask.kind=boxes mask.seed=0" in result["run_made_by"] and result["run_made_by"] in published
     assert "LPIPS skipped" in published or "| lpips |" in published
 
 
