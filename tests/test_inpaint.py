@@ -214,3 +214,23 @@ def test_the_shipped_unets_denoise_stand_in_latents_of_photos_they_never_saw(ass
     scheduler = DDPMScheduler.from_pretrained(ROOT / "glo/standin" / asset / "scheduler")
     untrained = random_unet(model.unet.config.in_channels)
     assert held_out_loss(model.unet, scheduler, held, 0) < 0.3 * held_out_loss(untrained, scheduler, held, 0)
+
+
+def test_a_pipeline_directory_with_a_text_encoder_conditions_on_its_prompt(tmp_path):
+    """What inpainters=sd loads from a local SD directory: unet/, scheduler/, text_encoder/, tokenizer/."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    save_inpainter(tmp_path, 9)
+    words = ["a", "b"]  # one-letter words: a BPE vocabulary without merges still knows them
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{f"{w}</w>": i + 2 for i, w in enumerate(words)}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=8).save_pretrained(
+        tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=8)).save_pretrained(
+        tmp_path / "text_encoder")
+    ab, ba = (load_inpainter("sd_inpaint", path=str(tmp_path), prompt=p) for p in ("a b", "b a"))
+    assert ab.kind == "sd_inpaint" and ab.condition.shape == (1, 8, 32)
+    assert not torch.equal(ab.condition, ba.condition)
