@@ -118,7 +118,7 @@ def decode_backward_seconds(vae_overrides: list[str], size: int, repeats: int = 
     """Median wall time of one fp32 decode + backward, batch 1: the unit cost of every Adam step."""
     cfg = glo_config(vae_overrides)
     vae = instantiate(cfg.vae)
-    z = torch.randn(1, vae.model.config.latent_channels, size // 8, size // 8, requires_grad=True)
+    z = torch.randn(1, vae.latent_channels, size // 8, size // 8, requires_grad=True)
     times = []
     for _ in range(repeats + 1):  # the first call warms up allocators and kernels
         start = time.perf_counter()

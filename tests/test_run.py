@@ -212,14 +212,14 @@ def test_loss_curves_and_rows_that_ram_cannot_hold_are_refused_in_one_line(monke
     """Each image keeps a curve of max_steps floats; the engine holds a batch's (masked rows too), an NPZ merge
     every row twice, HDF5 one shard: max_steps=1e9 was killed by the kernel without a word."""
     monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: 2**30)
-    glo.model.memory.check_rows(10**8, 1, 2, 64, False, "npz")  # 0.8 GB of curves fit
+    glo.model.memory.check_rows(10**8, 1, 2, 64, False, "npz", 4)  # 0.8 GB of curves fit
     with pytest.raises(GloError, match=r"^max_steps=100000000, 1 image\(s\) of 64 px: .*1\.5 GiB of RAM, and 1\.0 GiB"):
-        glo.model.memory.check_rows(10**8, 1, 2, 64, True, "npz")  # the masked rows double the batch's curves
-    glo.model.memory.check_rows(1000, 20000, 4, 256, False, "hdf5")  # streamed shard by shard
+        glo.model.memory.check_rows(10**8, 1, 2, 64, True, "npz", 4)  # the masked rows double the batch's curves
+    glo.model.memory.check_rows(1000, 20000, 4, 256, False, "hdf5", 4)  # streamed shard by shard
     with pytest.raises(GloError, match="lower max_steps .*; export.format=hdf5 merges shard by shard$"):
-        glo.model.memory.check_rows(1000, 20000, 4, 256, False, "npz")  # 1.4 GB of rows held twice
+        glo.model.memory.check_rows(1000, 20000, 4, 256, False, "npz", 4)  # 1.4 GB of rows held twice
     monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: None)
-    glo.model.memory.check_rows(10**12, 10**6, 8, 1024, True, "npz")  # unknown: no check
+    glo.model.memory.check_rows(10**12, 10**6, 8, 1024, True, "npz", 4)  # unknown: no check
 
 
 def test_a_run_whose_curves_do_not_fit_is_refused_before_loading_the_vae(monkeypatch, tmp_path, capsys):

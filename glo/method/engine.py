@@ -110,7 +110,7 @@ def check(s: Settings, z0: Tensor, encode: Callable | None, z0_std: Tensor | Non
     if s.optim == "gradfree" and encode is None:
         raise ValueError("optim=gradfree needs the encoder")
     if s.anchor and s.anchor_to == "posterior" and z0_std is None:
-        raise ValueError("anchor_to=posterior needs the posterior std")
+        raise GloError("anchor_to=posterior: this VAE's encoder is deterministic (no posterior std); use anchor_to=z0")
     if s.precision not in PRECISIONS:  # each tool resolves auto once, for its device, and records what it chose
         raise ValueError(f"precision={s.precision}: the engine runs at one of {', '.join(PRECISIONS)}; resolve auto "
                          "with glo.model.hardware.resolve_precision first")

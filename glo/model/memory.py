@@ -129,7 +129,7 @@ def decode_memory(vae: torch.nn.Module, dtype: torch.dtype | None) -> tuple[floa
     bf16 that is 94 MiB, and scaled by area as if it were activations it made a 512 px estimate 3x too big. With
     gradient checkpointing, the larger of what it keeps and what the largest block's recompute keeps: counting
     only the first put the SD VAE's checkpointed need at 512 px (bf16) at 408 MiB, against 1067 MiB for the second."""
-    c, device = vae.model.config.latent_channels, next(vae.parameters()).device
+    c, device = vae.latent_channels, next(vae.parameters()).device
     checkpointing = vae.model.is_gradient_checkpointing
 
     def count(n: int) -> int:
@@ -188,7 +188,7 @@ def check_memory(speed: Speed, vae: FrozenVAE, size: int, precision: str, batch:
     raise GloError(memory_line(why, switches, smaller))
 
 
-def check_rows(max_steps: int, images: int, batch: int, size: int, masked: bool, fmt: str) -> None:
+def check_rows(max_steps: int, images: int, batch: int, size: int, masked: bool, fmt: str, channels: int) -> None:
     """Refuse a run whose exported rows RAM cannot hold, before computing anything: each image keeps a loss curve
     of max_steps floats (the engine holds a batch's, masked images included; an NPZ merge holds every row twice,
     list and concatenation; HDF5 merges shard by shard), so max_steps=1000000000 was killed by the kernel without
@@ -197,7 +197,7 @@ def check_rows(max_steps: int, images: int, batch: int, size: int, masked: bool,
     if free is None:
         return
     rows = 2 if masked else 1  # the full image and the masked one are fitted side by side
-    row = 4 * (max_steps + rows * 2 * 4 * (size // 8) ** 2)  # curve + latents and the encoder's, per row
+    row = 4 * (max_steps + rows * 2 * channels * (size // 8) ** 2)  # curve + latents and the encoder's, per row
     need = max(4 * max_steps * rows * batch, (2 * images if fmt == "npz" else batch) * row)
     if need <= free:
         return

@@ -1,4 +1,8 @@
-"""Load a frozen diffusers AutoencoderKL and expose encode/decode in SD latent units.
+"""Load a frozen diffusers autoencoder and expose encode/decode in the diffusion model's latent units.
+
+Two classes: AutoencoderKL (SD, SDXL, SD3, FLUX: a posterior, a scaling and shift factor) and AutoencoderTiny
+(TAESD and its siblings: a deterministic encoder, latents already in the diffusion model's units), from a hub id,
+a diffusers directory, a single SD weights file, or TAESD's original encoder/decoder files.
 
 diffusers is imported where a model is built, not with this module: it takes seconds, and every tool checks its
 settings (and refuses a typo) before it builds one.
@@ -7,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TypeVar
@@ -17,26 +22,32 @@ from huggingface_hub.utils import logging as hub_logging
 from torch import Tensor, nn
 
 from glo import GloError, is_number
+from glo.pretrained import PRETRAINED
 from glo.standin import ASSETS
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, AutoencoderTiny
 
     from glo.model.hardware import Speed
 
 log = logging.getLogger("glo")
 T = TypeVar("T")
+CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+# TAESD's original files, as A1111 and ComfyUI keep them: <model>_encoder.<ext> beside <model>_decoder.<ext>
+ORIGINAL = re.compile(r"(.+)_(encoder|decoder)\.(safetensors|pth)")
 
 
 class FrozenVAE(nn.Module):
-    """An AutoencoderKL whose weights never train; latents are scaled as Stable Diffusion scales them."""
+    """An autoencoder whose weights never train; latents are scaled as the diffusion model scales them."""
 
-    def __init__(self, model: AutoencoderKL, name: str, source: str) -> None:
+    def __init__(self, model: AutoencoderKL | AutoencoderTiny, name: str, source: str) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.name, self.source = name, source
         self.scaling_factor = float(model.config.scaling_factor)
-        self.shift_factor = float(model.config.shift_factor or 0.0)
+        self.shift_factor = float(model.config.get("shift_factor") or 0.0)
+        self.latent_channels = int(model.config.latent_channels)
+        self.has_posterior = type(model).__name__ != "AutoencoderTiny"  # TAESD's encoder is deterministic
         self.channels_last = False
 
     def set_speed(self, speed: Speed) -> FrozenVAE:
@@ -60,8 +71,11 @@ class FrozenVAE(nn.Module):
         return self.posterior(x)[0]
 
     @torch.no_grad()
-    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The encoder's posterior mean (what `encode` returns) and std, both in SD units."""
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The encoder's posterior mean (what `encode` returns) and std, both in SD units; no std for a
+        deterministic encoder."""
+        if not self.has_posterior:
+            return (self.model.encode(x).latents - self.shift_factor) * self.scaling_factor, None
         dist = self.model.encode(x).latent_dist
         return (dist.mean - self.shift_factor) * self.scaling_factor, dist.std * self.scaling_factor
 
@@ -73,20 +87,31 @@ class FrozenVAE(nn.Module):
         return self.model.decode(z).sample
 
     def info(self) -> dict:
-        return {"name": self.name, "source": self.source, "scaling_factor": self.scaling_factor,
+        return {"name": self.name, "source": self.source, "class": type(self.model).__name__,
+                "latent_channels": self.latent_channels, "scaling_factor": self.scaling_factor,
                 "shift_factor": self.shift_factor}
 
 
 def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = None, path: str | None = None,
              asset: str | None = None, config: dict | None = None, seed: int = 0, rotation_seed: int | None = None,
-             latent_scale: float = 1.0) -> FrozenVAE:
+             latent_scale: float = 1.0, latent_channels: int | None = None) -> FrozenVAE:
     """Build the VAE a config names: a local directory or weights file (`path`, a file in `config`'s architecture)
-    wins, then weights shipped in glo/standin (`asset`), then a random `config`, then a hub id. rotation_seed and
-    latent_scale derive a variant of it (`derive`), to check that glo's defaults do not depend on its coordinates."""
+    wins, then weights shipped in the package (`asset`), then a random `config`, then a hub id. latent_channels,
+    where set, is what the weights must have. rotation_seed and latent_scale derive a variant of it (`derive`), to
+    check that glo's defaults do not depend on its coordinates."""
     vae = _load(name, pretrained, subfolder, path, asset, config, seed)
+    if latent_channels is not None and vae.latent_channels != latent_channels:
+        raise GloError(f"vae '{name}': {vae.source} holds {vae.latent_channels}-channel latents, but "
+                       f"vae.latent_channels={latent_channels}; pick the vae config made for these weights")
     if rotation_seed is not None or latent_scale != 1.0:
         derive(vae, rotation_seed, latent_scale)
     return vae
+
+
+def asset_folder(asset: str) -> Path:
+    """A model shipped in the package, by directory name: real pretrained ones in glo/pretrained, glo's own in
+    glo/standin."""
+    return PRETRAINED / asset if (PRETRAINED / asset).is_dir() else ASSETS / asset
 
 
 def derive(vae: FrozenVAE, rotation_seed: int | None, latent_scale: float) -> None:
@@ -100,7 +125,10 @@ def derive(vae: FrozenVAE, rotation_seed: int | None, latent_scale: float) -> No
     if rotation_seed is not None:
         if vae.shift_factor:  # a shift applies to every channel alike and would not commute with the rotation
             raise GloError(f"vae '{vae.name}': rotation_seed needs a VAE without a shift_factor")
-        c = vae.model.config.latent_channels
+        if not vae.has_posterior:  # nowhere to fold the map: the decoder opens with an elementwise tanh
+            raise GloError(f"vae '{vae.name}': rotation_seed needs an AutoencoderKL (quant_conv and "
+                           "post_quant_conv hold the map); an AutoencoderTiny has neither")
+        c = vae.latent_channels
         q, r = torch.linalg.qr(torch.randn(c, c, generator=torch.Generator().manual_seed(rotation_seed),
                                            dtype=torch.float64))
         rot = (q * torch.sign(torch.diagonal(r))).float()  # uniformly distributed over the orthogonal maps
@@ -119,22 +147,31 @@ def derive(vae: FrozenVAE, rotation_seed: int | None, latent_scale: float) -> No
 def _load(name: str, pretrained: str | None, subfolder: str | None, path: str | None, asset: str | None,
           config: dict | None, seed: int) -> FrozenVAE:
     if path:
-        model = _from_file(Path(path), config) if Path(path).is_file() else _from_directory(Path(path))
-        return FrozenVAE(model, name, str(Path(path).resolve()))
+        file = Path(path)
+        if file.is_file() and (m := ORIGINAL.fullmatch(file.name)):  # one of a TAESD pair: the pair it belongs to
+            return FrozenVAE(_from_original(*original_pair(file.parent, m[1])), name, str(file.parent.resolve()))
+        model = _from_file(file, config) if file.is_file() else _from_directory(file, name)
+        return FrozenVAE(model, name, str(file.resolve()))
     if asset:
-        return FrozenVAE(_from_directory(ASSETS / asset), name, f"glo/standin/{asset}")
+        folder = asset_folder(asset)
+        return FrozenVAE(_from_directory(folder, name), name, f"glo/{folder.parent.name}/{asset}")
     if config:
-        from diffusers import AutoencoderKL
+        import diffusers
 
+        config = dict(config)
+        kind = config.pop("_class_name", "AutoencoderKL")
+        if kind not in CLASSES:
+            raise GloError(f"vae.config._class_name={kind}: must be one of {', '.join(CLASSES)}")
         torch.manual_seed(seed)  # random weights, but the same ones every run
-        return FrozenVAE(AutoencoderKL(**config), name, f"random:{seed}")
+        return FrozenVAE(getattr(diffusers, kind)(**config), name, f"random:{seed}")
     if pretrained:
         return FrozenVAE(_from_hub(name, pretrained, subfolder), name, f"{pretrained}/{subfolder or ''}".rstrip("/"))
     raise GloError(f"vae '{name}': set one of vae.path, vae.pretrained or vae.config")
 
 
-def _from_directory(path: Path) -> AutoencoderKL:
-    """Accept a VAE directory or a whole SD pipeline directory (whose VAE lives in `vae/`)."""
+def _from_directory(path: Path, name: str) -> AutoencoderKL | AutoencoderTiny:
+    """Accept a VAE directory, a whole SD pipeline directory (whose VAE lives in `vae/`), or a folder of TAESD's
+    original encoder/decoder files."""
     if not path.is_dir():
         raise GloError(f"vae.path={path}: no such directory")
     for folder in (path, path / "vae"):
@@ -143,8 +180,84 @@ def _from_directory(path: Path) -> AutoencoderKL:
                 return _pretrained(folder, local_files_only=True)
             except (OSError, ValueError) as e:
                 why = _first_line(e)
-                raise GloError(f"vae.path={folder}: not a loadable AutoencoderKL directory ({why})") from None
-    raise GloError(f"vae.path={path}: no config.json (expected a directory written by AutoencoderKL.save_pretrained)")
+                raise GloError(f"vae.path={folder}: not a loadable autoencoder directory ({why})") from None
+    if any(ORIGINAL.fullmatch(f.name) for f in path.iterdir()):
+        return _from_original(*original_pair(path, name))
+    raise GloError(f"vae.path={path}: no config.json (a directory written by save_pretrained) and no TAESD "
+                   "<model>_encoder.safetensors / <model>_decoder.safetensors pair")
+
+
+def original_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """The one `<model>_encoder.*` / `<model>_decoder.*` pair in a folder (with several, the one named `name`)."""
+    pairs: dict[str, dict[str, Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if m := ORIGINAL.fullmatch(f.name):
+            pairs.setdefault(m[1], {}).setdefault(m[2], f)
+    if len(pairs) > 1 and name not in pairs:
+        raise GloError(f"vae.path={folder}: holds {len(pairs)} encoder/decoder pairs ({', '.join(pairs)}); pick one "
+                       f"with vae.name={next(iter(pairs))}")
+    model, pair = (name, pairs[name]) if name in pairs else next(iter(pairs.items()))
+    for part, other in (("encoder", "decoder"), ("decoder", "encoder")):
+        if part not in pair:
+            raise GloError(f"vae.path={folder}: {pair[other].name} has no {model}_{part}.safetensors (or .pth) "
+                           "beside it")
+    return pair["encoder"], pair["decoder"]
+
+
+def _from_original(encoder: Path, decoder: Path) -> AutoencoderTiny:
+    """TAESD's original files (nn.Sequential keys `0.weight`, ...) as diffusers' AutoencoderTiny, its latent
+    channels read from the weights. The original decoder's layer 0 is its tanh clamp, which diffusers applies in
+    forward: its layer N is diffusers' N - 1."""
+    from diffusers import AutoencoderTiny
+
+    states = {}
+    for path, part, first in ((encoder, "encoder", "0.weight"), (decoder, "decoder", "1.weight")):
+        state = _read_weights(path)
+        w = state.get(first)
+        if w is None or w.ndim != 4:
+            other = "decoder" if "1.weight" in state else "encoder" if "0.weight" in state else "TAESD"
+            raise GloError(f"vae.path={path}: holds no TAESD {part} (its keys are a {other}'s); expected "
+                           f"<model>_{part}.* to be the {part}")
+        if part == "encoder" and w.shape[1] != 3:
+            raise GloError(f"vae.path={path}: its first layer takes {w.shape[1]} channels, not an image's 3")
+        states[part] = state
+    enc, dec = states["encoder"], states["decoder"]
+    last = max(int(k.split(".")[0]) for k in enc)
+    channels, decoder_channels = enc[f"{last}.weight"].shape[0], dec["1.weight"].shape[1]
+    if channels != decoder_channels:
+        raise GloError(f"vae.path={encoder.parent}: {encoder.name} makes {channels}-channel latents but "
+                       f"{decoder.name} reads {decoder_channels}: not one model's pair")
+    model = AutoencoderTiny(latent_channels=channels)
+    state = {f"encoder.layers.{k}": v.float() for k, v in enc.items()}
+    for k, v in dec.items():
+        layer, rest = k.split(".", 1)
+        state[f"decoder.layers.{int(layer) - 1}.{rest}"] = v.float()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # "Error(s) in loading state_dict ...", then one line per mismatch
+        why = (str(e).splitlines()[1:] or [""])[0].strip()
+        raise GloError(f"vae.path={encoder.parent}: {encoder.name} and {decoder.name} are not TAESD's "
+                       f"architecture ({why})") from None
+    return model
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    """A safetensors or torch file's tensors, on the CPU; anything unreadable is one line."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, torch.load and pickle each raise their own kinds
+        raise GloError(f"vae.path={path}: not a readable weights file ({_first_line(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise GloError(f"vae.path={path}: holds no state dict of tensors")
+    if not all(k.split(".")[0].isdigit() for k in state):
+        raise GloError(f"vae.path={path}: not TAESD's original layout (keys such as {next(iter(state), '')!r}, "
+                       "expected 0.weight, 1.conv.0.bias, ...)")
+    return state
 
 
 def _from_file(path: Path, config: dict | None) -> AutoencoderKL:
@@ -179,9 +292,9 @@ def _from_file(path: Path, config: dict | None) -> AutoencoderKL:
     return model
 
 
-def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL:
+def _from_hub(name: str, repo: str, subfolder: str | None) -> AutoencoderKL | AutoencoderTiny:
     return from_hub(lambda **kw: _pretrained(repo, subfolder=subfolder, **kw), f"VAE '{name}'", repo, "vae",
-                    "a diffusers VAE directory")
+                    "a diffusers VAE directory, or a folder of TAESD encoder/decoder files")
 
 
 def from_hub(load: Callable[..., T], what: str, repo: str, key: str, directory: str) -> T:
@@ -208,14 +321,18 @@ def from_hub(load: Callable[..., T], what: str, repo: str, key: str, directory: 
         raise GloError(fix) from None
 
 
-def _pretrained(source: str | Path, **kwargs) -> AutoencoderKL:
-    """from_pretrained in fp32 (latents are optimized in fp32 even from fp16 files), and without the hub's
-    advice about optional packages: failures get our own one line."""
-    from diffusers import AutoencoderKL
+def _pretrained(source: str | Path, **kwargs) -> AutoencoderKL | AutoencoderTiny:
+    """from_pretrained of the class its config.json names, in fp32 (latents are optimized in fp32 even from fp16
+    files), and without the hub's advice about optional packages: failures get our own one line."""
+    import diffusers
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False, torch_dtype=torch.float32, **kwargs)
+        kind = diffusers.AutoencoderKL.load_config(source, **kwargs).get("_class_name", "AutoencoderKL")
+        if kind not in CLASSES:
+            raise ValueError(f"its config.json names {kind}; glo loads {' or '.join(CLASSES)}")
+        return getattr(diffusers, kind).from_pretrained(source, low_cpu_mem_usage=False, torch_dtype=torch.float32,
+                                                        **kwargs)
 
 
 def _first_line(e: Exception) -> str:

@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from glo import GloError
 from glo.latents import ROWS_VERSION
 from glo.method.engine import FP16_GRAD_SCALE
-from glo.standin import ASSETS
 from glo.store.atomic import save_json
 from glo.store.digests import sha256_files
 
@@ -39,24 +38,36 @@ RESULTS = ("shards", *PUBLISHED, "metrics.csv", "report.md", "grids.png", "loss_
 WEIGHT_FILES = ("*.json", "*.safetensors", "*.bin")
 
 
-def weights_sha256(folder: Path | None) -> str | None:
-    """Hash of a diffusers model directory's config and weights (the VAE's own `vae/` inside a pipeline), or of a
-    single weights file (vae=sd_file), whatever its name: a file moved or renamed still resumes."""
-    if folder is not None and folder.is_file():
+def weights_sha256(folder: Path | None, name: str = "") -> str | None:
+    """Hash of a diffusers model directory's config and weights (the VAE's own `vae/` inside a pipeline), of a
+    single weights file (vae=sd_file), or of the TAESD encoder/decoder pair the VAE `name` loads from a folder,
+    whatever their names: a file moved or renamed still resumes."""
+    from glo.model.vae import ORIGINAL, original_pair
+
+    if folder is not None and folder.is_file() and (m := ORIGINAL.fullmatch(folder.name)):
+        folder, name = folder.parent, m[1]  # one file of a pair: the pair loads
+    elif folder is not None and folder.is_file():
         return sha256_files({"weights": folder})
     if folder is None or not folder.is_dir():
         return None
     if not (folder / "config.json").is_file() and (folder / "vae").is_dir():
         folder = folder / "vae"
+    if not (folder / "config.json").is_file() and any(ORIGINAL.fullmatch(f.name) for f in folder.iterdir()):
+        try:
+            return sha256_files(dict(zip(("encoder", "decoder"), original_pair(folder, name))))
+        except GloError:
+            return None  # no pair to load: loading the VAE says why
     return sha256_files({f.name: f for f in sorted(p for pattern in WEIGHT_FILES for p in folder.glob(pattern))})
 
 
 def vae_folder(vae: DictConfig) -> Path | None:
     """Where a VAE config's weights are on disk before it loads: vae.path, the shipped asset, or the hub cache."""
+    from glo.model.vae import asset_folder
+
     if vae.get("path"):
         return Path(vae.path)
     if vae.get("asset"):
-        return ASSETS / vae.asset
+        return asset_folder(vae.asset)
     if vae.get("pretrained"):
         from huggingface_hub import try_to_load_from_cache
 
@@ -73,7 +84,7 @@ def fingerprint(cfg: DictConfig, ids: list[str], precision: str) -> dict[str, An
     groups = {name: {k: v for k, v in OmegaConf.to_container(cfg[name], resolve=True).items()
                      if k not in NOT_RESULTS.get(name, ()) and not k.startswith("_")}
               for name in ("data", "vae", "loss")}
-    groups["vae"]["weights_sha256"] = weights_sha256(vae_folder(cfg.vae))
+    groups["vae"]["weights_sha256"] = weights_sha256(vae_folder(cfg.vae), cfg.vae.name)
     mask = OmegaConf.to_container(cfg.mask, resolve=True)
     return {
         **flatten(groups),
