@@ -90,6 +90,8 @@ def inpaint(cfg: DictConfig, out: Path) -> dict:
     device = pick_device(cfg.device)
     vae = vae.to(device)
     models = {row: instantiate(node) for row, node in cfg.inpainters.items()}
+    for model in models.values():
+        model.check(vae)
     lpips, skipped = lpips_metric()
     n = len(arrays["ids"]) if cfg.limit is None else min(int(cfg.limit), len(arrays["ids"]))
     ids = [str(i) for i in arrays["ids"][:n]]

@@ -80,10 +80,17 @@ def load_checked(cfg: DictConfig, speed: Speed, trainer: pl.Trainer, todo: int, 
         raise GloError(f"{exporter.out}: {todo} image(s) to do for {processes} processes; run the same command "
                        "with trainer.devices=1 trainer.num_nodes=1 to finish them (what is done is kept)")
     batch = min(cfg.batch_size, math.ceil(todo / processes))
-    if todo:
-        check_rows(cfg.max_steps, len(dataset.ids), batch, dataset.size, masked, exporter.format)
+    channels = OmegaConf.select(cfg, "vae.latent_channels") or OmegaConf.select(cfg, "vae.config.latent_channels")
+    if todo:  # before the VAE loads: with the channels its config states, else 4 (the fewest: a lower bound)
+        check_rows(cfg.max_steps, len(dataset.ids), batch, dataset.size, masked, exporter.format, channels or 4)
     vae = load_model(cfg, speed)
+    if cfg.anchor and cfg.anchor_to == "posterior" and not vae.has_posterior:
+        raise GloError(f"anchor_to=posterior: vae '{vae.name}' has a deterministic encoder (no posterior); use "
+                       "anchor_to=z0")
     if todo:
+        if vae.latent_channels != channels:
+            check_rows(cfg.max_steps, len(dataset.ids), batch, dataset.size, masked, exporter.format,
+                       vae.latent_channels)
         # Lightning's local rank: torchrun's and its own LOCAL_RANK, or SLURM_LOCALID under srun
         check_memory(speed, vae, dataset.size, precision, batch, trainer.num_devices, trainer.local_rank)
     return vae, batch

@@ -16,19 +16,20 @@ from glo.inpaint import positional_run_dir, scores, start_noise
 from glo.latents import load_latents
 from glo.method.metrics import region_psnr, region_ssim, seam_band
 from glo.model.inpainter import Inpainter, load_inpainter
+from glo.model.vae import load_vae
 from glo.standin.inpaint_training import held_out_loss, split
 
 TRAIN = OmegaConf.load(ROOT / "conf/train_inpaint.yaml")
 
 
-def random_unet(in_channels: int, seed: int = 0) -> UNet2DConditionModel:
+def random_unet(in_channels: int, seed: int = 0, latent_channels: int = 4) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(**{**OmegaConf.to_container(TRAIN.unet), "in_channels": in_channels,
-                                   "sample_size": 8}).eval()
+                                   "out_channels": latent_channels, "sample_size": 8}).eval()
 
 
-def random_inpainter(in_channels: int) -> Inpainter:
-    unet = random_unet(in_channels)
+def random_inpainter(in_channels: int, latent_channels: int = 4) -> Inpainter:
+    unet = random_unet(in_channels, latent_channels=latent_channels)
     return Inpainter("random", "random", unet, DDIMScheduler(**OmegaConf.to_container(TRAIN.scheduler)),
                      torch.zeros(1, 1, unet.config.cross_attention_dim))
 
@@ -77,6 +78,24 @@ def test_the_blend_pipeline_keeps_the_exported_latents_outside_the_hole_exactly(
     known = mask == 0
     assert torch.equal(out.expand_as(z)[known.expand_as(z)], z[known.expand_as(z)])
     assert (out - z).abs()[~known.expand_as(z)].min() > 0  # the hole is the UNet's, not the latents'
+
+
+def test_a_unet_refuses_latents_of_another_channel_count_and_the_pipeline_any_but_4(tiny_vae, tmp_path):
+    """The kind follows the latent channels C (blend: C in, sd_inpaint: 2C+1); diffusers' SD inpainting pipeline
+    reads only 4-channel latents, so a 16-channel run is refused in one line rather than inpainted wrongly."""
+    assert random_inpainter(33, latent_channels=16).kind == "sd_inpaint"
+    assert random_inpainter(16, latent_channels=16).kind == "blend"
+    with pytest.raises(GloError, match=r"^inpainter 'random' \(random\) denoises 16-channel latents, but the run's "
+                                       r"vae 'tiny_random' makes 4-channel ones"):
+        random_inpainter(33, latent_channels=16).check(tiny_vae)
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/vae/tiny_random.yaml"))
+    wide = load_vae("wide", config={**cfg["config"], "latent_channels": 16})
+    with pytest.raises(GloError, match=r"vae 'wide' makes 16-channel latents, and diffusers' "
+                                       r"StableDiffusionInpaintPipeline runs only Stable Diffusion's 4-channel ones"):
+        random_inpainter(33, latent_channels=16).check(wide)
+    with pytest.raises(GloError, match=r"a UNet with 10 input channels for 4-channel latents; glo.inpaint runs 4 "
+                                       r"\(blend\) or 9 \(sd_inpaint\)"):
+        load_inpainter("odd", path=str(save_inpainter(tmp_path / "odd", 10)))
 
 
 def test_the_same_seed_gives_the_same_output_and_another_seed_another():

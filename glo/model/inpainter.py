@@ -1,10 +1,11 @@
 """An inpainting diffusion model to measure glo's latents where they land, run by diffusers' own
 StableDiffusionInpaintPipeline on precomputed latents (nothing is encoded again).
 
-Two kinds, told apart by the UNet's input channels, as the pipeline tells them apart:
-- `blend` (4): a text-to-image UNet; each step the pipeline pastes `image=` latents, noised to that step, back
+Two kinds, told apart by the UNet's input channels, as the pipeline tells them apart (C latent channels):
+- `blend` (C): a text-to-image UNet; each step the pipeline pastes `image=` latents, noised to that step, back
   outside the mask, and at the last step the latents themselves, so the known region is decoded from them;
-- `sd_inpaint` (9): SD's inpainting UNet, fed cat([noisy latents, mask, masked_image_latents]); nothing is pasted.
+- `sd_inpaint` (2C+1): SD's inpainting UNet, fed cat([noisy latents, mask, masked_image_latents]); nothing is
+  pasted.
 A directory (or hub repository) in diffusers' pipeline layout: `unet/`, `scheduler/`, and `text_encoder/` +
 `tokenizer/` where the UNet reads a prompt; glo's small offline UNets have none and read a zero condition.
 """
@@ -27,7 +28,11 @@ if TYPE_CHECKING:
 
     from glo.model.vae import FrozenVAE
 
-KINDS = {4: "blend", 9: "sd_inpaint"}
+
+
+def unet_kind(in_channels: int, latent_channels: int) -> str | None:
+    """`blend` for a UNet that reads the latents alone, `sd_inpaint` for latents, mask and masked latents."""
+    return {latent_channels: "blend", 2 * latent_channels + 1: "sd_inpaint"}.get(in_channels)
 
 
 @dataclass
@@ -39,15 +44,30 @@ class Inpainter:
     condition: Tensor  # (1, tokens, cross_attention_dim): the prompt's embedding, or zeros
 
     @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.out_channels)  # it predicts the noise of a latent
+
+    @property
     def kind(self) -> str:
-        return KINDS[self.unet.config.in_channels]
+        return unet_kind(self.unet.config.in_channels, self.latent_channels) or "?"
+
+    def check(self, vae: FrozenVAE) -> None:
+        """A UNet reads the latent space it was trained in: refuse another VAE's latents in one line."""
+        if vae.latent_channels != 4:  # the pipeline tells latents from images, and its two kinds, by 4 and 9
+            raise GloError(f"glo.inpaint: vae '{vae.name}' makes {vae.latent_channels}-channel latents, and diffusers' "
+                           "StableDiffusionInpaintPipeline runs only Stable Diffusion's 4-channel ones; its latents "
+                           "load for training with LatentDataset(..., inpainting=True) and glo.train_inpaint")
+        if self.latent_channels != vae.latent_channels:
+            raise GloError(f"inpainter '{self.name}' ({self.source}) denoises {self.latent_channels}-channel "
+                           f"latents, but the run's vae '{vae.name}' makes {vae.latent_channels}-channel ones; "
+                           "choose inpainters made for that VAE")
 
     @torch.no_grad()
     def __call__(self, vae: FrozenVAE, latents: Tensor, masked_latents: Tensor, latent_masks: Tensor,
                  noise: Tensor, steps: int) -> Tensor:
         """Inpaint a batch in SD latent units: `latents` the image's (what `blend` keeps outside the hole),
         `masked_latents` the masked image's (what `sd_inpaint` reads), `latent_masks` (B,1,h,w) 1 = hole, `noise`
-        the start (B,4,h,w). Returns the final latents (decode them with `vae`)."""
+        the start (B,C,h,w). Returns the final latents (decode them with `vae`)."""
         try:
             from diffusers import StableDiffusionInpaintPipeline
         except ImportError as e:  # diffusers' SD pipelines import transformers, which glo.run never needs
@@ -98,9 +118,10 @@ def _components(source: str | Path, prompt: str, text: bool, **kw: Any) -> tuple
         scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
     except ValueError as e:  # a config for another model
         raise GloError(f"{source}: not a diffusers UNet2DConditionModel ({(str(e).splitlines() or [''])[0]})") from None
-    if unet.config.in_channels not in KINDS:
-        raise GloError(f"{source}: a UNet with {unet.config.in_channels} input channels; glo.inpaint runs 4 (blend) "
-                       "or 9 (sd_inpaint)")
+    c = unet.config.out_channels
+    if unet_kind(unet.config.in_channels, c) is None:
+        raise GloError(f"{source}: a UNet with {unet.config.in_channels} input channels for {c}-channel latents; "
+                       f"glo.inpaint runs {c} (blend) or {2 * c + 1} (sd_inpaint)")
     unet.eval().requires_grad_(False)
     if not text:
         return unet, scheduler, torch.zeros(1, 1, unet.config.cross_attention_dim)

@@ -1,9 +1,9 @@
 """Training glo.inpaint's small offline UNets (`python -m glo.train_inpaint`) on the latents of masked glo runs.
 
 A diffusers UNet2DConditionModel learns to predict the noise DDPM added to a latent (SD's schedule and objective),
-conditioned, with 9 input channels, on the mask and the masked image's latent exactly as diffusers'
-StableDiffusionInpaintPipeline feeds SD's inpainting UNet; with 4 it is a plain denoiser, which the pipeline keeps
-outside the hole. Trained on either conditioning a glo run exports (`latents`), so one UNet knows the encoder's
+conditioned (kind=sd_inpaint, 2C+1 input channels for C-channel latents) on the mask and the masked image's latent
+exactly as diffusers' StableDiffusionInpaintPipeline feeds SD's inpainting UNet; kind=blend (C) is a plain denoiser,
+which the pipeline keeps outside the hole. Trained on either conditioning a glo run exports (`latents`), so one UNet knows the encoder's
 latents, as SD's does, and one knows glo's. The cross-attention reads a zero condition: no text.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from glo import GloError
 from glo.latents import LatentDataset, find_latents
 from glo.method.engine import lr_factor
-from glo.model.inpainter import KINDS
 from glo.standin.training import trainer_precision
 from glo.store.atomic import save_json, save_text
 
 log = logging.getLogger("glo.train_inpaint")
+KINDS = ("sd_inpaint", "blend")
 KEYS = {"encoder": ("initial_latent", "initial_masked_latent"), "glo": ("latent", "masked_latent")}
 
 
@@ -59,8 +59,8 @@ def split(runs: list[str], latents: str, held_out: float) -> tuple[dict[str, Ten
 
 
 def unet_input(unet: UNet2DConditionModel, noisy: Tensor, mask: Tensor, masked: Tensor) -> Tensor:
-    """What diffusers' inpainting pipeline feeds the UNet: 9 channels cat([noisy, mask, masked]), else noisy."""
-    return torch.cat([noisy, mask, masked], 1) if unet.config.in_channels == 9 else noisy
+    """What diffusers' inpainting pipeline feeds the UNet: 2C+1 channels cat([noisy, mask, masked]), else noisy."""
+    return torch.cat([noisy, mask, masked], 1) if unet.config.in_channels != noisy.shape[1] else noisy
 
 
 def denoising_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, z: Tensor, mask: Tensor, masked: Tensor,
@@ -116,14 +116,16 @@ class InpaintTraining(pl.LightningModule):
 
 
 def train(cfg: DictConfig) -> Path:
-    if cfg.in_channels not in KINDS:
-        raise GloError(f"in_channels={cfg.in_channels}: 9 (an inpainting UNet) or 4 (a denoiser for blend)")
+    if cfg.kind not in KINDS:
+        raise GloError(f"kind={cfg.kind}: must be one of {', '.join(KINDS)}")
     runs = [str(r) for r in cfg.runs]
     out = Path(cfg.run_dir)
     precision = trainer_precision(cfg.precision)
     pl.seed_everything(cfg.seed, verbose=False)
     train_set, held, held_ids = split(runs, cfg.latents, cfg.held_out)
-    unet_config = {**OmegaConf.to_container(cfg.unet, resolve=True), "in_channels": cfg.in_channels,
+    c = int(train_set["latent"].shape[1])  # the runs' latent channels
+    unet_config = {**OmegaConf.to_container(cfg.unet, resolve=True), "out_channels": c,
+                   "in_channels": c if cfg.kind == "blend" else 2 * c + 1,
                    "sample_size": int(train_set["latent"].shape[-1])}
     module = InpaintTraining(unet_config, OmegaConf.to_container(cfg.scheduler, resolve=True), cfg.lr,
                              cfg.weight_decay, cfg.warmup_steps, cfg.flip)
@@ -142,7 +144,7 @@ def train(cfg: DictConfig) -> Path:
     export = Path(cfg.export_dir)
     module.unet.half().save_pretrained(export / "unet")  # fp16 on disk: half the wheel; glo loads it as fp32
     module.scheduler.save_pretrained(export / "scheduler")
-    result = {"runs": runs, "latents": cfg.latents, "in_channels": cfg.in_channels, "kind": KINDS[cfg.in_channels],
+    result = {"runs": runs, "latents": cfg.latents, "in_channels": unet_config["in_channels"], "kind": cfg.kind,
               "steps": trainer.global_step, "train_images": len(data),
               "parameters": sum(p.numel() for p in module.unet.parameters()), "held_out_ids": held_ids,
               "held_out_loss_untrained": before, "held_out_loss_trained": after}
@@ -153,9 +155,10 @@ def train(cfg: DictConfig) -> Path:
 
 
 def model_card(cfg: DictConfig, r: dict) -> str:
-    kind = ("an inpainting UNet (9 input channels: noisy latent, mask, masked image's latent), for glo.inpaint's "
-            "`sd_inpaint` rows" if r["kind"] == "sd_inpaint" else
-            "a denoiser (4 input channels), for glo.inpaint's `blend` row, where the pipeline keeps the known region")
+    kind = (f"an inpainting UNet ({r['in_channels']} input channels: noisy latent, mask, masked image's latent), "
+            "for glo.inpaint's `sd_inpaint` rows" if r["kind"] == "sd_inpaint" else
+            f"a denoiser ({r['in_channels']} input channels), for glo.inpaint's `blend` row, where the pipeline keeps "
+            "the known region")
     return "\n".join([
         f"# {cfg.name}", "",
         f"A small diffusers `UNet2DConditionModel` ({r['parameters'] / 1e6:.2f}M parameters, fp16 on disk): "
