@@ -21,9 +21,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
-from glo import GloError
+from glo import GloError, is_number
 from glo.app.cli import COMMAND_LINE_ERRORS, CONF, command_line, hydra_main, one_line, one_line_errors
 from glo.method.drift import drift, pooled_channel_stats, pooled_covariance, spread_ratio
 from glo.method.fit import fit_batch
@@ -42,20 +42,24 @@ def glo_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="run", overrides=overrides)
 
 
-def reference_loop(vae, x: torch.Tensor, loss, lr: float, steps: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Returns the latents and each image's decoder passes (one forward + backward per step)."""
+def reference_loop(vae, x: torch.Tensor, loss, lr: float, steps: int,
+                   keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, np.ndarray, dict[int, torch.Tensor]]:
+    """Returns the latents, each image's decoder passes (one forward + backward per step), and the latents after
+    each number of steps in `keep`."""
     # The published prototype, kept deliberately plain: one image at a time, Adam with torch's defaults,
     # fixed budget, fp32. Its budget comes from conf/experiment/prototype.yaml.
-    out = []
+    out, kept = [], {k: [] for k in keep}
     for i in range(len(x)):
         z = vae.encode(x[i : i + 1]).clone().requires_grad_(True)
         opt = torch.optim.Adam([z], lr=lr)
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             opt.zero_grad()
             loss(vae.decode(z), x[i : i + 1]).sum().backward()
             opt.step()
+            if step in kept:
+                kept[step].append(z.detach().clone())
         out.append(z.detach())
-    return torch.cat(out), np.full(len(x), steps)
+    return torch.cat(out), np.full(len(x), steps), {k: torch.cat(v) for k, v in kept.items()}
 
 
 def glo_method(cfg: DictConfig, settings: Settings, vae, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
@@ -68,9 +72,10 @@ def glo_method(cfg: DictConfig, settings: Settings, vae, x: torch.Tensor) -> tup
             np.concatenate([f["passes"] for f in fitted]))
 
 
-def measure(name: str, common: list[str], overrides: list[str], reference: bool) -> dict:
+def measure(name: str, common: list[str], overrides: list[str], reference: bool, keep: tuple[int, ...] = ()) -> dict:
     """One method in this (fresh) process: time, peak memory, quality. The reference runs the plain loop
-    with the lr and max_steps its overrides compose (experiment=prototype)."""
+    with the lr and max_steps its overrides compose (experiment=prototype), and scores its latents after each
+    number of steps in `keep` too (`curve`)."""
     cfg = glo_config(common + overrides)
     settings, speed = instantiate(cfg.engine), instantiate(cfg.speed)
     torch.manual_seed(cfg.seed)
@@ -87,14 +92,25 @@ def measure(name: str, common: list[str], overrides: list[str], reference: bool)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    kept: dict[int, torch.Tensor] = {}
     with torch.enable_grad():
         if reference:
-            latents, passes = reference_loop(vae, x, instantiate(cfg.loss), cfg.lr, cfg.max_steps)
+            latents, passes, kept = reference_loop(vae, x, instantiate(cfg.loss), cfg.lr, cfg.max_steps, keep)
         else:
             latents, passes = glo_method(cfg, settings, vae, x)
     seconds = time.perf_counter() - start
     peak_mb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    row = {"method": name, "overrides": " ".join(overrides), "images": len(x), "images_per_second": len(x) / seconds,
+           "seconds_per_image": seconds / len(x), "peak_memory_mb": peak_mb, **quality(vae, x, latents),
+           "passes_mean": float(passes.mean()), "precision": precision, "skipped": ""}
+    if kept:
+        row["curve"] = [{"passes": k, **quality(vae, x, z)} for k, z in sorted(kept.items())]
+    return row
+
+
+def quality(vae, x: torch.Tensor, latents: torch.Tensor) -> dict:
+    """The gain of latents over the encoder's, image by image as the reference ran them, and their drift."""
     with torch.no_grad():
         one = [slice(i, i + 1) for i in range(len(x))]  # each image alone, as the reference ran it
         z0 = torch.cat([vae.encode(x[i]) for i in one])
@@ -103,15 +119,13 @@ def measure(name: str, common: list[str], overrides: list[str], reference: bool)
         before, after = (drift(z, z0, z) for z in (z0, latents))  # no re-encode here: it costs encoder passes
     std_ratio = (pooled_channel_stats(after["channel_mean"].cpu().numpy(), after["channel_std"].cpu().numpy())[1]
                  / pooled_channel_stats(before["channel_mean"].cpu().numpy(), before["channel_std"].cpu().numpy())[1])
-    return {"method": name, "overrides": " ".join(overrides), "images": len(x), "images_per_second": len(x) / seconds,
-            "seconds_per_image": seconds / len(x), "peak_memory_mb": peak_mb, "psnr_gain_mean": float(gain.mean()),
-            "improved_fraction": float((gain > 0).mean()), "passes_mean": float(passes.mean()),
+    return {"psnr_gain_mean": float(gain.mean()), "improved_fraction": float((gain > 0).mean()),
             "drift_distance": float(after["drift_distance"].mean()), "hf_share": float(after["hf_share"].mean()),
             "hf_share_encoder": float(before["hf_share"].mean()), "channel_std_ratio_max": float(std_ratio.max()),
             "spread_ratio_max": spread_ratio(*(pooled_covariance(d["channel_mean"].cpu().numpy(),
                                                                  d["channel_moment"].cpu().numpy())
                                                for d in (after, before))),
-            "channel_std_ratios": std_ratio.tolist(), "precision": precision, "skipped": ""}
+            "channel_std_ratios": std_ratio.tolist()}
 
 
 def decode_backward_seconds(vae_overrides: list[str], size: int, repeats: int = 5) -> float:
@@ -127,9 +141,10 @@ def decode_backward_seconds(vae_overrides: list[str], size: int, repeats: int = 
     return float(np.median(times[1:]))
 
 
-def run_isolated(name: str, common: list[str], overrides: list[str], reference: bool = False) -> dict:
+def run_isolated(name: str, common: list[str], overrides: list[str], reference: bool = False,
+                 keep: tuple[int, ...] = ()) -> dict:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(measure, name, common, overrides, reference).result()
+        return pool.submit(measure, name, common, overrides, reference, keep).result()
 
 
 def bench(cfg: DictConfig, out: Path) -> dict:
@@ -145,6 +160,10 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     if isinstance(cfg.repeats, bool) or not isinstance(cfg.repeats, int) or cfg.repeats < 1:
         raise GloError(f"repeats={cfg.repeats}: must be an integer >= 1")
     names = [n for n in cfg.methods if not cfg.only or n in cfg.only]
+    steps = glo_config(common + list(cfg.reference)).max_steps
+    budgets = check_curve(cfg.curve, steps)
+    if not (is_number(cfg.spread_bound) and cfg.spread_bound >= 1):
+        raise GloError(f"spread_bound={cfg.spread_bound!r}: must be a number >= 1")
     for name, overrides in [("reference", cfg.reference), *((n, cfg.methods[n]) for n in names)]:
         for vae_common in commons.values():
             try:  # a mistyped override stops the bench now, not after the rows before it have run for minutes
@@ -156,7 +175,8 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     for k in range(cfg.repeats):
         rows = []
         for vae, vae_common in commons.items():
-            ref = run_isolated("reference", vae_common, list(cfg.reference), reference=True)
+            ref = run_isolated("reference", vae_common, list(cfg.reference), reference=True,
+                               keep=tuple(b for b in budgets if b < steps))
             print(markdown_table([ref]), flush=True)
             these = [ref, *(run_isolated(name, vae_common, list(cfg.methods[name])) for name in names)]
             for r in these:
@@ -170,6 +190,9 @@ def bench(cfg: DictConfig, out: Path) -> dict:
             rows += these
         rounds.append(rows)
     rows = [median_row(list(same)) for same in zip(*rounds)]
+    curve = [point for vae, vae_common in commons.items() for point in
+             gain_curve(vae, vae_common, next(r for r in rows if r["vae"] == vae and r["method"] == "reference"),
+                        budgets, cfg.spread_bound)]
     memory = []
     if cfg.memory.enabled:
         base = [f"vae={cfg.memory.vae}", "data=folder", f"data.path={cfg.data.path}", "data.limit=1",
@@ -182,11 +205,45 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     result = {"date": datetime.now(timezone.utc).isoformat(), "machine": machine(), "decode_backward_seconds": unit,
               "config": {
         "vae": ", ".join(vaes), "loss": cfg.loss.name, "data": dict(cfg.data),
-        "reference": {k: prototype[k] for k in ("lr", "max_steps")}, "repeats": cfg.repeats}, "methods": rows,
-        "memory": memory}
+        "reference": {k: prototype[k] for k in ("lr", "max_steps")}, "repeats": cfg.repeats,
+        "spread_bound": cfg.spread_bound}, "methods": rows, "curve": curve, "memory": memory}
     save_json(out / "bench.json", result)
     save_text(out / "bench.md", render(result))
     return result
+
+
+def check_curve(curve: object, steps: int) -> list[int]:
+    """The decoder-pass budgets of the gain curve, checked before any work: whole numbers from 2 to the
+    reference's steps."""
+    if curve is None:
+        return []
+    values = list(curve) if isinstance(curve, (list, tuple, ListConfig)) else None
+    if not values or not all(is_number(b, int) and 2 <= b <= steps for b in values):
+        raise GloError(f"curve={curve!r}: must be null or a list of decoder-pass budgets, whole numbers from 2 to "
+                       f"the reference's {steps} steps, e.g. 'curve=[5,10,20,50]'")
+    return sorted(set(values))
+
+
+def gain_curve(vae: str, common: list[str], ref: dict, budgets: list[int], bound: float) -> list[dict]:
+    """Gain after each budget of decoder passes: the prototype's from its run (its latents after that many steps),
+    glo's default with max_steps = budget - 1 (each image also scores its last latent, half a pass). The prototype's
+    gain under the spread bound is its gain at the largest budget where its spread stays within it."""
+    if not budgets:
+        return []
+    at = {p["passes"]: p for p in ref.get("curve", [])} | {int(ref["passes_mean"]): ref}
+    points = []
+    for b in budgets:
+        mine = run_isolated(f"default@{b}", common, [f"max_steps={b - 1}"])
+        proto = at[b]
+        points.append({"vae": vae, "budget": b, "prototype_gain": proto["psnr_gain_mean"],
+                       "prototype_spread": proto["spread_ratio_max"], "glo_gain": mine["psnr_gain_mean"],
+                       "glo_passes": mine["passes_mean"], "glo_spread": mine["spread_ratio_max"],
+                       "glo_above": mine["psnr_gain_mean"] > proto["psnr_gain_mean"]})
+        print(f"{vae}: {b} passes measured", flush=True)
+    within = [k for k, p in at.items() if p["spread_ratio_max"] <= bound]
+    ref["bounded_gain"] = at[max(within)]["psnr_gain_mean"] if within else float("nan")
+    ref["bounded_passes"] = max(within) if within else 0
+    return points
 
 
 def median_row(runs: list[dict]) -> dict:

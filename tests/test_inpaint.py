@@ -98,6 +98,16 @@ def test_a_unet_refuses_latents_of_another_channel_count_and_the_pipeline_any_bu
         load_inpainter("odd", path=str(save_inpainter(tmp_path / "odd", 10)))
 
 
+def test_a_shipped_unet_refuses_the_latents_of_a_vae_it_was_not_trained_on(tiny_vae):
+    """The same channel count is not the same latent space: glo.train_inpaint records the VAE (glo.json)."""
+    model = load_inpainter("blend", asset="inpaint_blend")
+    assert model.trained_on == "standin"
+    model.check(load_vae("standin", asset="standin_vae"))
+    with pytest.raises(GloError, match=r"^inpainter 'blend' \(glo/standin/inpaint_blend\) was trained on vae "
+                                       r"'standin' latents, and the run's are vae 'tiny_random''s; choose"):
+        model.check(tiny_vae)
+
+
 def test_the_same_seed_gives_the_same_output_and_another_seed_another():
     ids = ["a", "b"]
     first, again = start_noise(ids, 0, (4, 8, 8)), start_noise(ids[::-1], 0, (4, 8, 8))
@@ -199,6 +209,7 @@ def test_a_trained_unet_denoises_latents_it_never_saw_better_than_an_untrained_o
     assert len(result["held_out_ids"]) == 1 and result["train_images"] == 2
     loaded = load_inpainter("t", path=str(tmp_path / "train" / "t"))
     assert loaded.kind == "sd_inpaint" and next(loaded.unet.parameters()).dtype == torch.float32
+    assert loaded.trained_on == "tiny_random"  # the masked run's VAE, from its metadata
     _, held, _ = split([str(masked_run)], "encoder", 0.3)
     assert held_out_loss(loaded.unet, DDPMScheduler(**OmegaConf.to_container(TRAIN.scheduler)), held, 0) == \
         pytest.approx(result["held_out_loss_trained"], rel=1e-2)  # fp16 on disk changes the loss by little
@@ -253,3 +264,17 @@ def test_a_pipeline_directory_with_a_text_encoder_conditions_on_its_prompt(tmp_p
     ab, ba = (load_inpainter("sd_inpaint", path=str(tmp_path), prompt=p) for p in ("a b", "b a"))
     assert ab.kind == "sd_inpaint" and ab.condition.shape == (1, 8, 32)
     assert not torch.equal(ab.condition, ba.condition)
+
+
+def test_a_unet_trains_on_the_runs_of_one_vae_only(tmp_path):
+    from glo.standin.inpaint_training import vae_name
+
+    runs = []
+    for name in ("taesd", "standin", "taesd"):
+        run = tmp_path / f"run{len(runs)}"
+        run.mkdir()
+        (run / "metadata.json").write_text(json.dumps({"vae": {"name": name}}))
+        runs.append(str(run))
+    assert vae_name([runs[0], runs[2]]) == "taesd"
+    with pytest.raises(GloError, match=r"made with 2 VAEs \(standin, taesd\); a UNet learns one latent space"):
+        vae_name(runs)

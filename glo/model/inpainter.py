@@ -11,6 +11,7 @@ A directory (or hub repository) in diffusers' pipeline layout: `unet/`, `schedul
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class Inpainter:
     unet: UNet2DConditionModel
     scheduler: SchedulerMixin  # DDIM from the model's own noise schedule: deterministic given the start noise
     condition: Tensor  # (1, tokens, cross_attention_dim): the prompt's embedding, or zeros
+    trained_on: str | None = None  # the VAE whose latents glo.train_inpaint trained it on (its glo.json)
 
     @property
     def latent_channels(self) -> int:
@@ -57,6 +59,9 @@ class Inpainter:
             raise GloError(f"glo.inpaint: vae '{vae.name}' makes {vae.latent_channels}-channel latents, and diffusers' "
                            "StableDiffusionInpaintPipeline runs only Stable Diffusion's 4-channel ones; its latents "
                            "load for training with LatentDataset(..., inpainting=True) and glo.train_inpaint")
+        if self.trained_on and self.trained_on != vae.name:
+            raise GloError(f"inpainter '{self.name}' ({self.source}) was trained on vae '{self.trained_on}' latents, "
+                           f"and the run's are vae '{vae.name}''s; choose inpainters made for that VAE")
         if self.latent_channels != vae.latent_channels:
             raise GloError(f"inpainter '{self.name}' ({self.source}) denoises {self.latent_channels}-channel "
                            f"latents, but the run's vae '{vae.name}' makes {vae.latent_channels}-channel ones; "
@@ -99,14 +104,22 @@ def load_inpainter(name: str, asset: str | None = None, path: str | None = None,
         if not (root / "unet" / "config.json").is_file():
             raise GloError(f"inpainter '{name}': {root}/unet/config.json: no such file (expected a diffusers "
                            "pipeline directory with unet/ and scheduler/)")
-        return Inpainter(name, str(root.resolve()), *_components(root, prompt, (root / "text_encoder").is_dir()))
+        return Inpainter(name, str(root.resolve()), *_components(root, prompt, (root / "text_encoder").is_dir()),
+                         trained_on(root))
     if asset:
-        return Inpainter(name, f"glo/standin/{asset}", *_components(ASSETS / asset, prompt, False))
+        return Inpainter(name, f"glo/standin/{asset}", *_components(ASSETS / asset, prompt, False),
+                         trained_on(ASSETS / asset))
     if pretrained:
         parts = from_hub(lambda **kw: _components(pretrained, prompt, True, **kw), f"inpainter '{name}'",
                          pretrained, f"inpainters.{name}", "a diffusers pipeline directory")
         return Inpainter(name, pretrained, *parts)
     raise GloError(f"inpainter '{name}': set one of path, asset or pretrained")
+
+
+def trained_on(root: Path) -> str | None:
+    """The VAE a glo-trained model learned the latents of, from the glo.json glo.train_inpaint writes beside it."""
+    record = root / "glo.json"
+    return json.loads(record.read_text()).get("vae") if record.is_file() else None
 
 
 def _components(source: str | Path, prompt: str, text: bool, **kw: Any) -> tuple[Any, Any, Tensor]:

@@ -29,14 +29,34 @@ def tables(result: dict) -> str:
                "each speedup against the reference of its own round, with the range over rounds.", ""]
               if repeats > 1 else []),
             markdown_table([{k: r.get(k, "—") for k in cols} for r in result["methods"]]), ""]
-    if family:
+    defaults = [r for r in result["methods"] if r["method"] == "default" and not r["skipped"]]
+    refs = {r["vae"]: r for r in result["methods"] if r["method"] == "reference"}
+    if family or result.get("curve"):
+        bound = c.get("spread_bound", 1.25)
         keys = ("vae", "gain_share_of_reference", "psnr_gain_mean", "speedup", "passes_mean", "spread_ratio_max",
                 "channel_std_ratio_max", "hf_share_ratio")
+        rows = []
+        for r in defaults:
+            ref = refs[r["vae"]]
+            row = {k: r[k] for k in keys} | {"reference_gain": ref["psnr_gain_mean"],
+                                              "reference_spread": ref["spread_ratio_max"]}
+            if "bounded_gain" in ref:  # the prototype's gain where it stays within the drift limit
+                row |= {"bounded_reference_gain": ref["bounded_gain"], "bounded_at_passes": ref["bounded_passes"],
+                        "share_of_bounded": r["psnr_gain_mean"] / ref["bounded_gain"]}
+            rows.append(row)
         text += ["The default on each VAE: its gain as a share of the reference's on that VAE, its speed against the "
                  "reference, and its latents' spread (largest std ratio to the encoder's along any direction of "
-                 "channel space, and along each channel) and high-frequency share against the encoder's:", "",
-                 markdown_table([{k: r[k] for k in keys} for r in result["methods"]
-                                 if r["method"] == "default" and not r["skipped"]]), ""]
+                 "channel space, and along each channel) and high-frequency share against the encoder's. Where the "
+                 f"reference spreads past {bound:g}× (`reference_spread`), its gain under that bound "
+                 "(`bounded_reference_gain`: at the largest curve budget where its spread stays within it, "
+                 "`bounded_at_passes`) is the one to read the share against (`share_of_bounded`):", "",
+                 markdown_table(rows), ""]
+    if result.get("curve"):
+        keys = ("vae", "budget", "prototype_gain", "glo_gain", "glo_above", "glo_passes", "prototype_spread",
+                "glo_spread")
+        text += ["Gain–passes curve: the PSNR gain (dB) after each budget of decoder passes, the prototype's from "
+                 "its own run, the default's with max_steps = budget - 1; `glo_above` where the default gains more:",
+                 "", markdown_table([{k: p[k] for k in keys} for p in result["curve"]]), ""]
     first = result["methods"][0]["vae"]  # the speed target reads on the first VAE
     by_name = {r["method"]: r for r in result["methods"] if not r["skipped"] and r["vae"] == first}
     if "default" in by_name and "prototype_eps1" in by_name:  # the speed target reads against the bounded loop

@@ -8,6 +8,7 @@ latents, as SD's does, and one knows glo's. The cross-attention reads a zero con
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -115,6 +116,15 @@ class InpaintTraining(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def vae_name(runs: list[str]) -> str:
+    """The one VAE the runs' latents come from: a UNet learns one latent space."""
+    names = {json.loads((Path(r) / "metadata.json").read_text())["vae"]["name"] for r in runs}
+    if len(names) != 1:
+        raise GloError(f"runs={runs}: made with {len(names)} VAEs ({', '.join(sorted(names))}); a UNet learns one "
+                       "latent space: train on runs of one VAE")
+    return names.pop()
+
+
 def train(cfg: DictConfig) -> Path:
     if cfg.kind not in KINDS:
         raise GloError(f"kind={cfg.kind}: must be one of {', '.join(KINDS)}")
@@ -122,6 +132,7 @@ def train(cfg: DictConfig) -> Path:
     out = Path(cfg.run_dir)
     precision = trainer_precision(cfg.precision)
     pl.seed_everything(cfg.seed, verbose=False)
+    vae_name(runs)  # refused before any training
     train_set, held, held_ids = split(runs, cfg.latents, cfg.held_out)
     c = int(train_set["latent"].shape[1])  # the runs' latent channels
     unet_config = {**OmegaConf.to_container(cfg.unet, resolve=True), "out_channels": c,
@@ -144,6 +155,7 @@ def train(cfg: DictConfig) -> Path:
     export = Path(cfg.export_dir)
     module.unet.half().save_pretrained(export / "unet")  # fp16 on disk: half the wheel; glo loads it as fp32
     module.scheduler.save_pretrained(export / "scheduler")
+    save_json(export / "glo.json", {"vae": vae_name(runs), "latent_channels": c, "latents": cfg.latents})
     result = {"runs": runs, "latents": cfg.latents, "in_channels": unet_config["in_channels"], "kind": cfg.kind,
               "steps": trainer.global_step, "train_images": len(data),
               "parameters": sum(p.numel() for p in module.unet.parameters()), "held_out_ids": held_ids,
