@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 

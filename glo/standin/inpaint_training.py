@@ -3,8 +3,8 @@
 A diffusers UNet2DConditionModel learns to predict the noise DDPM added to a latent (SD's schedule and objective),
 conditioned (kind=sd_inpaint, 2C+1 input channels for C-channel latents) on the mask and the masked image's latent
 exactly as diffusers' StableDiffusionInpaintPipeline feeds SD's inpainting UNet; kind=blend (C) is a plain denoiser,
-which the pipeline keeps outside the hole. Trained on either conditioning a glo run exports (`latents`), so one UNet knows the encoder's
-latents, as SD's does, and one knows glo's. The cross-attention reads a zero condition: no text.
+which the pipeline keeps outside the hole. Trained on either conditioning a glo run exports (`latents`), so one UNet
+knows the encoder's latents, as SD's does, and one knows glo's. The cross-attention reads a zero condition: no text.
 """
 from __future__ import annotations
 
