@@ -132,7 +132,7 @@ def train(cfg: DictConfig) -> Path:
     out = Path(cfg.run_dir)
     precision = trainer_precision(cfg.precision)
     pl.seed_everything(cfg.seed, verbose=False)
-    vae_name(runs)  # refused before any training
+    vae_name(runs)  # runs of two VAEs are refused before any training
     train_set, held, held_ids = split(runs, cfg.latents, cfg.held_out)
     c = int(train_set["latent"].shape[1])  # the runs' latent channels
     unet_config = {**OmegaConf.to_container(cfg.unet, resolve=True), "out_channels": c,
@@ -156,7 +156,8 @@ def train(cfg: DictConfig) -> Path:
     module.unet.half().save_pretrained(export / "unet")  # fp16 on disk: half the wheel; glo loads it as fp32
     module.scheduler.save_pretrained(export / "scheduler")
     save_json(export / "glo.json", {"vae": vae_name(runs), "latent_channels": c, "latents": cfg.latents})
-    result = {"runs": runs, "latents": cfg.latents, "in_channels": unet_config["in_channels"], "kind": cfg.kind,
+    result = {"runs": runs, "vae": vae_name(runs), "latents": cfg.latents, "in_channels": unet_config["in_channels"],
+              "kind": cfg.kind,
               "steps": trainer.global_step, "train_images": len(data),
               "parameters": sum(p.numel() for p in module.unet.parameters()), "held_out_ids": held_ids,
               "held_out_loss_untrained": before, "held_out_loss_trained": after}
@@ -180,6 +181,6 @@ def model_card(cfg: DictConfig, r: dict) -> str:
         f"Held-out denoising loss ({len(r['held_out_ids'])} images never trained on): "
         f"{r['held_out_loss_untrained']:.4f} untrained, {r['held_out_loss_trained']:.4f} trained.", "",
         "What it is for: measuring, offline, how glo's latents change diffusers' StableDiffusionInpaintPipeline's "
-        "output (python -m glo.inpaint) in the stand-in VAE's latent space. What it is not: Stable Diffusion, or a "
+        f"output (python -m glo.inpaint) in vae '{r['vae']}''s latent space. What it is not: Stable Diffusion, or a "
         f"model whose holes look plausible; it knows {r['train_images']} photos. Real figures need SD's own "
         "UNets (inpainters=sd).", ""])
