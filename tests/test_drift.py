@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from glo import GloError
 from glo.method.drift import drift, high_frequency_share, pooled_channel_stats, pooled_covariance, spread_ratio
 from glo.method.engine import optimize
 from glo.method.losses import PixelLoss
@@ -116,7 +117,7 @@ def test_the_posterior_anchor_holds_what_the_encoder_is_sure_of():
     flat = optimize(lambda z: z, z0, target, loss, settings(**kw, anchor_to="z0"), z0_std=z0_std).latents
     assert post[0, 0].mean() > 0.3 and post[0, 1].abs().max() < 0.02  # the certain channel is held at z0
     assert torch.allclose(flat[0, 0], flat[0, 1])  # scale 1: both channels alike
-    with pytest.raises(ValueError, match="needs the posterior std"):
+    with pytest.raises(GloError, match="deterministic"):
         optimize(lambda z: z, z0, target, loss, settings(**kw, anchor_to="posterior"))
 
 

@@ -166,7 +166,7 @@ def test_a_run_without_masks_is_refused_in_one_line(finished_run):
 @pytest.mark.slow
 def test_glo_inpaint_scores_both_conditionings_of_every_pipeline(masked_run, tmp_path):
     blend, inpaint = save_inpainter(tmp_path / "blend", 4), save_inpainter(tmp_path / "sd", 9)
-    p = run_glo(str(masked_run), f"inpainters.blend.path={blend}", f"inpainters.sd_inpaint_encoder.path={inpaint}",
+    p = run_glo(str(masked_run), "inpainters=standin", f"inpainters.blend.path={blend}", f"inpainters.sd_inpaint_encoder.path={inpaint}",
                 f"inpainters.sd_inpaint_glo.path={inpaint}", "steps=2", "batch_size=2", f"publish={tmp_path}/f.md",
                 "section=test", module="glo.inpaint")
     assert p.returncode == 0, p.stderr[-3000:]

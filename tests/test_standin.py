@@ -26,8 +26,7 @@ def card_figure(pattern: str) -> float:
     return float(re.search(pattern, CARD.read_text()).group(1).replace(",", ""))
 
 
-def test_standin_is_the_default_and_has_the_sd_latent_interface(standin):
-    assert OmegaConf.load(ROOT / "conf/run.yaml").defaults[0] == {"vae": "standin"}
+def test_standin_has_the_sd_latent_interface(standin):
     x = photos(2, size=256)
     z = standin.encode(x)
     assert z.shape == (2, 4, 32, 32) and standin.decode(z).shape == x.shape
@@ -71,4 +70,4 @@ def test_the_vaes_offline_are_those_the_configs_ship():
     """A new asset-backed vae config without a card (or a test) fails here."""
     shipped = sorted(p.stem for p in (ROOT / "conf/vae").glob("*.yaml")
                      if OmegaConf.load(p).get("asset") or "standin" in OmegaConf.load(p).get("defaults", []))
-    assert shipped == sorted(OFFLINE_VAES)
+    assert shipped == sorted(OFFLINE_VAES + ["taef1", "taesd"])  # the real ones: tests/test_taesd.py

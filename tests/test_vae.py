@@ -64,7 +64,8 @@ def test_sd_architecture_weights_run_end_to_end(tmp_path, vae, layout):
                 f"hydra.run.dir={out}")
     assert p.returncode == 0, p.stderr[-2000:]
     vae_info = json.loads((out / "metadata.json").read_text())["vae"]
-    assert vae_info == {"name": vae, "source": str(where), "scaling_factor": 0.18215, "shift_factor": 0.0}
+    assert vae_info == {"name": vae, "source": str(where), "class": "AutoencoderKL", "latent_channels": 4,
+                        "scaling_factor": 0.18215, "shift_factor": 0.0}
 
 
 def test_missing_directory_is_one_clear_error(tmp_path):
@@ -74,7 +75,7 @@ def test_missing_directory_is_one_clear_error(tmp_path):
         load_vae("sd15", path=str(tmp_path))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{")
-    with pytest.raises(GloError, match=r"broken: not a loadable AutoencoderKL directory \(.*config\.json.*\)$"):
+    with pytest.raises(GloError, match=r"broken: not a loadable autoencoder directory \(.*config\.json.*\)$"):
         load_vae("sd15", path=str(tmp_path / "broken"))
     (tmp_path / "vae.safetensors").write_bytes(b"")
     with pytest.raises(GloError, match=r"vae\.safetensors: a single weights file holds no architecture; run with "
