@@ -101,21 +101,25 @@ def measure(name: str, common: list[str], overrides: list[str], reference: bool,
     seconds = time.perf_counter() - start
     peak_mb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    row = {"method": name, "overrides": " ".join(overrides), "images": len(x), "images_per_second": len(x) / seconds,
-           "seconds_per_image": seconds / len(x), "peak_memory_mb": peak_mb, **quality(vae, x, latents),
-           "passes_mean": float(passes.mean()), "precision": precision, "skipped": ""}
-    if kept:
-        row["curve"] = [{"passes": k, **quality(vae, x, z)} for k, z in sorted(kept.items())]
-    return row
-
-
-def quality(vae, x: torch.Tensor, latents: torch.Tensor) -> dict:
-    """The gain of latents over the encoder's, image by image as the reference ran them, and their drift."""
     with torch.no_grad():
         one = [slice(i, i + 1) for i in range(len(x))]  # each image alone, as the reference ran it
         z0 = torch.cat([vae.encode(x[i]) for i in one])
-        gain = torch.cat([psnr(vae.decode(latents[i]), x[i]) - psnr(vae.decode(z0[i]), x[i]) for i in one])
-        gain = gain.cpu().numpy()
+        psnr0 = torch.cat([psnr(vae.decode(z0[i]), x[i]) for i in one])
+    row = {"method": name, "overrides": " ".join(overrides), "images": len(x), "images_per_second": len(x) / seconds,
+           "seconds_per_image": seconds / len(x), "peak_memory_mb": peak_mb,
+           **quality(vae, x, z0, psnr0, latents), "passes_mean": float(passes.mean()), "precision": precision,
+           "skipped": ""}
+    if kept:
+        row["curve"] = [{"passes": k, **quality(vae, x, z0, psnr0, z)} for k, z in sorted(kept.items())]
+    return row
+
+
+def quality(vae, x: torch.Tensor, z0: torch.Tensor, psnr0: torch.Tensor, latents: torch.Tensor) -> dict:
+    """The gain of latents over the encoder's z0 (whose PSNR is psnr0), image by image as the reference ran them,
+    and their drift."""
+    with torch.no_grad():
+        one = [slice(i, i + 1) for i in range(len(x))]
+        gain = (torch.cat([psnr(vae.decode(latents[i]), x[i]) for i in one]) - psnr0).cpu().numpy()
         before, after = (drift(z, z0, z) for z in (z0, latents))  # no re-encode here: it costs encoder passes
     std_ratio = (pooled_channel_stats(after["channel_mean"].cpu().numpy(), after["channel_std"].cpu().numpy())[1]
                  / pooled_channel_stats(before["channel_mean"].cpu().numpy(), before["channel_std"].cpu().numpy())[1])

@@ -146,6 +146,9 @@ def test_wrong_original_files_are_one_line_each(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(GloError, match=r"^vae 'taef1': .* holds 4-channel latents, but vae.latent_channels=16; "):
         load_vae("taef1", path=str(good), latent_channels=16)
+    for bad in ("abc", 0, 2.5, True):  # refused before any weights are read
+        with pytest.raises(GloError, match=r"^vae.latent_channels=.*: must be null or a whole number >= 1, e.g. 4$"):
+            load_vae("taesd", path=str(tmp_path / "no such folder"), latent_channels=bad)
 
 
 def test_a_deterministic_encoder_refuses_what_needs_a_posterior_or_a_quant_conv(tmp_path):

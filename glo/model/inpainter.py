@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from glo.model.vae import FrozenVAE
 
 
-
 def unet_kind(in_channels: int, latent_channels: int) -> str | None:
     """`blend` for a UNet that reads the latents alone, `sd_inpaint` for latents, mask and masked latents."""
     return {latent_channels: "blend", 2 * latent_channels + 1: "sd_inpaint"}.get(in_channels)

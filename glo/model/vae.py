@@ -99,6 +99,8 @@ def load_vae(name: str, pretrained: str | None = None, subfolder: str | None = N
     wins, then weights shipped in the package (`asset`), then a random `config`, then a hub id. latent_channels,
     where set, is what the weights must have. rotation_seed and latent_scale derive a variant of it (`derive`), to
     check that glo's defaults do not depend on its coordinates."""
+    if latent_channels is not None and not (is_number(latent_channels, int) and latent_channels >= 1):
+        raise GloError(f"vae.latent_channels={latent_channels!r}: must be null or a whole number >= 1, e.g. 4")
     vae = _load(name, pretrained, subfolder, path, asset, config, seed)
     if latent_channels is not None and vae.latent_channels != latent_channels:
         raise GloError(f"vae '{name}': {vae.source} holds {vae.latent_channels}-channel latents, but "

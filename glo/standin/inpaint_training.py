@@ -132,7 +132,7 @@ def train(cfg: DictConfig) -> Path:
     out = Path(cfg.run_dir)
     precision = trainer_precision(cfg.precision)
     pl.seed_everything(cfg.seed, verbose=False)
-    vae_name(runs)  # runs of two VAEs are refused before any training
+    vae = vae_name(runs)  # runs of two VAEs are refused before any training
     train_set, held, held_ids = split(runs, cfg.latents, cfg.held_out)
     c = int(train_set["latent"].shape[1])  # the runs' latent channels
     unet_config = {**OmegaConf.to_container(cfg.unet, resolve=True), "out_channels": c,
@@ -155,10 +155,9 @@ def train(cfg: DictConfig) -> Path:
     export = Path(cfg.export_dir)
     module.unet.half().save_pretrained(export / "unet")  # fp16 on disk: half the wheel; glo loads it as fp32
     module.scheduler.save_pretrained(export / "scheduler")
-    save_json(export / "glo.json", {"vae": vae_name(runs), "latent_channels": c, "latents": cfg.latents})
-    result = {"runs": runs, "vae": vae_name(runs), "latents": cfg.latents, "in_channels": unet_config["in_channels"],
-              "kind": cfg.kind,
-              "steps": trainer.global_step, "train_images": len(data),
+    save_json(export / "glo.json", {"vae": vae, "latent_channels": c, "latents": cfg.latents})
+    result = {"runs": runs, "vae": vae, "latents": cfg.latents, "in_channels": unet_config["in_channels"],
+              "kind": cfg.kind, "steps": trainer.global_step, "train_images": len(data),
               "parameters": sum(p.numel() for p in module.unet.parameters()), "held_out_ids": held_ids,
               "held_out_loss_untrained": before, "held_out_loss_trained": after}
     save_json(out / "train.json", result)
