@@ -3,6 +3,9 @@
 `import glo` stays light (no Lightning, no Hydra): the engine and the latents format are plain PyTorch.
 """
 import math
+import os
+import signal
+import sys
 
 
 class GloError(Exception):
@@ -20,3 +23,41 @@ def is_number(value: object, kind: type = float) -> bool:
     setting of glo means anything at inf or nan (1e400 reads as inf)."""
     return (not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
             and math.isfinite(value))
+
+
+def _tool() -> str | None:
+    """The glo tool this process runs as (`python -m glo.X`), or None when glo is imported as a library."""
+    argv = getattr(sys, "orig_argv", [])
+    name = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+    return ("glo" if name == "glo.run" else name) if name.startswith("glo.") else None
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Stopped("stopped by SIGTERM; every file written is whole")
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    global interrupted
+    interrupted = True
+    raise KeyboardInterrupt
+
+
+def _last_line(kind: type[BaseException], error: BaseException, traceback: object) -> None:
+    """Ctrl+C or SIGTERM before a tool's own handling starts (its imports, Hydra's composition): one line."""
+    if isinstance(error, KeyboardInterrupt):
+        print(f"{TOOL}: {STOPPED_BY_CTRL_C}", file=sys.stderr, flush=True)
+        os._exit(130)
+    if isinstance(error, Stopped):
+        print(f"{TOOL}: error: {error}", file=sys.stderr, flush=True)
+        os._exit(Stopped.exit_code)
+    sys.__excepthook__(kind, error, traceback)
+
+
+STOPPED_BY_CTRL_C = "stopped by Ctrl+C; every file written is whole"
+interrupted = False  # Ctrl+C was pressed: Lightning turns it into exit(1), glo's tools into 130
+TOOL = _tool()
+if TOOL:  # a tool ends on a signal with one line and 130 / 143 at any moment, also while its imports load
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+    sys.excepthook = _last_line

@@ -15,6 +15,7 @@ import time
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from glo import GloError
 from glo.app.cli import command_line, hydra_main, one_line_errors
+from glo.app.config import quiet_third_parties
+from glo.app.typed import Count, Device, Publish, Schema, Seed, checked
 from glo.data.pixels import to_8bit
 from glo.latents import find_latents
 from glo.method.drift import spread_ratio
@@ -39,6 +42,24 @@ from glo.store.atomic import atomic_write, save_json, save_text
 
 CONDITIONINGS = {"encoder": ("initial_latents", "initial_masked_latents"), "glo": ("latents", "masked_latents")}
 REGIONS = ("known", "seam", "hole")
+
+
+class Inpaint(Schema):
+    """conf/inpaint.yaml, typed: what each key means is said there."""
+
+    task: str
+    run_dir: str
+    inpainters: dict[str, dict[str, Any]]
+    steps: Count
+    seed: Seed
+    prompt: str
+    seam_width: Count
+    limit: Count | None
+    batch_size: Count
+    device: Device
+    grid_images: Count
+    publish: Publish
+    section: str
 
 
 def start_noise(ids: list[str], seed: int, shape: tuple[int, ...]) -> Tensor:
@@ -81,6 +102,7 @@ def _save_png(path: Path, x: Tensor) -> None:
 
 
 def inpaint(cfg: DictConfig, out: Path) -> dict:
+    checked(Inpaint, cfg)
     start = time.perf_counter()  # the whole job, loading included: what a user waits for
     run = Path(cfg.run_dir)
     arrays, metadata, vae, dataset = open_run(run, None, None)
@@ -217,6 +239,7 @@ def positional_run_dir(argv: list[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="inpaint")
 def main(cfg: DictConfig) -> None:
     with one_line_errors("glo.inpaint"):
+        quiet_third_parties()
         out = Path(HydraConfig.get().runtime.output_dir)
         result = inpaint(cfg, out)
         for r in result["rows"]:

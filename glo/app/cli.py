@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
+import glo
 from glo import GloError, Stopped
 
 if TYPE_CHECKING:
@@ -45,6 +46,13 @@ def one_line_errors(prog: str) -> Iterator[None]:
     threading.excepthook = _main_thread_reports
     try:
         yield
+    except KeyboardInterrupt:
+        print(f"{prog}: {glo.STOPPED_BY_CTRL_C}", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit as e:
+        if glo.interrupted and e.code == 1:  # Lightning's exit(1) after Ctrl+C, once glo's exporter said what is safe
+            sys.exit(130)
+        raise
     except OSError as e:
         if e.errno not in USER_FIXABLE:
             raise
@@ -178,13 +186,19 @@ class WritableOutputDir(Callback):
     own mkdir would end the run with a traceback. Hooks into `hydra.callbacks` of every entry point's config."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir, "hydra.run.dir")
+        self._check(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self._check(config, "hydra.sweep.dir")
 
     @staticmethod
-    def _check(path: str, key: str) -> None:
+    def _check(config: DictConfig, key: str) -> None:
+        try:
+            path = OmegaConf.select(config, key, throw_on_resolution_failure=True)
+        except InterpolationResolutionError as e:  # ${oc.env:UNSET}
+            print(f"glo: error: {key}: cannot resolve its value ({str(e).splitlines()[0]}); set it or give the value",
+                  file=sys.stderr)
+            sys.exit(1)
         if not str(path).strip():  # an unset variable in a script: the results would land in the working directory
             print(f"glo: error: {key} is empty; name the directory for the results", file=sys.stderr)
             sys.exit(1)

@@ -6,16 +6,19 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import warnings
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pydantic import ConfigDict, Field
 
 from glo import GloError
+from glo.app.typed import Count, Device, NonNegative, Schema, Seed, checked
 
 if TYPE_CHECKING:
     from glo.method.settings import Settings
@@ -23,52 +26,86 @@ if TYPE_CHECKING:
     from glo.model.vae import FrozenVAE
 
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+class Nested(Schema):
+    """A config group's node: the keys glo reads here are typed, the rest go to its `_target_`'s constructor."""
+
+    model_config = ConfigDict(extra="allow")
 
 
-RESUME = ("auto", "restart")  # see glo.store.rundir.claim
+class Data(Nested):
+    size: Annotated[int, Field(ge=16, multiple_of=8)]  # the VAE downsamples by 8; SSIM's window is 11 px
+    limit: Count | None = None
+
+
+class Loss(Nested):
+    # beyond these the loss under- or overflows fp32 before the engine's relative step sees it
+    scale: Annotated[float, Field(ge=1e-12, le=1e12)] = 1.0
+
+
+class Run(Schema):
+    """conf/run.yaml, typed (what each key means is said there). The method's knobs are checked by
+    glo.method.settings.Settings (`engine:`), the decoder's switches by glo.model.hardware.Speed (`speed:`)."""
+
+    task: str
+    optim: Any
+    lr: Any
+    betas: Any
+    eps: Any
+    anderson: Any
+    anchor: Any
+    anchor_to: Any
+    channel_lr: Any
+    coords: Any
+    schedule: Any
+    warmup_steps: Any
+    max_steps: Annotated[int, Field(le=100_000)]  # every step's loss is kept per image: a budget beyond is a typo
+    rel_tol: Any
+    window: Any
+    precision: Any
+    channels_last: Any
+    checkpointing: Any
+    tile_size: Any
+    batch_size: Count
+    seed: Seed
+    device: Device
+    num_workers: NonNegative
+    image_every_n_batches: NonNegative
+    export: dict[str, Any]
+    resume: Literal["auto", "restart"]  # see glo.store.rundir.claim
+    report: bool
+    vae: dict[str, Any]
+    data: Data
+    loss: Loss
+    mask: dict[str, Any]
+    trainer: dict[str, Any]
+    logger: dict[str, Any] | None = None
+    callbacks: dict[str, Any]
+    engine: dict[str, Any]
+    speed: dict[str, Any]
+    module: dict[str, Any]
 
 
 HPARAM_METRICS = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "steps_mean", "passes_mean",
                   "images_per_second")
 
 
-INTEGERS = ("batch_size", "seed", "num_workers")
-
-
 PATHS = ("data.path", "data.processed_data_dir", "mask.path", "vae.path")  # stored absolute, with ~ expanded
 
 
-def validate(cfg: DictConfig) -> tuple[Settings, Speed]:
+def validate(cfg: DictConfig, schema: type[Run] = Run) -> tuple[Settings, Speed]:
     """Reject impossible settings before anything slow is built (unknown keys are Hydra's to reject).
     Returns the engine's settings and the decoder's speed switches, each checked by its own class."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise GloError(f"{missing[0]}: must be set (e.g. {missing[0]}={'FILE' if missing[0] == 'vae.path' else 'DIR'})")
-    for key in INTEGERS:
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
-            raise GloError(f"{key}={cfg[key]!r}: must be an integer")
     for key in PATHS:  # data.path=2024: Hydra reads a folder named with digits as a number
         value = OmegaConf.select(cfg, key)
         if value is not None and not isinstance(value, str):
             raise GloError(f"{key}={value!r}: read as a number, not a path; write the folder with a slash "
                            f"({key}=./NAME) or in quotes ('{key}=\"NAME\"')")
-    limit = cfg.data.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise GloError(f"data.limit={limit!r}: must be an integer >= 1, or null for every image")
-    checks = [
-        (isinstance(cfg.report, bool), f"report={cfg.report!r}: must be true or false"),
-        (cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1"),
-        (cfg.num_workers >= 0, f"num_workers={cfg.num_workers}: must be >= 0"),
-        (0 <= cfg.seed < 2**32, f"seed={cfg.seed}: must be in [0, 2**32)"),
-        (cfg.resume in RESUME, f"resume={cfg.resume}: must be one of {', '.join(RESUME)}"),
-        (cfg.device in DEVICES, f"device={cfg.device}: must be one of {', '.join(DEVICES)}"),
-        (not (cfg.optim == "gradfree" and cfg.mask.get("known_only")),
-         "optim=gradfree has no pixel loss to restrict: use optim=adam with mask.known_only=true"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise GloError(message)
+    checked(schema, cfg)
+    if cfg.optim == "gradfree" and cfg.mask.get("known_only"):
+        raise GloError("optim=gradfree has no pixel loss to restrict: use optim=adam with mask.known_only=true")
     return instantiate(cfg.engine), instantiate(cfg.speed)
 
 
@@ -79,6 +116,12 @@ def quiet_third_parties() -> None:
     # "Received SIGTERM: 15" before glo's own line, which says what is safe
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # diffusers' advice to install accelerate and transformers' to install torchvision: glo needs neither
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("diffusers", "transformers"):
+        if name in sys.modules:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def load_model(cfg: DictConfig, speed: Speed) -> FrozenVAE:

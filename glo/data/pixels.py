@@ -22,8 +22,9 @@ ORIENTATION = 0x0112  # the EXIF tag
 
 
 def check_size(size: int, name: str = "data.size") -> int:
-    if not isinstance(size, int) or size < 8 or size % 8:
-        raise GloError(f"{name}={size}: must be a positive multiple of 8 (the VAE downsamples by 8)")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size % 8:
+        raise GloError(f"{name}={size}: must be a multiple of 8 (the VAE downsamples by 8), at least 16 (SSIM's "
+                       "window is 11 px)")
     return size
 
 

@@ -149,6 +149,9 @@ def train(cfg: DictConfig) -> Path:
     data = TensorDataset(*(train_set[k] for k in ("latent", "mask", "masked_latent")))
     loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
+    made = {"runs": runs, "latents": cfg.latents, "kind": cfg.kind, "unet": unet_config,
+            "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True)}
+    resume_same(out, made, last.is_file())
     trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
     module.unet.float()
     after = held_out_loss(module.unet, module.scheduler, held, cfg.seed)
@@ -164,6 +167,19 @@ def train(cfg: DictConfig) -> Path:
     save_text(export / "README.md", model_card(cfg, result))
     log.info("held-out loss %.4f untrained -> %.4f trained; saved to %s", before, after, export)
     return export
+
+
+def resume_same(out: Path, made: dict, resuming: bool) -> None:
+    """A checkpoint resumes only the training that made it: other runs, latents, kind or UNet is one line."""
+    record = out / "made.json"
+    if resuming and record.is_file():
+        before = json.loads(record.read_text())
+        changed = [k for k in made if before.get(k) != made[k]]
+        if changed:
+            raise GloError(f"{out}: its checkpoint was trained with other {', '.join(changed)} ({changed[0]}="
+                           f"{before.get(changed[0])}); give another name= or delete {out} to start over")
+    if not resuming or record.is_file():
+        save_json(record, made)
 
 
 def model_card(cfg: DictConfig, r: dict) -> str:
