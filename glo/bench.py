@@ -13,6 +13,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Annotated, Any
 
 import hydra
 import numpy as np
@@ -22,9 +23,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
+from pydantic import Field
 
 from glo import GloError, is_number
 from glo.app.cli import COMMAND_LINE_ERRORS, CONF, command_line, hydra_main, one_line, one_line_errors
+from glo.app.config import validate
+from glo.app.typed import Count, Overrides, Publish, Schema, checked
 from glo.method.drift import drift, pooled_channel_stats, pooled_covariance, spread_ratio
 from glo.method.fit import fit_batch
 from glo.method.metrics import psnr
@@ -152,6 +156,7 @@ def run_isolated(name: str, common: list[str], overrides: list[str], reference: 
 
 
 def bench(cfg: DictConfig, out: Path) -> dict:
+    checked(Bench, cfg)
     data = ["data=folder", f"data.path={cfg.data.path}", f"data.limit={cfg.data.limit}", f"data.size={cfg.data.size}",
             f"loss={cfg.loss.name}"]
     vaes = list(cfg.family or [cfg.vae.name])  # the family's vaes by name; the one vae with its path, if it has one
@@ -161,20 +166,16 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     unknown = sorted(set(cfg.only or ()) - set(cfg.methods))
     if unknown:
         raise GloError(f"only={list(cfg.only)}: no method named {unknown[0]} in conf/bench.yaml")
-    if isinstance(cfg.repeats, bool) or not isinstance(cfg.repeats, int) or cfg.repeats < 1:
-        raise GloError(f"repeats={cfg.repeats}: must be an integer >= 1")
     names = [n for n in cfg.methods if not cfg.only or n in cfg.only]
     steps = glo_config(common + list(cfg.reference)).max_steps
     budgets = check_curve(cfg.curve, steps)
-    if not (is_number(cfg.spread_bound) and cfg.spread_bound >= 1):
-        raise GloError(f"spread_bound={cfg.spread_bound!r}: must be a number >= 1")
     for name, overrides in [("reference", cfg.reference), *((n, cfg.methods[n]) for n in names)]:
         for vae_common in commons.values():
             try:  # a mistyped override stops the bench now, not after the rows before it have run for minutes
-                checked = glo_config(vae_common + list(overrides))
+                composed = glo_config(vae_common + list(overrides))
             except COMMAND_LINE_ERRORS as e:
                 raise GloError(f"{name} {list(overrides)}: {one_line(e)}") from None
-            instantiate(checked.engine), instantiate(checked.speed)
+            validate(composed)
     rounds = []  # each round runs every row once, so a row's speedup compares it with the reference of its own round
     for k in range(cfg.repeats):
         rows = []
@@ -214,6 +215,39 @@ def bench(cfg: DictConfig, out: Path) -> dict:
     save_json(out / "bench.json", result)
     save_text(out / "bench.md", render(result))
     return result
+
+
+class BenchData(Schema):
+    path: str
+    limit: Count
+    size: Annotated[int, Field(ge=16, multiple_of=8)]
+
+
+class Memory(Schema):
+    enabled: bool
+    vae: str
+    size: Annotated[int, Field(ge=16, multiple_of=8)]
+    steps: Count
+    methods: dict[str, Overrides]
+
+
+class Bench(Schema):
+    """conf/bench.yaml, typed: what each key means is said there (the rows' own overrides are glo.run's)."""
+
+    task: str
+    vae: dict[str, Any]
+    loss: dict[str, Any]
+    data: BenchData
+    reference: Overrides
+    methods: dict[str, Overrides]
+    repeats: Count
+    family: Annotated[list[str], Field(min_length=1)] | None
+    curve: list[int] | None
+    spread_bound: Annotated[float, Field(ge=1)]
+    only: list[str] | None
+    publish: Publish
+    section: str
+    memory: Memory
 
 
 def check_curve(curve: object, steps: int) -> list[int]:

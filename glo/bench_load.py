@@ -6,7 +6,6 @@ export formats), checks every image was exported exactly once, and records each 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -14,10 +13,13 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
+from glo.app.typed import Count, Parser, Publish, Schema, parsed
 from glo.latents import find_latents, load_latents
 from glo.model.hardware import machine
 from glo.report.render import markdown_table, publish, published_header
@@ -46,15 +48,23 @@ def run_once(images: Path, out: Path, fmt: str, size: int, batch_size: int) -> d
             "unique": len(set(ids))}
 
 
+class BenchLoad(Schema):
+    counts: list[Count]
+    size: Annotated[int, Field(ge=16, multiple_of=8)]
+    batch_size: Count
+    out: str
+    publish: Publish
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m glo.bench_load", description=__doc__.splitlines()[0])
-    p.add_argument("--counts", type=int, nargs="+", default=[100, 1000])
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=50)
+    p = Parser(prog="python -m glo.bench_load", description=__doc__.splitlines()[0])
+    p.add_argument("--counts", nargs="+", default=[100, 1000], help="images per run (default: 100 1000)")
+    p.add_argument("--size", default=32, help="image side in pixels, a multiple of 8 from 16 (default: 32)")
+    p.add_argument("--batch-size", default=50)
     p.add_argument("--out", default=f"experiments/bench_load/{datetime.now():%Y-%m-%d_%H-%M-%S}")
     p.add_argument("--publish", metavar="FILE", help="a Markdown file (docs/figures.md): the table replaces its "
                    "section glo.bench_load, under the command, the machine and the date")
-    args = p.parse_args(argv)
+    args = parsed(BenchLoad, p, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

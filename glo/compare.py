@@ -1,7 +1,6 @@
 """python -m glo.compare SWEEP_DIR: a table of a multirun's jobs, best mean PSNR gain first."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -10,6 +9,7 @@ from typing import Any
 
 from glo import GloError
 from glo.app.cli import one_line_errors
+from glo.app.typed import Parser, Schema, parsed
 from glo.report.render import markdown_table, measured_on
 from glo.store.atomic import save_text
 
@@ -67,10 +67,14 @@ def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+class Compare(Schema):
+    sweep_dir: str
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m glo.compare", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m glo.compare", description=__doc__.splitlines()[0])
     p.add_argument("sweep_dir", help="a Hydra multirun directory (experiments/multirun/<date_time>)")
-    args = p.parse_args(argv)
+    args = parsed(Compare, p, argv)
     with one_line_errors("glo.compare"):
         compare(args.sweep_dir)
     print((Path(args.sweep_dir) / "compare.md").read_text())

@@ -6,7 +6,6 @@ never leaves files behind that a run would read with the new ones.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import numpy as np
 
 from glo import GloError
 from glo.app.cli import one_line_errors
+from glo.app.typed import Parser, Schema, parsed
 from glo.data.images import FolderDataset, image_files, subfolders
 from glo.data.pixels import check_size
 from glo.store.atomic import save_json, save_npz
@@ -77,14 +77,21 @@ def _write(dataset: FolderDataset, dest_root: Path, folder: Path, split: str, si
     return stats
 
 
+class Prepare(Schema):
+    src: str | None
+    out: str
+    split: str
+    size: int  # checked with its hint by check_size
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m glo.prepare", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m glo.prepare", description=__doc__.splitlines()[0])
     p.add_argument("--src", default=os.environ.get("BSDS500_PATH"),
                    help="image folder, or a BSDS500 root holding train/ val/ test/ (default: $BSDS500_PATH)")
     p.add_argument("--out", default="processed_data", help="output root (default: processed_data)")
     p.add_argument("--split", default="train", help="split name, and sub-folder of --src if it has one")
-    p.add_argument("--size", type=int, default=256, help="output side in pixels, a multiple of 8 (default: 256)")
-    args = p.parse_args(argv)
+    p.add_argument("--size", default=256, help="output side in pixels, a multiple of 8 (default: 256)")
+    args = parsed(Prepare, p, argv)
     with one_line_errors("glo.prepare"):
         if not args.src:
             raise GloError("no source folder: pass --src DIR or set BSDS500_PATH")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
 import hydra
 import matplotlib.pyplot as plt
@@ -20,12 +21,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pydantic import Field
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from glo import GloError
 from glo.app.cli import command_line, hydra_main, one_line_errors
-from glo.app.config import absolute_paths, load_model, validate
+from glo.app.config import Run, absolute_paths, load_model, validate
+from glo.app.typed import Count, Publish
 from glo.data.masks import batch_holes
 from glo.data.pixels import to_8bit
 from glo.method.fit import fit
@@ -55,13 +58,21 @@ def chains(vae: FrozenVAE, loss: PixelLoss, settings: Settings, x: Tensor, known
     return {k: torch.stack(v) for k, v in scores.items()}
 
 
+class RoundTrip(Run):
+    """conf/roundtrip.yaml, typed: glo.run's settings and the trips."""
+
+    trips: Count
+    report_at: Annotated[list[Count], Field(min_length=1)]
+    publish: Publish
+
+
 def roundtrip(cfg: DictConfig, out: Path) -> dict:
-    settings, speed = validate(cfg)
+    settings, speed = validate(cfg, RoundTrip)
     absolute_paths(cfg)
-    if cfg.trips < 1 or not all(1 <= k <= cfg.trips for k in cfg.report_at):
-        trips = max(cfg.trips, 1)
+    if not all(k <= cfg.trips for k in cfg.report_at):
+        trips = cfg.trips
         fits = sorted({k for k in cfg.report_at if 1 <= k <= trips} | {trips})
-        raise GloError(f"trips={cfg.trips}, report_at={list(cfg.report_at)}: need trips >= 1 and 1 <= k <= trips "
+        raise GloError(f"trips={cfg.trips}, report_at={list(cfg.report_at)}: every k of report_at must be <= trips "
                        f"(e.g. trips={trips} 'report_at={fits}')")
     torch.manual_seed(cfg.seed)
     dataset = instantiate(cfg.data)

@@ -9,7 +9,6 @@ renamed; `datasets.load_from_disk(OUT)` reads it, and glo's metadata.json and su
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import numpy as np
 
 from glo import GloError
 from glo.app.cli import one_line_errors
+from glo.app.typed import Parser, Schema, parsed
 from glo.latents import damaged, find_latents, open_latents
 
 WRITER_BATCH = 64
@@ -82,11 +82,16 @@ def to_hf(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+class ToHF(Schema):
+    run_dir: str
+    out: str | None
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m glo.to_hf", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m glo.to_hf", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="a glo.run directory (latents.npz or latents.h5)")
     p.add_argument("out", nargs="?", help="where to write the dataset (default RUN_DIR/hf)")
-    args = p.parse_args(argv)
+    args = parsed(ToHF, p, argv)
     with one_line_errors("glo.to_hf"):
         out = to_hf(args.run_dir, args.out)
         print(f"glo.to_hf: {out} (datasets.load_from_disk)")

@@ -6,6 +6,7 @@ YAML adds without declaring it is one line naming the setting and what it takes.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import types
@@ -57,7 +58,8 @@ MESSAGES = {
     "int_type": "must be an integer", "float_type": "must be a finite number", "finite_number": "must be finite",
     "bool_type": "must be true or false", "string_type": "must be text", "list_type": "must be a list",
     "dict_type": "must be a mapping of key: value", "missing": "must be set",
-    "extra_forbidden": "is not a setting of this tool",
+    "extra_forbidden": "is not a setting of this tool", "int_parsing": "must be an integer",
+    "float_parsing": "must be a finite number",
 }
 BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
 
@@ -75,6 +77,27 @@ def checked(schema: type[S], cfg: DictConfig | dict[str, Any], prefix: str = "")
         raise GloError(message(schema, e.errors()[0], prefix)) from None
 
 
+def parsed(schema: type[S], parser: argparse.ArgumentParser, argv: list[str] | None) -> S:
+    """A command line's options (each argument text; `schema` gives their types), or one line and exit 1."""
+    args = vars(parser.parse_args(argv))
+    try:
+        return schema.model_validate(args, strict=False)
+    except ValidationError as e:
+        error = e.errors()[0]
+        flag = str(error["loc"][0])
+        positional = any(a.dest == flag and not a.option_strings for a in parser._actions)
+        line = message(schema, error, "" if positional else "--").replace(flag, flag if positional else
+                                                                          flag.replace("_", "-"), 1)
+        parser.exit(1, f"{parser.prog.split()[-1]}: error: {line}\n")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors (an unknown flag, a missing argument) in one line, as every glo error is."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog.split()[-1]}: error: {message} (python -m {self.prog.split()[-1]} --help)\n")
+
+
 def message(schema: type[Schema], error: dict[str, Any], prefix: str = "") -> str:
     """One pydantic error as `key=value: must be ...` (the value as given)."""
     loc = error["loc"]
@@ -85,7 +108,9 @@ def message(schema: type[Schema], error: dict[str, Any], prefix: str = "") -> st
     elif kind == "multiple_of":
         what = f"must be a multiple of {ctx['multiple_of']}"
     elif kind == "literal_error":
-        what = f"must be one of {ctx['expected'].replace(chr(39), '')}"
+        what = f"must be one of {ctx['expected'].replace(chr(39), '').replace(' or ', ', ')}"
+    elif kind == "too_short":
+        what = f"must hold at least {ctx['min_length']}"
     elif kind == "list_type":
         what = f"must be a list, e.g. '{key}=[{error['input']}]'"
     elif kind == "value_error":
@@ -96,7 +121,8 @@ def message(schema: type[Schema], error: dict[str, Any], prefix: str = "") -> st
         what += ", or null"
     if kind in ("missing",):
         return f"{key}: {what}"
-    return f"{key}={error['input']!r}: {what}"
+    given = "null" if error["input"] is None else repr(error["input"])
+    return f"{key}={given}: {what}"
 
 
 def _annotation(schema: type[Schema], loc: tuple) -> Any:
