@@ -9,7 +9,6 @@ from __future__ import annotations
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,7 +27,6 @@ from pydantic import Field
 from glo import GloError, is_number
 from glo.app.cli import COMMAND_LINE_ERRORS, CONF, command_line, hydra_main, one_line, one_line_errors
 from glo.app.config import validate
-from glo.app.typed import Count, Overrides, Publish, Schema, checked
 from glo.method.drift import drift, pooled_channel_stats, pooled_covariance, spread_ratio
 from glo.method.fit import fit_batch
 from glo.method.metrics import psnr
@@ -37,6 +35,7 @@ from glo.model.hardware import emulated, machine, pick_device, resolve_precision
 from glo.report.bench_tables import render, tables
 from glo.report.render import markdown_table, publish, published_header
 from glo.store.atomic import save_json, save_text
+from glo.typed import Count, Overrides, Publish, Schema, checked
 
 
 def glo_config(overrides: list[str]) -> DictConfig:
@@ -85,7 +84,7 @@ def measure(name: str, common: list[str], overrides: list[str], reference: bool,
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)[0]
-    settings = replace(settings, precision=precision)  # resolved once: the engine runs at what this row records
+    settings = settings.replace(precision=precision)  # resolved once: the engine runs at what this row records
     if emulated(precision, device):
         return {"method": name, "overrides": " ".join(overrides), "precision": precision,
                 "skipped": "not measured: this CPU has no native bf16, so reduced precision is emulated (over 100x "

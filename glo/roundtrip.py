@@ -9,7 +9,6 @@ image. Writes roundtrip.json, roundtrip.md and roundtrip.png into the run direct
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
@@ -28,7 +27,6 @@ from torch.utils.data import DataLoader
 from glo import GloError
 from glo.app.cli import command_line, hydra_main, one_line_errors
 from glo.app.config import Run, absolute_paths, load_model, validate
-from glo.app.typed import Count, Publish
 from glo.data.masks import batch_holes
 from glo.data.pixels import to_8bit
 from glo.method.fit import fit
@@ -39,6 +37,7 @@ from glo.model.hardware import machine, resolve_precision
 from glo.model.vae import FrozenVAE
 from glo.report.render import markdown_table, publish, published_header, save_figure
 from glo.store.atomic import save_json, save_text
+from glo.typed import Count, Publish
 
 SCORES = ("plain_known", "glo_known", "plain_whole", "glo_whole")
 
@@ -81,7 +80,7 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
         raise GloError("mask=none: the round trip needs a mask (mask=boxes|strokes|folder)")
     masks.check(dataset.originals())
     vae, loss = load_model(cfg, speed), instantiate(cfg.loss)
-    settings = replace(settings, precision=resolve_precision(cfg.precision, vae.device)[0])
+    settings = settings.replace(precision=resolve_precision(cfg.precision, vae.device)[0])
     parts: dict[str, list[Tensor]] = {k: [] for k in SCORES}
     ids: list[str] = []
     for images, meta in DataLoader(dataset, batch_size=cfg.batch_size):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import hydra
@@ -156,7 +155,7 @@ def _run(cfg: DictConfig, stop: StopOnSigterm) -> float:
         print(f"glo: VAE {vae.name} ({vae.source}) on {vae.device}, precision {precision} ({reason}); "
               f"{len(todo)} of {len(dataset.ids)} images to do{resumed} -> {exporter.out}", flush=True)
     module = instantiate(cfg.module, vae=vae, loss=instantiate(cfg.loss), masks=masks,
-                         settings=replace(settings, precision=precision))
+                         settings=settings.replace(precision=precision))
     exporter.metadata.update(config=OmegaConf.to_container(cfg, resolve=True), vae=vae.info(),
                              precision={"requested": cfg.precision, "used": precision, "reason": reason},
                              machine=machine(), image_size=dataset.size, environment=environment(),

@@ -19,8 +19,8 @@ import numpy as np
 
 from glo import GloError
 from glo.app.cli import one_line_errors
-from glo.app.typed import Parser, Schema, parsed
 from glo.latents import damaged, find_latents, open_latents
+from glo.typed import Parser, Schema, parsed
 
 WRITER_BATCH = 64
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def _default_settings() -> Settings:
 
 def settings(**changes) -> Settings:
     """The engine's settings with conf/run.yaml's defaults, fp32 pinned (auto would follow this CPU), changed."""
-    return replace(_default_settings(), **{"precision": "fp32", **changes})
+    return _default_settings().replace(**{"precision": "fp32", **changes})
 
 
 def channel_map(z: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:

@@ -239,9 +239,9 @@ def test_masked_export_means_what_its_names_say(masked_run, tiny_vae):
 
 
 @pytest.mark.parametrize("overrides,fix", [(["trips=2"], "trips=2 'report_at=[1, 2]'"),
-                                           (["trips=0", "report_at=[1]"], "trips=1 'report_at=[1]'")])
+                                           (["trips=3", "report_at=[1,5]"], "trips=3 'report_at=[1, 3]'")])
 def test_roundtrip_report_rows_beyond_the_trips_are_one_line_with_a_fix(tmp_path, overrides, fix):
     p = run_glo(*FAST, *overrides, f"hydra.run.dir={tmp_path / 'rt'}", module="glo.roundtrip")
     err = p.stderr.strip().splitlines()
-    assert p.returncode == 1 and len(err) == 1 and "need trips >= 1" in err[0] and err[0].endswith(f"(e.g. {fix})")
+    assert p.returncode == 1 and len(err) == 1 and "every k of report_at must be <= trips" in err[0] and err[0].endswith(f"(e.g. {fix})")
     assert not (tmp_path / "rt" / "roundtrip.json").exists()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import ConfigDict, Field
 
 from glo import GloError
-from glo.app.typed import Count, Device, NonNegative, Schema, Seed, checked
+from glo.typed import Count, Device, NonNegative, Schema, Seed, checked
 
 if TYPE_CHECKING:
     from glo.method.settings import Settings

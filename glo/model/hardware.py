@@ -9,34 +9,30 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from glo import GloError
+from glo.typed import NonNegative, Schema
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the decoder's autocast dtype
 
 
-@dataclass(frozen=True)
-class Speed:
+class Speed(Schema):
     """The decoder's speed and memory switches (`speed:` in conf/run.yaml); none changes the result beyond
     float rounding (tiling blends seams)."""
 
     channels_last: bool  # NHWC memory layout
     checkpointing: bool  # recompute decoder activations in backward instead of storing them
-    tile_size: int       # > 0: decode images larger than this many pixels in overlapping tiles
+    tile_size: NonNegative  # > 0: decode images larger than this many pixels in overlapping tiles
 
-    def __post_init__(self) -> None:
-        for key in ("channels_last", "checkpointing"):
-            if not isinstance(getattr(self, key), bool):
-                raise GloError(f"{key}={getattr(self, key)!r}: must be true or false")
+    def model_post_init(self, context: object) -> None:
         t = self.tile_size
         # diffusers' tiles overlap by a quarter: below 64 px the pieces at an image's edge can be narrower than a
-        # conv's kernel (tile_size=8 and 16 ended in tracebacks)
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t % 8 or 0 < t < 64:
-            raise GloError(f"tile_size={t!r}: must be 0 (no tiling) or a multiple of 8 from 64 up")
+        # conv's kernel
+        if t % 8 or 0 < t < 64:
+            raise GloError(f"tile_size={t}: must be 0 (no tiling) or a multiple of 8 from 64 up")
 
 
 def check_precision(requested: str) -> None:

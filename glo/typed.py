@@ -19,11 +19,23 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from glo import GloError
 
+S = TypeVar("S", bound="Schema")
+
 
 class Schema(BaseModel):
     """A tool's settings: strict types (YAML's true is not 1, 1.5 is not an integer), finite numbers only."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise GloError(message(type(self), e.errors()[0])) from None
+
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with `changes`, checked as the original was."""
+        return type(self)(**{**dict(self), **changes})
 
 
 def _writable_file(value: str | None) -> str | None:
@@ -52,7 +64,6 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]
 Device = typing.Literal["auto", "cpu", "cuda", "mps"]
 Publish = Annotated[str | None, AfterValidator(_writable_file)]  # a Markdown file, or null
 Overrides = list[str]  # glo.run overrides, e.g. [lr=0.1, max_steps=49]
-S = TypeVar("S", bound=Schema)
 
 MESSAGES = {
     "int_type": "must be an integer", "float_type": "must be a finite number", "finite_number": "must be finite",
@@ -121,7 +132,7 @@ def message(schema: type[Schema], error: dict[str, Any], prefix: str = "") -> st
         what += ", or null"
     if kind in ("missing",):
         return f"{key}: {what}"
-    given = "null" if error["input"] is None else repr(error["input"])
+    given = "null" if error["input"] is None else error["input"]  # as typed: steps=abc
     return f"{key}={given}: {what}"
 
 
