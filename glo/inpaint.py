@@ -10,6 +10,7 @@ known region again. Writes the outputs, inpaint.json, inpaint.md and one compari
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import zlib
@@ -27,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from glo import GloError
-from glo.app.cli import command_line, hydra_main, one_line_errors
+from glo.app.cli import CONF, command_line, hydra_main, one_line_errors
 from glo.app.config import quiet_third_parties
 from glo.data.pixels import to_8bit
 from glo.latents import find_latents
@@ -154,7 +155,7 @@ def inpaint(cfg: DictConfig, out: Path) -> dict:
         save_figure(grid_figure(grids[row], ("from encoder latents", "from glo latents")), out / f"grid_{row}.png")
     made = OmegaConf.create(metadata["config"])
     mask_kind = OmegaConf.select(made, "mask.kind") or "folder"
-    result = {"run_dir": str(run.resolve()), "run_made_by": made_by(made), "vae": vae.info(), "mask": mask_kind,
+    result = {"run_dir": project_path(run), "run_made_by": made_by(made), "vae": vae.info(), "mask": mask_kind,
               "images": n, "ids": ids,
               "steps": cfg.steps, "seed": cfg.seed, "seam_width": cfg.seam_width,
               "inpainters": {r: {"kind": m.kind, "source": m.source} for r, m in models.items()},
@@ -171,12 +172,20 @@ def inpaint(cfg: DictConfig, out: Path) -> dict:
     return result
 
 
+def project_path(path: str | Path) -> str:
+    """`path` as a reader of the published table can reproduce it: relative to the project (beside it, as
+    ../shared/data is), else only its name; never a directory of the machine that ran the tool."""
+    path, root = Path(path).resolve(), CONF.parent
+    return os.path.relpath(path, root) if path.is_relative_to(root.parent) else path.name
+
+
 def made_by(cfg: DictConfig) -> str:
     """The glo.run settings that chose the run's images, masks and fit, so a published table names its data, not
     only a directory on the machine that made it."""
     keys = ("data.path", "data.limit", "data.size", "mask.kind", "mask.seed", "mask.known_only", "loss.name", "lr",
             "max_steps")
     found = {k: OmegaConf.select(cfg, k) for k in keys}
+    found["data.path"] = found["data.path"] and project_path(found["data.path"])
     return " ".join(f"{k}={v}" for k, v in found.items() if v is not None)
 
 

@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from glo import GloError
 
 S = TypeVar("S", bound="Schema")
+B = TypeVar("B", bound="Built")
 
 
 class Schema(BaseModel):
@@ -27,13 +30,19 @@ class Schema(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
+
+
+class Built(Schema):
+    """A Schema its callers construct (Hydra's instantiate, the engine's users): a wrong value is a GloError too.
+    Not for nested schemas: pydantic calls a custom __init__ for them, and the error would lose its path."""
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
         except ValidationError as e:
             raise GloError(message(type(self), e.errors()[0])) from None
 
-    def replace(self: S, **changes: Any) -> S:
+    def replace(self: B, **changes: Any) -> B:
         """A copy with `changes`, checked as the original was."""
         return type(self)(**{**dict(self), **changes})
 
@@ -78,14 +87,60 @@ BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "le
 def checked(schema: type[S], cfg: DictConfig | dict[str, Any], prefix: str = "") -> S:
     """`cfg` read against `schema`, or a GloError of one line about its first wrong setting."""
     if isinstance(cfg, DictConfig):
-        missing = sorted(OmegaConf.missing_keys(cfg))
+        require(schema, cfg, prefix)
+        try:
+            found = checked(schema, values(schema, cfg, prefix), prefix)
+            missing = sorted(OmegaConf.missing_keys(cfg))  # a `???` inside a node passed on whole
+        except InterpolationResolutionError as e:  # ${oc.env:UNSET}
+            raise GloError(f"{e.full_key}: cannot resolve its value ({str(e).splitlines()[0]}); set it or give "
+                           "the value") from None
         if missing:
             raise GloError(f"{prefix}{missing[0]}: must be set")
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+        return found
     try:
         return schema.model_validate(cfg)
     except ValidationError as e:
         raise GloError(message(schema, e.errors()[0], prefix)) from None
+
+
+def require(schema: type[Schema], cfg: DictConfig, prefix: str = "") -> None:
+    """A setting deleted on the command line (`~lr`) is one line, before anything reads what interpolates it."""
+    absent = [k for k, f in schema.model_fields.items() if f.is_required() and k not in cfg]
+    if absent:
+        raise GloError(f"{prefix}{absent[0]}: must be set")
+
+
+def values(schema: type[Schema], node: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """`node`'s values as `schema` reads them: declared settings resolved, the nodes it passes on whole (a
+    `_target_`'s arguments, typed Any) as written, so their interpolations resolve only where they are used."""
+    raw = OmegaConf.to_container(node, resolve=False)
+    out = {}
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            raise GloError(f"{prefix}{key}: must be set")
+        field = schema.model_fields.get(str(key))
+        base = leaf(field.annotation)[0] if field else None
+        if base is Any or (typing.get_origin(base) is dict and typing.get_args(base)[1] is Any):
+            out[key] = raw[key]
+        elif isinstance(base, type) and issubclass(base, Schema) and isinstance(node[key], DictConfig):
+            out[key] = values(base, node[key], f"{prefix}{key}.")
+        else:
+            value = node[key]
+            out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
+def leaf(annotation: Any, metadata: list | None = None) -> tuple[Any, list]:
+    """A declared type without None and Annotated, and the bounds it carries (annotated_types objects)."""
+    metadata = metadata or []
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return leaf(next(a for a in typing.get_args(annotation) if a is not type(None)), metadata)
+    if typing.get_origin(annotation) is Annotated:
+        base, *extra = typing.get_args(annotation)
+        for m in extra:
+            metadata = metadata + (m.metadata if isinstance(m, FieldInfo) else [m])
+        return leaf(base, metadata)
+    return annotation, metadata
 
 
 def parsed(schema: type[S], parser: argparse.ArgumentParser, argv: list[str] | None) -> S:
@@ -122,7 +177,7 @@ def message(schema: type[Schema], error: dict[str, Any], prefix: str = "") -> st
         what = f"must be one of {ctx['expected'].replace(chr(39), '').replace(' or ', ', ')}"
     elif kind == "too_short":
         what = f"must hold at least {ctx['min_length']}"
-    elif kind == "list_type":
+    elif kind in ("list_type", "tuple_type"):
         what = f"must be a list, e.g. '{key}=[{error['input']}]'"
     elif kind == "value_error":
         what = str(ctx.get("error", error["msg"]))

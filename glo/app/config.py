@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from pydantic import ConfigDict, Field
 
 from glo import GloError
-from glo.typed import Count, Device, NonNegative, Schema, Seed, checked
+from glo.typed import Count, Device, NonNegative, Schema, Seed, checked, require
 
 if TYPE_CHECKING:
     from glo.method.settings import Settings
@@ -95,7 +97,11 @@ PATHS = ("data.path", "data.processed_data_dir", "mask.path", "vae.path")  # sto
 def validate(cfg: DictConfig, schema: type[Run] = Run) -> tuple[Settings, Speed]:
     """Reject impossible settings before anything slow is built (unknown keys are Hydra's to reject).
     Returns the engine's settings and the decoder's speed switches, each checked by its own class."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    require(schema, cfg)
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except InterpolationResolutionError:  # export=abc under ${export.format}: checked names the setting
+        missing = []
     if missing:
         raise GloError(f"{missing[0]}: must be set (e.g. {missing[0]}={'FILE' if missing[0] == 'vae.path' else 'DIR'})")
     for key in PATHS:  # data.path=2024: Hydra reads a folder named with digits as a number
@@ -106,7 +112,12 @@ def validate(cfg: DictConfig, schema: type[Run] = Run) -> tuple[Settings, Speed]
     checked(schema, cfg)
     if cfg.optim == "gradfree" and cfg.mask.get("known_only"):
         raise GloError("optim=gradfree has no pixel loss to restrict: use optim=adam with mask.known_only=true")
-    return instantiate(cfg.engine), instantiate(cfg.speed)
+    try:
+        return instantiate(cfg.engine), instantiate(cfg.speed)
+    except InstantiationException as e:  # their own one-line check, as they raised it
+        if isinstance(e.__cause__, GloError):
+            raise e.__cause__ from None
+        raise
 
 
 def quiet_third_parties() -> None:

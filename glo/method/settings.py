@@ -6,13 +6,13 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field
 
 from glo import GloError
-from glo.typed import Count, NonNegative, Positive, Schema
+from glo.typed import Built, Count, NonNegative, Positive
 
 Unit = Annotated[float, Field(ge=0, lt=1)]
 AsTuple = BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)  # YAML has lists, the object keeps tuples
 
 
-class Settings(Schema):
+class Settings(Built):
     """Every knob of the method, checked once, passed whole. Built by Hydra from `engine:` in conf/run.yaml,
     which holds every default: no knob has a second default here."""
 

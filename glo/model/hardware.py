@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from glo import GloError
-from glo.typed import NonNegative, Schema
+from glo.typed import Built, NonNegative
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the decoder's autocast dtype
 
 
-class Speed(Schema):
+class Speed(Built):
     """The decoder's speed and memory switches (`speed:` in conf/run.yaml); none changes the result beyond
     float rounding (tiling blends seams)."""
 
