@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from glo import GloError
+from glo.store.digests import text_digest
 
 
 def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
@@ -69,6 +70,10 @@ def open_latents(path: str | Path) -> dict[str, Any]:
             if groups:
                 raise GloError(f"{path}: '{groups[0]}' is an HDF5 group; a latents file holds only arrays")
             arrays = {k: f[k] for k in f}
+            for k, d in arrays.items():
+                if d.dtype == object and "sha256" in d.attrs and text_digest(d[()]) != d.attrs["sha256"]:
+                    raise GloError(f"{path}: its '{k}' differ from what was written (their digest does not match); "
+                                   "compute it again (glo.run in its directory recomputes what is damaged)")
         else:
             with zipfile.ZipFile(path) as z:
                 bad = failed_crc(path, z)
@@ -122,7 +127,10 @@ def find_latents(run_dir: str | Path) -> Path:
 def _in_memory(v: Any) -> np.ndarray:
     """A writable copy of a lazy array; HDF5 strings (objects) become str."""
     a = np.array(v[()])
-    return a.astype(str) if a.dtype == object else a
+    if a.dtype != object:
+        return a
+    return np.array([t.decode("utf-8", "surrogateescape") if isinstance(t, bytes) else str(t) for t in a.flat],
+                    dtype=str).reshape(a.shape)
 
 
 def damaged(path: Path, e: OSError) -> GloError:

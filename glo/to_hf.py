@@ -20,6 +20,7 @@ import numpy as np
 from glo import GloError
 from glo.app.cli import one_line_errors
 from glo.latents import damaged, find_latents, open_latents
+from glo.store.atomic import printable
 from glo.typed import Parser, Schema, parsed
 
 WRITER_BATCH = 64
@@ -59,7 +60,8 @@ def rows(path: str, chunk: int = WRITER_BATCH) -> Iterator[dict[str, Any]]:
         except OSError as e:
             raise damaged(Path(path), e) from None
         for i in range(len(part["ids"])):
-            yield {k: (v[i].decode() if isinstance(v[i], bytes) else v[i]) for k, v in part.items()}
+            yield {k: (printable(v[i].decode("utf-8", "surrogateescape")) if isinstance(v[i], bytes)
+                       else printable(v[i]) if isinstance(v[i], str) else v[i]) for k, v in part.items()}
 
 
 def to_hf(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -254,3 +254,25 @@ def test_a_file_is_synced_to_disk_before_it_takes_its_name(tmp_path, monkeypatch
     names = [os.path.basename(p) for p in synced]
     for name in ("latents.h5", "metadata.json", "summary.json"):
         assert any(n.startswith(f".{name}.") for n in names), (name, names)
+
+
+NAMES = ["снимок один", "写真 2", "caf\udce9"]  # Cyrillic, CJK with a space, and Latin-1 bytes (not UTF-8)
+
+
+@pytest.mark.parametrize("format", ["npz", "hdf5"])
+def test_any_file_name_round_trips_through_every_format_and_reader(tmp_path, format):
+    export(tmp_path, [batch(NAMES, 0)], format=format)
+    path = tmp_path / ("latents.h5" if format == "hdf5" else "latents.npz")
+    assert list(load_latents(path)["ids"]) == NAMES and LatentDataset(path).ids == NAMES
+
+
+def test_an_altered_id_in_hdf5_is_found_by_every_reader(tmp_path):
+    export(tmp_path, [batch(["a", "b", "c"], 0)], format="hdf5")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (tmp_path / "latents.h5").rename(copy / "latents.h5")  # outside its run: no manifest to compare with
+    with h5py.File(copy / "latents.h5", "r+") as f:
+        f["ids"][1] = b"x"  # what an edit of the string heap does: the same length, another id
+    for read in (load_latents, LatentDataset):
+        with pytest.raises(GloError, match=r"its 'ids' differ from what was written"):
+            read(copy / "latents.h5")

@@ -23,6 +23,7 @@ from glo import GloError, Stopped
 from glo.latents import failed_crc, load_latents
 from glo.report.summary import SUMMARY_KEYS, summarize
 from glo.store.atomic import atomic_path, save_json, save_npz, to_json
+from glo.store.digests import text_digest
 
 log = logging.getLogger("glo")
 
@@ -30,12 +31,12 @@ log = logging.getLogger("glo")
 def append_h5(f: h5py.File, arrays: dict[str, np.ndarray]) -> None:
     """Append one shard's rows to resizable, chunked, compressed datasets (created on the first shard)."""
     for key, a in arrays.items():
-        if a.dtype.kind == "U":
-            a = a.astype(object)
+        if a.dtype.kind == "U":  # any name a filesystem allows, also one that is not UTF-8, as its own bytes
+            a = np.array([s.encode("utf-8", "surrogateescape") for s in a], dtype=object)
         if key not in f:
             text = a.dtype == object
-            # numbers: each chunk carries a Fletcher-32 sum that every read checks (HDF5 cannot filter strings;
-            # the ids are checked against the shards' manifests instead)
+            # numbers: each chunk carries a Fletcher-32 sum that every read checks; HDF5 cannot filter strings,
+            # so text columns carry a digest of their whole content (text_digest), set once all rows are in
             f.create_dataset(key, shape=(0, *a.shape[1:]), maxshape=(None, *a.shape[1:]),
                              dtype=h5py.string_dtype() if text else a.dtype, chunks=(64, *a.shape[1:]),
                              compression="gzip", compression_opts=4, fletcher32=not text)
@@ -210,6 +211,9 @@ class LatentExporter(pl.Callback):
                     for k in SUMMARY_KEYS:
                         if k in part:
                             columns.setdefault(k, []).append(part[k])
+                for d in f.values():
+                    if d.dtype == object:
+                        d.attrs["sha256"] = text_digest(d[()])
         else:
             for part in same_columns(files):
                 for k, v in part.items():
