@@ -26,6 +26,9 @@ def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows, left_out = [], []
     for job in sorted({p.parent for p in (*sweep.glob("*/summary.json"), *sweep.glob("*/.hydra"))}):
         summary_file = job / "summary.json"
+        if (job / "error.txt").is_file():
+            left_out.append(f"{job.name} (failed: {(job / 'error.txt').read_text().strip()})")
+            continue
         try:
             s = json.loads(summary_file.read_text())
             missing = [k for k in SUMMARY_NEEDED if k not in s]

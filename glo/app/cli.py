@@ -76,8 +76,30 @@ def one_line_errors(prog: str) -> Iterator[None]:
             print(f"{prog}: error: out of memory ({str(e).splitlines()[0]}); run it again with a smaller batch size "
                   "or image size", file=sys.stderr)  # glo.run names its own switches (a GloError)
             sys.exit(1)
+        if _sweep_goes_on(prog, cause):
+            return
         print(f"{prog}: error: {cause}", file=sys.stderr)
         sys.exit(getattr(cause, "exit_code", 1))
+
+
+FAILED_JOBS: list[str] = []  # this multirun's jobs that stopped on a GloError
+
+
+def _sweep_goes_on(prog: str, error: GloError) -> bool:
+    """In a --multirun, a job's bad setting (lr=inf) ends that job, not the sweep: its line is printed and kept in
+    the job's error.txt (glo.compare lists it), and the sweep exits 1 at its end. A stop (SIGTERM) ends the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if isinstance(error, Stopped) or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    job = HydraConfig.get().job.num
+    print(f"{prog}: error: job {job}: {error}", file=sys.stderr, flush=True)
+    from glo.store.atomic import save_text
+
+    save_text(Path(HydraConfig.get().runtime.output_dir) / "error.txt", f"{error}\n")
+    FAILED_JOBS.append(str(job))
+    return True
 
 
 def hydra_main(main: Callable[[], Any]) -> None:
@@ -89,7 +111,9 @@ def hydra_main(main: Callable[[], Any]) -> None:
     if not line:
         try:
             main()
-            return
+            if not FAILED_JOBS:
+                return
+            line = f"job(s) {', '.join(FAILED_JOBS)} of the sweep failed (each job's error.txt says why)"
         except COMMAND_LINE_ERRORS as e:
             line = one_line(e)
     print(f"glo: error: {line}", file=sys.stderr)
