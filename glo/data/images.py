@@ -126,6 +126,9 @@ class FileDataset(ImageDataset):
                     raise GloError(f"{e}; replace or remove it{skip}") from None
                 log.warning("skipping %s", e)
                 self.skipped.append({"source": str(f), "reason": str(e)})
+        if files and not self.files:
+            raise GloError(f"all {len(files)} image files were skipped (the first: {self.skipped[0]['reason']}); "
+                           "replace or remove them")
         self.ids = [f.stem for f in self.files]
 
     def read(self, path: Path) -> tuple[Image.Image, dict]:

@@ -127,9 +127,9 @@ def make_objective(decode: Callable[[Tensor], Tensor], z0: Tensor, target: Tenso
     autocast = PRECISIONS[s.precision]
     low_precision = torch.autocast(z0.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
     grad_scale = FP16_GRAD_SCALE if autocast is torch.float16 else 1.0
-    if z0_std is not None:  # relative to its mean per image: the shape of the encoder's doubt, not its size, so one
-        # `anchor` means the same for both scales (an SD encoder's std is ~0.01: divided by it, the pull was 1e4x)
-        z0_std = z0_std / z0_std.mean((1, 2, 3), keepdim=True)
+    if z0_std is not None:  # each image's weights 1 / scale^2 average 1: the shape of the encoder's doubt, not its
+        # size, so one `anchor` pulls as hard on average as anchor_to=z0 does, at any image size, batch or VAE
+        z0_std = z0_std * z0_std.pow(-2).mean((1, 2, 3), keepdim=True).sqrt()
 
     def objective(z: Tensor, idx: list[int]) -> tuple[Tensor, Tensor, Tensor | None]:
         z = z if basis is None else to_latent(basis[idx], z)

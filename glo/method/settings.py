@@ -25,8 +25,8 @@ class Settings(Built):
                                 # nor the image size changes it): larger moves the elements the loss barely responds
                                 # to by less than lr per step
     anchor: Annotated[float, Field(ge=0)]  # weight of mean(((z - z0) / scale)^2) added to each sample's loss
-    anchor_to: Literal["z0", "posterior"]  # z0: scale 1 | posterior: scale = the encoder's posterior std over its
-                                # mean on the image (a Mahalanobis pull with the same average strength as z0's)
+    anchor_to: Literal["z0", "posterior"]  # z0: scale 1 | posterior: scale = the encoder's posterior std, scaled
+                                # so 1 / scale^2 averages 1 on each image (a Mahalanobis pull as strong as z0's)
     anderson: NonNegative       # > 0: each update starts from the mix of the last `anderson` iterates whose loss, as
                                 # least squares extrapolated linearly, is smallest (Anderson acceleration);
                                 # optim=adam only
