@@ -325,3 +325,34 @@ def test_every_image_carries_the_sha256_of_the_file_its_pixels_came_from(tmp_pat
         assert ds.digests() == expected and ds[2][1]["sha256"] == expected[ds.ids[2]]
     samples = SampleDataset(size=64, limit=3)
     assert len(set(samples.digests().values())) == 3 and samples.digests() == SampleDataset(size=64, limit=3).digests()
+
+
+def test_pixels_map_0_and_255_to_minus_1_and_1_and_8_bits_round_to_nearest():
+    """to_tensor: 8-bit v -> v / 127.5 - 1 exactly (so 255 -> 1, not 255/128 - 1); to_8bit rounds to the nearest of
+    the 256 levels (a floor would darken every image by half a level on average)."""
+    from glo.data.pixels import to_8bit, to_tensor
+
+    img = Image.fromarray(np.array([[[0, 128, 255]]], np.uint8))
+    assert torch.allclose(to_tensor(img).flatten(), torch.tensor([-1.0, 128 / 127.5 - 1, 1.0]), rtol=0, atol=1e-6)
+    level = 2 / 255  # one 8-bit level in [-1, 1]
+    x = torch.tensor([-1 + 0.6 * level, -1 + 0.4 * level, 1.5])
+    assert torch.allclose(to_8bit(x), torch.tensor([-1 + level, -1.0, 1.0]), atol=1e-6)
+
+
+def test_images_are_resized_with_lanczos_and_masks_with_nearest(tmp_path):
+    """A photo is shrunk with a Lanczos filter (nearest-neighbour would alias its detail); a mask keeps 0 and 1
+    only, never the grey of a filtered edge."""
+    from glo.data.masks import FolderMasks
+    from glo.data.pixels import resize_center_crop
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    got = np.asarray(resize_center_crop(img, 32))
+    lanczos = np.asarray(img.resize((48, 32), Image.Resampling.LANCZOS).crop((8, 0, 40, 32)))
+    assert np.array_equal(got, lanczos)
+    (tmp_path / "masks").mkdir()
+    stripes = np.zeros((64, 96), np.uint8)
+    stripes[:, ::3] = 255  # thin lines: any filter but nearest leaves grey between them
+    Image.fromarray(stripes).save(tmp_path / "masks" / "a.png")
+    mask = FolderMasks(str(tmp_path / "masks"), 0.5, False)("a", (64, 96), 32)
+    assert set(np.unique(mask)) <= {0.0, 1.0} and 0 < mask.mean() < 1

@@ -42,6 +42,41 @@ def test_known_gaussian_noise_gives_the_psnr_it_implies():
     assert (ssim(pred, target) < 1).all() and (ms_ssim(pred, target) < 1).all()
 
 
+def test_ssim_and_ms_ssim_score_on_the_unit_range_with_the_scales_the_size_allows():
+    """Flat images a and b (in [0, 1] units) have SSIM (2ab + C1) / (a^2 + b^2 + C1) with C1 = (0.01 * range)^2: range
+    1 here (range 2, the [-1, 1] span, would give 0.138, not 0.038). Values past [-1, 1] are clamped first, as a
+    viewer sees them. A 64-px image has room for 3 MS-SSIM scales (each needs more than 10 * 2^k px)."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    from glo.method.metrics import MS_SSIM_BETAS
+
+    a, b = torch.full((1, 3, 32, 32), -1.0), torch.full((1, 3, 32, 32), -0.9)  # 0 and 0.05 in [0, 1] units
+    assert ssim(a, b).item() == pytest.approx(1e-4 / (0.05**2 + 1e-4), rel=1e-3)
+    assert torch.isinf(psnr(torch.full((1, 3, 8, 8), 1.5), torch.ones(1, 3, 8, 8))).all()
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    three = multiscale_structural_similarity_index_measure(x, y, data_range=1.0, reduction="none",
+                                                           betas=MS_SSIM_BETAS[:3])
+    assert torch.allclose(ms_ssim(x * 2 - 1, y * 2 - 1), three)
+
+
+def test_the_grid_shows_the_best_median_and_worst_image_best_first():
+    from glo.report.evaluation import picks
+
+    assert picks(np.array([0.5, 2.0, -1.0, 1.0, 0.1])) == [(1, "best"), (0, "median"), (2, "worst")]
+
+
+def test_improved_counts_the_way_each_metric_improves(finished_run):
+    """MAE and LPIPS improve downwards, PSNR and SSIM upwards: each fraction as the per-image table counts it."""
+    with open(finished_run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    summary = json.loads((finished_run / "summary.json").read_text())
+    for m, better in (("mae", lambda r: float(r["mae_final"]) < float(r["mae_initial"])),
+                      ("ssim", lambda r: float(r["ssim_final"]) > float(r["ssim_initial"]))):
+        assert summary[f"{m}_improved_fraction"] == pytest.approx(np.mean([better(r) for r in rows]))
+    assert summary["mae_improved_fraction"] > 0  # a run that gains PSNR lowers MAE: the count must see it
+
+
 def test_report_files_of_a_run(finished_run):
     ids = list(np.load(finished_run / "latents.npz")["ids"])
     with open(finished_run / "metrics.csv") as f:

@@ -75,7 +75,7 @@ def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDa
     save_json(run / "summary.json", summary)
 
     images = write_plots(arrays, run)
-    grids = grid_figure([rows[k] for k in sorted(rows, key=lambda k: -gain[k])])  # best first
+    grids = grid_figure([rows[k] for k, _ in picks(gain)])
     images["grids"] = save_figure(grids, run / "grids.png")
     if metadata["config"].get("logger"):  # the run's logger=none (or ~logger) asked for no event files
         with SummaryWriter(str(run)) as tb:
@@ -108,13 +108,18 @@ def open_run(run: Path, vae: FrozenVAE | None, dataset: ImageDataset | None
     return arrays, metadata, vae, dataset
 
 
+def picks(gain: np.ndarray) -> list[tuple[int, str]]:
+    """The grid's rows, best first: the images of the largest, the median and the smallest PSNR gain."""
+    order = np.argsort(gain, kind="stable")
+    return list({int(order[-1]): "best", int(order[len(order) // 2]): "median", int(order[0]): "worst"}.items())
+
+
 def score(arrays: dict[str, np.ndarray], vae: FrozenVAE, dataset: ImageDataset,
           metrics: dict[str, Callable[[Tensor, Tensor], Tensor]], gain: np.ndarray, batch_size: int
           ) -> tuple[dict[str, np.ndarray], dict[int, dict]]:
     """Every metric per image (from the rows where they hold it; decoding every image only for one they lack),
     and the grid rows of the best, median and worst image."""
-    order = np.argsort(gain)
-    picks = {int(order[-1]): "best", int(order[len(order) // 2]): "median", int(order[0]): "worst"}
+    shown = dict(picks(gain))
     stored = [m for m in metrics if f"{m}_final" in arrays]
     values = {f"{m}_{w}": arrays[f"{m}_{w}"].astype(np.float64) for m in stored for w in ("initial", "final")}
     rescore = [m for m in metrics if m not in stored]
@@ -122,7 +127,7 @@ def score(arrays: dict[str, np.ndarray], vae: FrozenVAE, dataset: ImageDataset,
     rows: dict[int, dict] = {}
     index = {name: i for i, name in enumerate(dataset.ids)}
     device = next(vae.parameters()).device
-    todo = list(range(len(arrays["ids"]))) if rescore else sorted(picks)
+    todo = list(range(len(arrays["ids"]))) if rescore else sorted(shown)
     for start in range(0, len(todo), batch_size):
         part = todo[start : start + batch_size]
         x = torch.stack([dataset[index[str(arrays["ids"][k])]][0] for k in part]).to(device)
@@ -133,8 +138,8 @@ def score(arrays: dict[str, np.ndarray], vae: FrozenVAE, dataset: ImageDataset,
             scores[f"{m}_initial"].append(metrics[m](x0, x).cpu())
             scores[f"{m}_final"].append(metrics[m](x1, x).cpu())
         for j, k in enumerate(part):
-            if k in picks:
-                title = f"{picks[k]}: {printable(str(arrays['ids'][k]))} ({gain[k]:+.2f} dB)"
+            if k in shown:
+                title = f"{shown[k]}: {printable(str(arrays['ids'][k]))} ({gain[k]:+.2f} dB)"
                 rows[k] = {"title": title, "input": _unit_hwc(x[j]), "initial": _unit_hwc(x0[j]),
                            "optimized": _unit_hwc(x1[j])}
     values.update({k: torch.cat(v).numpy().astype(np.float64) for k, v in scores.items()})
