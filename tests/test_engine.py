@@ -457,3 +457,88 @@ def test_whitened_coordinates_refuse_what_takes_no_adam_step_on_them():
     for bad in (dict(optim="lbfgs"), dict(optim="gradfree"), dict(channel_lr=(8, 1, 1, 1))):
         with pytest.raises(GloError, match="coords=whitened: takes Adam steps on mixed channels"):
             settings(coords="whitened", **bad)
+
+
+def test_the_whitened_basis_is_the_covariance_of_the_cells_about_their_mean():
+    """M M^T must be each latent's channel covariance: the cells centred first (an SD latent's channel means are
+    far from 0; without centring the basis would follow the means, not the spread)."""
+    from glo.method.whiten import principal_basis
+
+    torch.manual_seed(0)
+    cells = torch.randn(1, 2, 16, 16) * torch.tensor([2.0, 0.5])[None, :, None, None]
+    z0 = cells + torch.tensor([10.0, -5.0])[None, :, None, None]
+    m = principal_basis(z0)[0].double()
+    flat = z0[0].flatten(1).double()
+    cov = (flat - flat.mean(1, keepdim=True)) @ (flat - flat.mean(1, keepdim=True)).T / flat.shape[1]
+    assert torch.allclose(m @ m.T, cov, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fit_scores_the_fp32_decodes_whatever_precision_the_engine_ran(tiny_vae, precision):
+    """The metrics must see what the decoder gives in fp32: at bf16 or fp16 the engine's own decodes are rounded."""
+    from glo.method.fit import fit
+
+    x = photos(1, 32)
+    loss = lambda pred, tgt: (pred - tgt).square().mean((1, 2, 3))  # noqa: E731
+    z0, r, d0, d1 = fit(tiny_vae, x, settings(max_steps=2, precision=precision), loss)
+    with torch.no_grad():
+        assert torch.equal(d0, tiny_vae.decode(z0)) and torch.equal(d1, tiny_vae.decode(r.latents))
+
+
+def test_each_latents_drift_is_scored_with_its_own_re_encode(tiny_vae):
+    """reencode_error = |E(D(z)) - z| / |z| for the encoder's and for glo's latents, each with its own decode."""
+    x = photos(2, 32)
+    f = fit_batch(tiny_vae, x, settings(max_steps=3), PixelLoss("l2", 0, 1))
+    with torch.no_grad():
+        for z, key in ((torch.from_numpy(f.arrays["initial_latents"]), "initial"),
+                       (torch.from_numpy(f.arrays["latents"]), "final")):
+            again = tiny_vae.encode(tiny_vae.decode(z).clamp(-1, 1))
+            want = (again - z).flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1)
+            assert torch.allclose(torch.from_numpy(f.arrays[f"reencode_error_{key}"]), want, rtol=1e-4), key
+
+
+def test_anderson_mixes_the_loss_as_the_sum_of_squares_it_is_anchor_included():
+    from glo.method.anderson import residual
+
+    torch.manual_seed(0)
+    pred, target, moved = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 4, 2, 2)
+    want = (pred - target).square().mean((1, 2, 3)) + 0.3 * moved.square().mean((1, 2, 3))
+    got = residual(pred, target, None, moved, 0.3, moved[0].numel()).square().sum(1)
+    assert torch.allclose(got, want, rtol=1e-5)
+
+
+class _Flat(torch.autograd.Function):
+    """A loss of 1 whatever the input, with gradient 1: every point L-BFGS visits ties with the first."""
+
+    @staticmethod
+    def forward(ctx, pred):  # noqa: ANN001, ANN205
+        return torch.ones(len(pred), dtype=pred.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return torch.ones(len(grad), 3, 8, 8) * grad[:, None, None, None]
+
+
+def test_lbfgs_keeps_the_first_of_equally_good_latents():
+    """A later point is kept only if strictly better: on a tie the encoder's latent stays (it is in-distribution)."""
+    z0 = torch.randn(1, 3, 8, 8)
+    r = optimize(lambda z: z, z0, torch.zeros(1, 3, 8, 8), lambda pred, tgt: _Flat.apply(pred),
+                 settings(optim="lbfgs", max_steps=3, rel_tol=0.0, window=10))
+    assert torch.equal(r.latents, z0) and r.passes.item() > 1
+
+
+def test_fp16_gradients_reach_the_latents_unscaled():
+    """fp16 scales the loss up inside the decoder so small gradients survive, and back down before the latents:
+    the gradient equals fp32's up to fp16's rounding (2^-10 relative), not 2^16 times it."""
+    from glo.method.engine import make_objective
+
+    torch.manual_seed(0)
+    z0, target = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    loss = lambda pred, tgt: (pred - tgt).square().mean((1, 2, 3))  # noqa: E731
+    grads = {}
+    for precision in ("fp32", "fp16"):
+        objective, _ = make_objective(lambda z: z * 2, z0, target, loss, settings(precision=precision), None, None)
+        z = (z0 + 0.1).requires_grad_()
+        objective(z, [0])[0].sum().backward()
+        grads[precision] = z.grad
+    assert torch.allclose(grads["fp16"], grads["fp32"], rtol=2**-8, atol=1e-6)

@@ -13,14 +13,20 @@ def anderson(zs: list[Tensor], history: list[list[tuple[Tensor, Tensor, Tensor]]
              anchor: float, size: int, keep: int) -> None:
     """Replace each moving sample's latent and gradient by their mix over its last `keep` iterates. The loss is
     modelled as a sum of squares (L2's; a model of the others): the pixels' residual and the anchor's."""
-    with torch.no_grad():
-        error = l2_residual(pred.detach(), target[active], None if weight is None else weight[active])
-        if anchor:
-            error = torch.cat([error, (anchor / size) ** 0.5 * moved.detach().flatten(1)], 1)
+    error = residual(pred, target[active], None if weight is None else weight[active], moved, anchor, size)
     for j in going:
         latent, h = zs[active[j]], history[active[j]]
         h[:] = (h + [(latent.detach().clone(), error[j], latent.grad)])[-keep:]
         latent.data, latent.grad = mix(h)
+
+
+@torch.no_grad()
+def residual(pred: Tensor, target: Tensor, weight: Tensor | None, moved: Tensor | None, anchor: float,
+             size: int) -> Tensor:
+    """(B,N) vectors whose squared norms are the samples' L2 losses with the anchor's term added: the loss as a
+    sum of squares, which the mix minimises."""
+    error = l2_residual(pred.detach(), target, weight)
+    return torch.cat([error, (anchor / size) ** 0.5 * moved.detach().flatten(1)], 1) if anchor else error
 
 
 def mix(history: list[tuple[Tensor, Tensor, Tensor]], reg: float = 1e-3) -> tuple[Tensor, Tensor]:
