@@ -22,6 +22,9 @@ def test_hf_dataset_round_trips_bit_for_bit(finished_run, tmp_path):
         col = np.asarray(ds[k])
         assert col.dtype == v.dtype and np.array_equal(col, v), k
     assert json.loads((out / "glo_summary.json").read_text()) == json.loads((finished_run / "summary.json").read_text())
+    saved = datasets.load_from_disk(str(out)).features  # fixed row shapes: a reader can stack rows without padding
+    assert saved["latents"] == datasets.Array3D(shape=a["latents"].shape[1:], dtype="float32")
+    assert saved["loss_curves"].length == a["loss_curves"].shape[1]
 
     loader = torch.utils.data.DataLoader(datasets.load_from_disk(str(out)).with_format("torch"), batch_size=1)
     ours = LatentDataset(finished_run / "latents.npz")

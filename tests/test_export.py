@@ -276,3 +276,39 @@ def test_an_altered_id_in_hdf5_is_found_by_every_reader(tmp_path):
     for read in (load_latents, LatentDataset):
         with pytest.raises(GloError, match=r"its 'ids' differ from what was written"):
             read(copy / "latents.h5")
+
+
+def test_every_numeric_hdf5_column_checks_its_chunks(tmp_path):
+    export(tmp_path, [batch(["a", "b"], 0)], format="hdf5")
+    with h5py.File(tmp_path / "latents.h5") as f:
+        numeric = [k for k, d in f.items() if d.dtype != object]
+        assert numeric and all(f[k].fletcher32 for k in numeric), [k for k in numeric if not f[k].fletcher32]
+
+
+def test_a_file_digest_covers_every_byte(tmp_path):
+    """A change past the first MiB (an edited image that keeps its header) must change the digest."""
+    import hashlib
+
+    from glo.store.digests import sha256_file
+
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
+    (tmp_path / "f").write_bytes(data)
+    before = sha256_file(tmp_path / "f")
+    data[-1] ^= 1
+    (tmp_path / "f").write_bytes(data)
+    assert before != sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def test_a_vaes_fingerprint_covers_its_config(tmp_path):
+    """A changed config.json (another scaling factor) is another VAE: a run must not resume as if the same."""
+    import shutil
+
+    from glo.store.rundir import weights_sha256
+    from tests.conftest import ROOT
+
+    vae = tmp_path / "vae"
+    shutil.copytree(ROOT / "glo" / "standin" / "standin_vae", vae)
+    before = weights_sha256(vae)
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+    assert weights_sha256(vae) not in (before, None)

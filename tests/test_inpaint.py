@@ -278,3 +278,20 @@ def test_a_unet_trains_on_the_runs_of_one_vae_only(tmp_path):
     assert vae_name([runs[0], runs[2]]) == "taesd"
     with pytest.raises(GloError, match=r"made with 2 VAEs \(standin, taesd\); a UNet learns one latent space"):
         vae_name(runs)
+
+
+def test_each_region_is_scored_where_it_lies_the_re_encoded_one_on_the_known_pixels():
+    """Through a lossless codec, an output that differs from the input only inside the hole is perfect on the known
+    region and the seam, also after the re-encode, and imperfect on the hole."""
+    from types import SimpleNamespace
+
+    from glo.data.pixels import to_8bit
+
+    lossless = SimpleNamespace(encode=lambda x: x, decode=lambda z: z)
+    x = to_8bit(photos(1, 32))
+    hole = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    hole[..., 8:16, 8:16] = True
+    y = torch.where(hole, -x, x)
+    s = scores(lossless, y, x, hole, 2)
+    assert torch.isinf(s["known_psnr"]).all() and torch.isinf(s["seam_psnr"]).all()
+    assert torch.isinf(s["reencoded_known_psnr"]).all() and torch.isfinite(s["hole_psnr"]).all()

@@ -245,3 +245,26 @@ def test_roundtrip_report_rows_beyond_the_trips_are_one_line_with_a_fix(tmp_path
     err = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(err) == 1 and "every k of report_at must be <= trips" in err[0] and err[0].endswith(f"(e.g. {fix})")
     assert not (tmp_path / "rt" / "roundtrip.json").exists()
+
+
+def test_the_module_fits_the_masked_image_on_its_known_pixels_when_asked(tiny_vae, monkeypatch):
+    """GLOModule passes mask.known_only to the fit: the masked latents are those of a known-only fit, not of one
+    that also matches the hole's grey."""
+    from glo.app.module import GLOModule
+    from glo.data.masks import batch_holes
+    from glo.method.fit import fit_batch
+    from glo.method.losses import PixelLoss
+    from tests.conftest import photos, settings
+
+    x, s, loss = photos(2, 64), settings(max_steps=4), PixelLoss("l2", 0, 1)
+    meta = {"id": ["a", "b"], "source": ["a.png", "b.png"], "sha256": ["0", "1"], "height": torch.tensor([64, 64]),
+            "width": torch.tensor([64, 64])}
+    monkeypatch.setattr(GLOModule, "_log_images", lambda *a: None)  # TensorBoard's part needs a Trainer
+    monkeypatch.setattr(GLOModule, "_on_step", lambda *a: None)
+    out = {}
+    for known_only in (True, False):
+        masks = RandomMasks("boxes", (0.3, 0.4), seed=0, known_only=known_only)
+        out[known_only] = GLOModule(tiny_vae, loss, s, 0, masks).predict_step((x, meta), 0)["masked_latents"]
+    holes = batch_holes(masks, meta, 64)
+    direct = fit_batch(tiny_vae, x, s, loss, holes, known_only=True).arrays["masked_latents"]
+    assert np.array_equal(out[True], direct) and not np.allclose(out[True], out[False])
