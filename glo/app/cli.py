@@ -61,13 +61,13 @@ def one_line_errors(prog: str) -> Iterator[None]:
               "finished work is kept: fix that and run the same command again", file=sys.stderr)
         sys.exit(1)
     except Exception as e:
-        line = unresolved(e)  # answered inside the job: Hydra prints its own line for an error that escapes it
+        cause: BaseException | None = e  # first: a SIGTERM inside a resolver or instantiate is a stop, not their error
+        while cause is not None and not isinstance(cause, GloError):
+            cause = cause.__cause__
+        line = None if cause else unresolved(e)  # inside the job: Hydra prints its own line for an error escaping it
         if line:
             print(f"{prog}: error: {line}", file=sys.stderr)
             sys.exit(1)
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, GloError):
-            cause = cause.__cause__
         if cause is None:  # torch is imported only here: glo.compare never needs it otherwise
             from glo.model.memory import out_of_memory
 
