@@ -75,7 +75,7 @@ Publish = Annotated[str | None, AfterValidator(_writable_file)]  # a Markdown fi
 Overrides = list[str]  # glo.run overrides, e.g. [lr=0.1, max_steps=49]
 
 MESSAGES = {
-    "int_type": "must be an integer", "float_type": "must be a finite number", "finite_number": "must be finite",
+    "int_type": "must be an integer", "float_type": "must be a finite number", "finite_number": "must be a finite number",
     "bool_type": "must be true or false", "string_type": "must be text", "list_type": "must be a list",
     "dict_type": "must be a mapping of key: value", "missing": "must be set",
     "extra_forbidden": "is not a setting of this tool", "int_parsing": "must be an integer",

@@ -418,7 +418,7 @@ def test_a_killed_or_terminated_run_resumes_to_bitwise_the_same_dataset(uninterr
     safe = sum(len(ids) for ids in done.values())
     assert 1 <= safe < 6, "the signal came too late to test anything"
     said = {signal.SIGTERM: (143, "by SIGTERM after the current batch"),  # finished and written, then one line
-            signal.SIGINT: (1, "by Ctrl+C, the batch in flight is lost")}  # Ctrl+C: at once, and one line
+            signal.SIGINT: (130, "by Ctrl+C, the batch in flight is lost")}  # Ctrl+C: at once, and one line
     if sig in said:
         code, how = said[sig]
         assert proc.returncode == code and "Traceback" not in stderr, stderr[-2000:]

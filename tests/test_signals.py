@@ -17,8 +17,10 @@ LINES = {signal.SIGINT: "stopped by Ctrl+C", signal.SIGTERM: "stopped by SIGTERM
 
 
 def start(module: str, *args: str) -> subprocess.Popen:
+    # a shell's background job (CI's, nohup's) inherits SIGINT ignored; give the tool what a terminal gives it
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
