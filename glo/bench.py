@@ -27,6 +27,7 @@ from pydantic import Field
 from glo import GloError, is_number
 from glo.app.cli import COMMAND_LINE_ERRORS, CONF, command_line, hydra_main, one_line, one_line_errors
 from glo.app.config import validate
+from glo.app.typed import Count, Overrides, Publish, Schema, checked
 from glo.method.drift import drift, pooled_channel_stats, pooled_covariance, spread_ratio
 from glo.method.fit import fit_batch
 from glo.method.metrics import psnr
@@ -35,7 +36,6 @@ from glo.model.hardware import emulated, machine, pick_device, resolve_precision
 from glo.report.bench_tables import render, tables
 from glo.report.render import markdown_table, publish, published_header
 from glo.store.atomic import save_json, save_text
-from glo.typed import Count, Overrides, Publish, Schema, checked
 
 
 def glo_config(overrides: list[str]) -> DictConfig:

@@ -19,11 +19,11 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
+from glo.app.typed import Count, Parser, Publish, Schema, parsed
 from glo.latents import find_latents, load_latents
 from glo.model.hardware import machine
 from glo.report.render import markdown_table, publish, published_header
 from glo.store.atomic import save_json, save_text
-from glo.typed import Count, Parser, Publish, Schema, parsed
 
 
 def make_images(folder: Path, n: int, size: int) -> None:

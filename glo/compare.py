@@ -9,9 +9,9 @@ from typing import Any
 
 from glo import GloError
 from glo.app.cli import one_line_errors
+from glo.app.typed import Parser, Schema, parsed
 from glo.report.render import markdown_table, measured_on
 from glo.store.atomic import save_text
-from glo.typed import Parser, Schema, parsed
 
 SUMMARY_NEEDED = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "ssim_initial_mean", "steps_mean",
                   "images_per_second")

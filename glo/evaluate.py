@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from glo.app.cli import one_line_errors
+from glo.app.typed import Count, Parser, Schema, parsed
 from glo.report.evaluation import evaluate
-from glo.typed import Count, Parser, Schema, parsed
 
 
 class Evaluate(Schema):

@@ -30,6 +30,7 @@ from torch import Tensor
 from glo import GloError
 from glo.app.cli import CONF, command_line, hydra_main, one_line_errors
 from glo.app.config import quiet_third_parties
+from glo.app.typed import Count, Device, Publish, Schema, Seed, checked
 from glo.data.pixels import to_8bit
 from glo.latents import find_latents
 from glo.method.drift import spread_ratio
@@ -39,7 +40,6 @@ from glo.model.vae import FrozenVAE
 from glo.report.evaluation import lpips_metric, open_run
 from glo.report.render import describe, grid_figure, markdown_table, publish, published_header, save_figure
 from glo.store.atomic import atomic_write, save_json, save_text
-from glo.typed import Count, Device, Publish, Schema, Seed, checked
 
 CONDITIONINGS = {"encoder": ("initial_latents", "initial_masked_latents"), "glo": ("latents", "masked_latents")}
 REGIONS = ("known", "seam", "hole")

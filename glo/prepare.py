@@ -15,10 +15,10 @@ import numpy as np
 
 from glo import GloError
 from glo.app.cli import one_line_errors
+from glo.app.typed import Parser, Schema, parsed
 from glo.data.images import FolderDataset, image_files, subfolders
 from glo.data.pixels import check_size
 from glo.store.atomic import save_json, save_npz
-from glo.typed import Parser, Schema, parsed
 
 
 def prepare(src: str, out: str, split: str, size: int) -> dict:

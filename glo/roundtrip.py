@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from glo import GloError
 from glo.app.cli import command_line, hydra_main, one_line_errors
 from glo.app.config import Run, absolute_paths, load_model, validate
+from glo.app.typed import Count, Publish
 from glo.data.masks import batch_holes
 from glo.data.pixels import to_8bit
 from glo.method.fit import fit
@@ -37,7 +38,6 @@ from glo.model.hardware import machine, resolve_precision
 from glo.model.vae import FrozenVAE
 from glo.report.render import markdown_table, publish, published_header, save_figure
 from glo.store.atomic import save_json, save_text
-from glo.typed import Count, Publish
 
 SCORES = ("plain_known", "glo_known", "plain_whole", "glo_whole")
 

@@ -19,9 +19,9 @@ import numpy as np
 
 from glo import GloError
 from glo.app.cli import one_line_errors
+from glo.app.typed import Parser, Schema, parsed
 from glo.latents import damaged, find_latents, open_latents
 from glo.store.atomic import printable
-from glo.typed import Parser, Schema, parsed
 
 WRITER_BATCH = 64
 

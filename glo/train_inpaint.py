@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from pydantic import Field
 
 from glo.app.cli import hydra_main, one_line_errors
-from glo.typed import Count, NonNegative, Positive, Schema, Seed, checked
+from glo.app.typed import Count, NonNegative, Positive, Schema, Seed, checked
 
 
 class TrainInpaint(Schema):

@@ -1,6 +1,5 @@
 """Tests for one-line bugs that a mutation audit found no other test would catch: each names the bug it stops."""
 import json
-from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -49,7 +48,7 @@ def test_a_later_latent_with_only_an_equal_loss_does_not_replace_the_best():
 def test_every_setting_of_the_method_is_in_the_fingerprint():
     """Catches a Settings field (eps, anderson, ...) left out: its rows would mix on resume."""
     keys = fingerprint(run_config(), ["a"], "fp32")
-    assert [f.name for f in fields(Settings) if f.name not in keys] == []
+    assert [name for name in Settings.model_fields if name not in keys] == []
 
 
 def test_a_flipped_byte_inside_a_shard_is_found_by_its_crc(tmp_path):

@@ -226,7 +226,7 @@ def test_a_run_whose_curves_do_not_fit_is_refused_before_loading_the_vae(monkeyp
     monkeypatch.setattr(glo.run, "load_model", lambda *a: pytest.fail("the VAE was loaded"))
     with pytest.raises(SystemExit), one_line_errors("glo"):
         glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, "max_steps=1000000000000", "logger=none"))
-    assert capsys.readouterr().err.startswith("glo: error: max_steps=1000000000000, 3 image(s) of 64 px: ")
+    assert capsys.readouterr().err == "glo: error: max_steps=1000000000000: must be <= 100000\n"
 
 
 def sigterm_then(call):
@@ -492,13 +492,13 @@ def as_in_hydra_main(monkeypatch, out, *overrides: str) -> DictConfig:
 
 @pytest.mark.parametrize("override,message", [
     ("lr=0", "lr=0"),
-    ("lr=fast", "lr='fast': must be a finite number"),
+    ("lr=fast", "lr=fast: must be a finite number"),
     ("lr=inf", "lr=inf: must be a finite number"),
     ("lr=1e400", "lr=inf: must be a finite number"),
     ("eps=inf", "eps=inf: must be a finite number"),
     ("anchor=inf", "anchor=inf: must be a finite number"),
-    ("channel_lr=[inf,1,1,1]", "channel_lr=[inf, 1, 1, 1]: must be null or one number >= 0 per latent channel"),
-    ("betas=[nan,0.9]", "betas=[nan, 0.9]: must be two numbers in [0, 1)"),
+    ("channel_lr=[inf,1,1,1]", "channel_lr[0]=inf: must be a finite number"),
+    ("betas=[nan,0.9]", "betas[0]=nan: must be a finite number"),
     ("max_steps=0", "max_steps=0: must be >= 1"),
     ("max_steps=2.5", "max_steps=2.5: must be an integer"),
     ("rel_tol=-1", "rel_tol=-1: must be >= 0"),
@@ -508,11 +508,11 @@ def as_in_hydra_main(monkeypatch, out, *overrides: str) -> DictConfig:
     ("vae.path=2024", "vae.path=2024: read as a number, not a path; write the folder with a slash (vae.path=./NAME)"),
     ("batch_size=2.5", "batch_size=2.5: must be an integer"),
     ("batch_size=true", "batch_size=True: must be an integer"),
-    ("data.limit=0", "data.limit=0: must be an integer >= 1, or null for every image"),
-    ("seed=4294967296", "seed=4294967296: must be in [0, 2**32)"),
+    ("data.limit=0", "data.limit=0: must be >= 1, or null"),
+    ("seed=4294967296", "seed=4294967296: must be < 4294967296"),
     ("device=tpu", "device=tpu: must be one of auto, cpu, cuda, mps"),
-    ("channel_lr=[1,-1]", "channel_lr=[1, -1]: must be null or one number >= 0 per latent channel"),
-    ("channel_lr=[]", "channel_lr=[]: must be null or one number >= 0 per latent channel"),
+    ("channel_lr=[1,-1]", "channel_lr[1]=-1: must be >= 0"),
+    ("channel_lr=[]", "channel_lr=(): must hold at least 1, or null"),
     ("optim=lbfgs channel_lr=[1,1,1,1]", "channel_lr: optim=lbfgs takes no Adam steps"),
     ("optim=gradfree mask=boxes mask.known_only=true",
      "optim=gradfree has no pixel loss to restrict: use optim=adam with mask.known_only=true"),
@@ -534,7 +534,7 @@ def test_validate_allows_the_edges_and_returns_the_settings_and_speed_switches(o
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["data.size=60"], "data.size=60: must be a positive multiple of 8"),
+    (["data.size=60"], "data.size=60: must be a multiple of 8"),
     (["data=folder", "data.path=MISSING"], "no such directory"),
     (["data=folder", "data.path=EMPTY"], "no image files"),
     (["data=folder", "data.path=CORRUPT"], "broken.jpg: not a readable image"),
@@ -542,12 +542,12 @@ def test_validate_allows_the_edges_and_returns_the_settings_and_speed_switches(o
     (["data=folder"], "data.path: must be set"),
     (["mask=folder"], "mask.path: must be set (e.g. mask.path=DIR)"),
     (["vae=sd_file"], "vae.path: must be set (e.g. vae.path=FILE)"),
-    (["betas=[2,3]"], "betas=[2, 3]: must be two numbers in [0, 1)"),
-    (["betas=abc"], "betas=abc: must be two numbers in [0, 1)"),
+    (["betas=[2,3]"], "betas[0]=2: must be < 1"),
+    (["betas=abc"], "betas=abc: must be a list"),
     (["num_workers=-1"], "num_workers=-1: must be >= 0"),
-    (["seed=-1"], "seed=-1: must be in [0, 2**32)"),
-    (["data.limit=abc"], "data.limit='abc': must be an integer >= 1"),
-    (["data.limit=-1"], "data.limit=-1: must be an integer >= 1"),
+    (["seed=-1"], "seed=-1: must be >= 0"),
+    (["data.limit=abc"], "data.limit=abc: must be an integer, or null"),
+    (["data.limit=-1"], "data.limit=-1: must be >= 1, or null"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, overrides, message):
     """In process, as glo.run's main calls run(). A GloError from run() reaches the console as one line in the
@@ -671,7 +671,6 @@ def test_setting_a_key_under_a_deleted_group_is_one_line_naming_both(monkeypatch
 
 @pytest.mark.parametrize("args,cause", [
     (["~lr"], "Interpolation key 'lr' not found"),
-    (["~engine.lr"], "Error in call to target 'glo.method.settings.Settings':; TypeError"),
     (["lr=0.1"], None),
     (["~report"], None),  # deleted, and read nowhere the error names: the error is glo's bug, not the deletion's
 ])

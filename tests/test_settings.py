@@ -17,6 +17,7 @@ from omegaconf import OmegaConf, open_dict
 
 from glo import GloError
 from glo.app.config import Run, validate
+from glo.app.typed import Schema, checked, leaf
 from glo.bench import Bench
 from glo.bench_load import BenchLoad
 from glo.bench_load import main as bench_load_main
@@ -30,7 +31,6 @@ from glo.prepare import main as prepare_main
 from glo.roundtrip import RoundTrip
 from glo.train_inpaint import TrainInpaint
 from glo.train_vae import TrainVAE
-from glo.typed import Schema, checked, leaf
 from tests.conftest import ROOT, compose_config
 
 # tool config -> (its schema, the command-line values it cannot run without, how the tool checks its config)

@@ -20,7 +20,7 @@ from omegaconf.errors import InterpolationResolutionError
 from pydantic import ConfigDict, Field
 
 from glo import GloError
-from glo.typed import Count, Device, NonNegative, Schema, Seed, checked, require
+from glo.app.typed import Count, Device, NonNegative, Schema, Seed, checked, require
 
 if TYPE_CHECKING:
     from glo.method.settings import Settings

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field
 
 from glo import GloError
-from glo.typed import Built, Count, NonNegative, Positive
+from glo.model.schema import Built, Count, NonNegative, Positive
 
 Unit = Annotated[float, Field(ge=0, lt=1)]
 AsTuple = BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)  # YAML has lists, the object keeps tuples

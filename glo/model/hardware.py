@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from glo import GloError
-from glo.typed import Built, NonNegative
+from glo.model.schema import Built, NonNegative
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the decoder's autocast dtype
 
