@@ -18,7 +18,6 @@ from glo.model.schema import (  # noqa: F401  (the declarations' types, for the 
     Built,
     Count,
     Device,
-    Fraction,
     NonNegative,
     Positive,
     S,
@@ -49,6 +48,7 @@ def _writable_file(value: str | None) -> str | None:
 
 Publish = Annotated[str | None, AfterValidator(_writable_file)]  # a Markdown file, or null
 Overrides = list[str]  # glo.run overrides, e.g. [lr=0.1, max_steps=49]
+
 
 def checked(schema: type[S], cfg: DictConfig | dict[str, Any], prefix: str = "") -> S:
     """`cfg` read against `schema`, or a GloError of one line about its first wrong setting."""

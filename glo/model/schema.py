@@ -21,7 +21,6 @@ class Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
 
-
 class Built(Schema):
     """A Schema its callers construct (Hydra's instantiate, the engine's users): a wrong value is a GloError too.
     Not for nested schemas: pydantic calls a custom __init__ for them, and the error would lose its path."""
@@ -41,7 +40,6 @@ Count = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 Positive = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, lt=1)]
 Device = typing.Literal["auto", "cpu", "cuda", "mps"]
 MESSAGES = {
     "int_type": "must be an integer", "float_type": "must be a finite number",
