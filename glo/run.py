@@ -60,6 +60,7 @@ def claim(cfg: DictConfig, dataset: Any, masks: Any, exporter: LatentExporter, p
     if rank_zero_only.rank == 0:
         held = rundir.lock(exporter.out)
         rundir.claim(exporter.out, rundir.fingerprint(cfg, dataset.ids, precision), cfg.resume)
+        exporter.clear_stop()
         exporter.verify(dataset.digests(), masks.digests if masks else None)
     done = exporter.done_ids()
     todo = [i for i, name in enumerate(dataset.ids) if name not in done]
@@ -163,7 +164,7 @@ def _run(cfg: DictConfig, stop: StopOnSigterm) -> float:
     if todo:
         loader = DataLoader(Subset(dataset, todo), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
         predict(trainer, module, loader, speed, batch, dataset.size)
-        if trainer.received_sigterm:  # during the merge, which Lightning's handler let finish
+        if exporter.signalled:  # during the merge, which the exporter's handler let finish
             raise Stopped(exporter.stopped("by SIGTERM during the merge"))
         if not trainer.is_global_zero:
             return float("nan")  # rank 0 merges, reports and returns the sweep objective

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from glo import GloError
+from glo import GloError, Stopped
 from glo.latents import LatentDataset, load_latents, open_latents
 from glo.report.summary import DRIFT, drift_summary, summarize
 from glo.store.export import LatentExporter
@@ -312,3 +312,20 @@ def test_a_vaes_fingerprint_covers_its_config(tmp_path):
     config = json.loads((vae / "config.json").read_text())
     (vae / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
     assert weights_sha256(vae) not in (before, None)
+
+
+@pytest.mark.parametrize("stopped", [True, False], ids=["another_rank_stopped", "a_real_fault"])
+def test_a_barrier_broken_by_a_stopped_rank_is_the_stop_and_any_other_break_is_its_error(tmp_path, stopped):
+    exporter = LatentExporter(str(tmp_path), "npz")
+    exporter.shards.mkdir()
+    if stopped:
+        exporter.stop_file.write_text("SIGTERM\n")
+
+    def barrier(name: str) -> None:
+        raise RuntimeError("Connection closed by peer")
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(barrier=barrier), is_global_zero=True)
+    with pytest.raises(Stopped if stopped else RuntimeError) as e:
+        exporter.on_predict_end(trainer, None)
+    if stopped:
+        assert str(e.value).startswith("stopped by SIGTERM to another rank; 0 image(s) are safe")

@@ -259,10 +259,9 @@ class NoUnreadKeys(Callback):
 
 
 class StopOnSigterm:
-    """SIGTERM ends glo.run in one line, exit 143, wherever it lands. Inside trainer.predict Lightning's handler is
-    installed and calls this one after its own: there the batch in flight is finished and LatentExporter stops
-    after it, so this one does nothing. Outside it (imports, checks, loading the VAE, the report) the run stops at
-    once: everything glo writes is written whole or not at all."""
+    """SIGTERM ends glo.run in one line, exit 143, wherever it lands. While batches run, LatentExporter's handler
+    replaces this one and the run stops after the batch in flight. Anywhere else (checks, loading the VAE, the
+    report) it stops at once: everything glo writes is written whole or not at all."""
 
     def __init__(self) -> None:
         self.exporter: LatentExporter | None = None  # set once known: what is safe, and where
@@ -275,8 +274,6 @@ class StopOnSigterm:
         signal.signal(signal.SIGTERM, self.previous)
 
     def __call__(self, signum: int, frame: object) -> None:
-        if signal.getsignal(signal.SIGTERM) is not self:  # called by Lightning's, which lets the batch finish
-            return
         raise Stopped(self.exporter.stopped("by SIGTERM") if self.exporter else "stopped by SIGTERM before any work")
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import signal
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -26,6 +29,7 @@ from glo.store.atomic import atomic_path, save_json, save_npz, to_json
 from glo.store.digests import text_digest
 
 log = logging.getLogger("glo")
+RANK0 = "GLO_RANK0_PID"  # rank 0's pid, for the ranks Lightning's launcher starts as its children
 
 
 def append_h5(f: h5py.File, arrays: dict[str, np.ndarray]) -> None:
@@ -104,6 +108,8 @@ class LatentExporter(pl.Callback):
         self.out, self.format = Path(out_dir), format
         self.shards = self.out / "shards"
         self.sessions = self.shards / "sessions.json"
+        self.stop_file = self.shards / "stop"  # a rank that got SIGTERM tells the others: they stop after their batch
+        self.signalled = False
         self.metadata: dict[str, Any] = {}
         self.summary: dict[str, float | int] = {}
 
@@ -160,6 +166,10 @@ class LatentExporter(pl.Callback):
                 save_json(m, good)
 
     def on_predict_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Lightning's SIGTERM handler broadcasts from inside the handler: a rank signalled alone waits for ever.
+        # This one only marks the stop; every rank checks for it after each batch (Lightning restores its own
+        # handler's predecessor at teardown).
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         self.metadata["start_time"] = datetime.now(timezone.utc).isoformat()
         if trainer.is_global_zero:  # each run that computes images here, so a resumed dataset names every machine
             earlier = self.earlier_sessions()
@@ -178,8 +188,35 @@ class LatentExporter(pl.Callback):
         save_npz(self.shards / name, outputs)
         manifest[name] = ids
         save_json(manifest_file, manifest)  # the shard counts as done only from here on
-        if getattr(trainer, "received_sigterm", False):
-            raise Stopped(self.stopped("by SIGTERM after the current batch"))
+        if self.signalled or self.stop_file.exists():
+            self._after_rank0(trainer)
+            raise Stopped(self.stopped(f"by SIGTERM{self._to_whom()} after the current batch"))
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.signalled = True
+        self.stop_file.write_text("SIGTERM\n")
+
+    def _to_whom(self) -> str:
+        return "" if self.signalled else " to another rank"
+
+    def clear_stop(self) -> None:
+        """On rank 0, before any other rank starts: a stop left by a stopped run is not a stop for this one."""
+        self.stop_file.unlink(missing_ok=True)
+        os.environ[RANK0] = str(os.getpid())
+
+    @staticmethod
+    def _after_rank0(trainer: pl.Trainer) -> None:
+        """A rank Lightning's launcher started ends after rank 0: once a child ends with a non-zero code, the
+        launcher kills every rank with SIGKILL, without a line and losing the batch in flight."""
+        parent = os.getppid()
+        if not trainer.local_rank or os.environ.get(RANK0) != str(parent):
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()  # rank 0 may wait in the barrier for this rank: release it
+        while os.getppid() == parent:
+            time.sleep(0.1)
 
     def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning ends a run on Ctrl+C itself (exit code 1, its own message is info-level): say what is safe
@@ -187,7 +224,12 @@ class LatentExporter(pl.Callback):
             print(f"glo: error: {self.stopped('by Ctrl+C, the batch in flight is lost')}", file=sys.stderr, flush=True)
 
     def on_predict_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        trainer.strategy.barrier("glo-export")  # every rank's shards are on disk before rank 0 merges them
+        try:
+            trainer.strategy.barrier("glo-export")  # every rank's shards are on disk before rank 0 merges them
+        except RuntimeError:  # the peer it waits for has stopped and gone
+            if not self.stop_file.exists():
+                raise
+            raise Stopped(self.stopped(f"by SIGTERM{self._to_whom()}")) from None
         if trainer.is_global_zero:
             self.merge()
 
