@@ -6,6 +6,8 @@ import math
 import os
 import signal
 import sys
+from types import FrameType
+from typing import NoReturn
 
 
 class GloError(Exception):
@@ -32,14 +34,31 @@ def _tool() -> str | None:
     return ("glo" if name == "glo.run" else name) if name.startswith("glo.") else None
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Stopped("stopped by SIGTERM; every file written is whole")
+def _importing(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
-def _on_sigint(signum: int, frame: object) -> None:
+def stop_here(error: BaseException, frame: FrameType | None) -> NoReturn:
+    """Raise a signal's `error` where it landed, once the tool's own error handling runs (`working`). Before it
+    (Hydra composing, which catches Exception) or inside an import (which may catch it, or run under C++ that
+    aborts on it: torch's pybind11), say its line and exit at once: nothing is being written there."""
+    if TOOL and (not working or _importing(frame)):
+        _last_line(type(error), error, None)
+    raise error
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    stop_here(Stopped("stopped by SIGTERM; every file written is whole"), frame)
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
     global interrupted
     interrupted = True
-    raise KeyboardInterrupt
+    stop_here(KeyboardInterrupt(), frame)
 
 
 def _last_line(kind: type[BaseException], error: BaseException, traceback: object) -> None:
@@ -48,12 +67,13 @@ def _last_line(kind: type[BaseException], error: BaseException, traceback: objec
         print(f"{TOOL}: {STOPPED_BY_CTRL_C}", file=sys.stderr, flush=True)
         os._exit(130)
     if isinstance(error, Stopped):
-        print(f"{TOOL}: error: {error}", file=sys.stderr, flush=True)
+        print(f"{TOOL}: error: {(str(error).splitlines() or [''])[0]}", file=sys.stderr, flush=True)
         os._exit(Stopped.exit_code)
     sys.__excepthook__(kind, error, traceback)
 
 
 STOPPED_BY_CTRL_C = "stopped by Ctrl+C; every file written is whole"
+working = False  # the tool's own error handling runs (glo.app.cli.one_line_errors)
 interrupted = False  # Ctrl+C was pressed: Lightning turns it into exit(1), glo's tools into 130
 TOOL = _tool()
 if TOOL:  # a tool ends on a signal with one line and 130 / 143 at any moment, also while its imports load

@@ -154,6 +154,27 @@ def test_out_of_memory_in_any_tool_is_one_line_and_other_runtime_errors_keep_the
         "glo.evaluate: error: out of memory (") and err.endswith("run it again with a smaller batch size or image size\n"))
 
 
+@pytest.mark.parametrize("where", ["resolver", "node"])
+def test_a_stop_inside_omegaconf_is_glo_s_line_alone(capsys, where):
+    """OmegaConf replaces an error raised in a resolver (`from None`), and re-raises one raised while it reads a
+    node with `full_key:` and `object_type=` lines appended."""
+    from omegaconf import OmegaConf
+
+    from glo import Stopped
+
+    line = "stopped by SIGTERM; every file written is whole"
+
+    def stopped() -> None:
+        raise Stopped(line if where == "resolver" else f"{line}\n    full_key: \n    object_type=dict")
+
+    OmegaConf.register_new_resolver("glo_test_stop", stopped, replace=True)
+    with pytest.raises(SystemExit) as e, one_line_errors("glo.bench"):
+        OmegaConf.to_container(OmegaConf.create({"a": "${glo_test_stop:}"}), resolve=True) if where == "resolver" \
+            else stopped()
+    assert e.value.code == 143
+    assert capsys.readouterr().err == "glo.bench: error: stopped by SIGTERM; every file written is whole\n"
+
+
 @pytest.fixture(scope="module")
 def probed() -> tuple:
     """The stand-in and its bf16 memory probes without and with checkpointing, measured once (bf16 is emulated, so

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import glo
 from tests.conftest import FAST, ROOT
 
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -23,12 +24,13 @@ def start(module: str, *args: str) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+@pytest.mark.parametrize("after", [0.3, 0.5, 1.0])  # inside the imports, or Hydra composing
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 @pytest.mark.parametrize("module,args", [("glo.evaluate", ["RUN"]), ("glo.inpaint", ["RUN"]),
                                          ("glo.run", [*FAST, "hydra.run.dir=RUN"]), ("glo.bench", ["hydra.run.dir=RUN"])])
-def test_a_signal_during_start_up_is_one_line(module, args, sig, tmp_path):
+def test_a_signal_during_start_up_is_one_line(module, args, sig, after, tmp_path):
     p = start(module, *[a.replace("RUN", str(tmp_path / "run")) for a in args])
-    time.sleep(0.5)  # inside the imports
+    time.sleep(after)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
     lines = err.strip().splitlines()
@@ -47,3 +49,21 @@ def test_a_signal_while_glo_run_works_is_one_line(sig, tmp_path):
     out, err = p.communicate(timeout=120)
     said = [line for line in err.strip().splitlines() if not line.startswith("[")]  # logged warnings aside
     assert p.returncode == CODES[sig] and len(said) == 1 and "safe in" in said[0], err
+
+
+@pytest.mark.parametrize("state", ["working", "starting", "importing"])
+def test_a_signal_raises_where_it_lands_only_once_the_tool_handles_errors(state, monkeypatch, capsys):
+    """Hydra's composition catches Exception (a SIGTERM there was lost and the run went on to the end), and an
+    exception raised in an import under torch's pybind11 aborts the process."""
+    monkeypatch.setattr(glo, "TOOL", "glo.bench")
+    monkeypatch.setattr(glo, "working", state != "starting")
+    monkeypatch.setattr(glo.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    namespace: dict = {}
+    where = "<frozen importlib._bootstrap>" if state == "importing" else __file__
+    exec(compile("import sys\nframe = sys._getframe()", where, "exec"), namespace)
+    stop = glo.Stopped("stopped by SIGTERM; every file written is whole")
+    with pytest.raises(glo.Stopped if state == "working" else SystemExit) as e:
+        glo.stop_here(stop, namespace["frame"])
+    if state != "working":
+        assert e.value.code == 143
+        assert capsys.readouterr().err == "glo.bench: error: stopped by SIGTERM; every file written is whole\n"

@@ -11,6 +11,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -22,7 +23,12 @@ from hydra.errors import (
 )
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+)
 
 import glo
 from glo import GloError, Stopped
@@ -44,6 +50,7 @@ def one_line_errors(prog: str) -> Iterator[None]:
     is a bug and keeps its traceback.
     """
     threading.excepthook = _main_thread_reports
+    glo.working = True
     try:
         yield
     except KeyboardInterrupt:
@@ -63,7 +70,8 @@ def one_line_errors(prog: str) -> Iterator[None]:
     except Exception as e:
         cause: BaseException | None = e  # first: a SIGTERM inside a resolver or instantiate is a stop, not their error
         while cause is not None and not isinstance(cause, GloError):
-            cause = cause.__cause__
+            # OmegaConf replaces an error raised in a resolver by its own, keeping it only as the context
+            cause = cause.__cause__ or (cause.__context__ if isinstance(cause, OmegaConfBaseException) else None)
         line = None if cause else unresolved(e)  # inside the job: Hydra prints its own line for an error escaping it
         if line:
             print(f"{prog}: error: {line}", file=sys.stderr)
@@ -78,8 +86,15 @@ def one_line_errors(prog: str) -> Iterator[None]:
             sys.exit(1)
         if _sweep_goes_on(prog, cause):
             return
-        print(f"{prog}: error: {cause}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(cause)}", file=sys.stderr)
         sys.exit(getattr(cause, "exit_code", 1))
+    finally:
+        glo.working = False
+
+
+def first_line(error: BaseException) -> str:
+    """glo's own line: OmegaConf appends `full_key:` and `object_type=` lines to an error raised inside it."""
+    return (str(error).splitlines() or [""])[0]
 
 
 FAILED_JOBS: list[str] = []  # this multirun's jobs that stopped on a GloError
@@ -94,10 +109,10 @@ def _sweep_goes_on(prog: str, error: GloError) -> bool:
     if isinstance(error, Stopped) or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return False
     job = HydraConfig.get().job.num
-    print(f"{prog}: error: job {job}: {error}", file=sys.stderr, flush=True)
+    print(f"{prog}: error: job {job}: {first_line(error)}", file=sys.stderr, flush=True)
     from glo.store.atomic import save_text
 
-    save_text(Path(HydraConfig.get().runtime.output_dir) / "error.txt", f"{error}\n")
+    save_text(Path(HydraConfig.get().runtime.output_dir) / "error.txt", f"{first_line(error)}\n")
     FAILED_JOBS.append(str(job))
     return True
 
@@ -273,8 +288,9 @@ class StopOnSigterm:
     def __exit__(self, *exc: object) -> None:
         signal.signal(signal.SIGTERM, self.previous)
 
-    def __call__(self, signum: int, frame: object) -> None:
-        raise Stopped(self.exporter.stopped("by SIGTERM") if self.exporter else "stopped by SIGTERM before any work")
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        how = self.exporter.stopped("by SIGTERM") if self.exporter else "stopped by SIGTERM before any work"
+        glo.stop_here(Stopped(how), frame)
 
 
 def command_line(tool: str) -> str:
