@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from glo import GloError
-from glo.store.digests import text_digest
+from glo.data.digests import text_digest
 
 
 def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:

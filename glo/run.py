@@ -28,15 +28,15 @@ from glo.app.config import (
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
+    from glo.app.export import LatentExporter
     from glo.model.hardware import Speed
     from glo.model.vae import FrozenVAE
-    from glo.store.export import LatentExporter
 
 
 
 def build(cfg: DictConfig) -> tuple[Any, Any, list[Any], LatentExporter]:
     """The data, masks and callbacks the config names, masks vetted against every image before any work."""
-    from glo.store.export import LatentExporter
+    from glo.app.export import LatentExporter
 
     dataset, masks = instantiate(cfg.data), instantiate(cfg.mask)
     if masks:
@@ -44,7 +44,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any, list[Any], LatentExporter]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     exporter = next((c for c in callbacks if isinstance(c, LatentExporter)), None)
     if exporter is None:
-        raise GloError("callbacks: no glo.store.export.LatentExporter among them; glo.run exists to export latents")
+        raise GloError("callbacks: no glo.app.export.LatentExporter among them; glo.run exists to export latents")
     return dataset, masks, callbacks, exporter
 
 

@@ -1,5 +1,5 @@
 """python -m glo.train_inpaint runs=[DIR,...]: train one of glo.inpaint's small offline UNets on the latents of
-masked glo runs (the training itself: glo/standin/inpaint_training.py).
+masked glo runs (the training itself: glo/train/inpaint.py).
 
 Lightning and diffusers are imported only once the settings are checked, so a mistyped one is refused at once.
 """
@@ -43,7 +43,7 @@ class TrainInpaint(Schema):
 def main(cfg: DictConfig) -> None:
     with one_line_errors("glo.train_inpaint"):
         checked(TrainInpaint, cfg)
-        from glo.standin.inpaint_training import train
+        from glo.train.inpaint import train
 
         print(f"glo.train_inpaint: saved to {train(cfg)}")
 

@@ -1,4 +1,4 @@
-"""python -m glo.train_vae: train the stand-in VAE that glo ships (the training itself: glo/standin/training.py).
+"""python -m glo.train_vae: train the stand-in VAE that glo ships (the training itself: glo/train/vae.py).
 
 Lightning and diffusers are imported only once the settings are checked, so a mistyped one is refused at once.
 """
@@ -46,7 +46,7 @@ class TrainVAE(Schema):
 def main(cfg: DictConfig) -> None:
     with one_line_errors("glo.train_vae"):
         checked(TrainVAE, cfg)
-        from glo.standin.training import train
+        from glo.train.vae import train
 
         train(cfg)
 

@@ -10,7 +10,7 @@ from glo import GloError
 from glo.method.drift import drift, high_frequency_share, pooled_channel_stats, pooled_covariance, spread_ratio
 from glo.method.engine import optimize
 from glo.method.losses import PixelLoss
-from glo.report.summary import drift_summary
+from glo.store.summary import drift_summary
 from tests.conftest import photos, settings
 
 L2 = PixelLoss("l2", l1=0.0, l2=1.0)
@@ -174,7 +174,7 @@ def test_pooled_covariance_is_the_covariance_of_every_cell_of_the_run():
 def test_a_runs_spread_ratio_bounds_every_channels_std_ratio(tiny_vae):
     """The largest ratio along any direction is at least the ratio along each channel: summary.json carries both."""
     from glo.method.fit import fit_batch
-    from glo.report.summary import summarize
+    from glo.store.summary import summarize
 
     rows = fit_batch(tiny_vae, photos(2, 32), settings(max_steps=6, eps=1e-6, lr=0.5), L2).arrays
     s = summarize({**rows, "ids": np.array(["a", "b"]), "seconds": np.ones(2)})

@@ -20,7 +20,7 @@ from glo.model.vae import FrozenVAE
 from glo.report.evaluation import upscaling
 from glo.report.grids import comparison_grid, error_map
 from glo.report.render import describe, drift_rows, markdown_table, write_report
-from glo.report.summary import DRIFT, summarize
+from glo.store.summary import DRIFT, summarize
 from tests.conftest import FAST, run_glo
 from tests.test_export import rows
 

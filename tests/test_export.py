@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from glo import GloError, Stopped
+from glo.app.export import LatentExporter
 from glo.latents import LatentDataset, load_latents, open_latents
-from glo.report.summary import DRIFT, drift_summary, summarize
-from glo.store.export import LatentExporter
+from glo.store.summary import DRIFT, drift_summary, summarize
 
 
 def batch(ids, seed):
@@ -289,7 +289,7 @@ def test_a_file_digest_covers_every_byte(tmp_path):
     """A change past the first MiB (an edited image that keeps its header) must change the digest."""
     import hashlib
 
-    from glo.store.digests import sha256_file
+    from glo.data.digests import sha256_file
 
     data = bytearray(np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
     (tmp_path / "f").write_bytes(data)

@@ -17,7 +17,7 @@ from glo.latents import load_latents
 from glo.method.metrics import region_psnr, region_ssim, seam_band
 from glo.model.inpainter import Inpainter, load_inpainter
 from glo.model.vae import load_vae
-from glo.standin.inpaint_training import held_out_loss, split
+from glo.train.inpaint import held_out_loss, split
 
 TRAIN = OmegaConf.load(ROOT / "conf/train_inpaint.yaml")
 
@@ -268,7 +268,7 @@ def test_a_pipeline_directory_with_a_text_encoder_conditions_on_its_prompt(tmp_p
 
 
 def test_a_unet_trains_on_the_runs_of_one_vae_only(tmp_path):
-    from glo.standin.inpaint_training import vae_name
+    from glo.train.inpaint import vae_name
 
     runs = []
     for name in ("taesd", "standin", "taesd"):

@@ -246,18 +246,18 @@ def sigterm_then(call):
 
 @pytest.mark.parametrize("where,how,published", [
     ("glo.run.load_model", "stopped by SIGTERM; 0 image(s) are safe", False),  # before the first batch
-    ("glo.store.export.LatentExporter.merge", "stopped by SIGTERM during the merge; 3 image(s) are safe", True),
+    ("glo.app.export.LatentExporter.merge", "stopped by SIGTERM during the merge; 3 image(s) are safe", True),
     ("glo.report.evaluation.evaluate", "stopped by SIGTERM; 3 image(s) are safe", True),  # the report
 ])
 def test_sigterm_outside_the_batches_is_one_line_and_exit_143(where, how, published, monkeypatch, tmp_path,
                                                                capsys):
     """Inside the batches Lightning lets the batch in flight finish (test_integrity); elsewhere the default
     handler ended the run without a word, and during the report Lightning's left SIGTERM ignored."""
+    import glo.app.export
     import glo.report.evaluation
-    import glo.store.export
 
     owner, name = where.rsplit(".", 1)
-    target = {"glo.run": glo.run, "glo.store.export.LatentExporter": glo.store.export.LatentExporter,
+    target = {"glo.run": glo.run, "glo.app.export.LatentExporter": glo.app.export.LatentExporter,
               "glo.report.evaluation": glo.report.evaluation}[owner]
     monkeypatch.setattr(target, name, sigterm_then(getattr(target, name)))
     with pytest.raises(SystemExit) as e, one_line_errors("glo"):

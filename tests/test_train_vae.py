@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from glo.model.vae import load_vae
-from glo.standin.training import trainer_precision
+from glo.train.vae import trainer_precision
 from tests.conftest import photos, run_glo
 
 TINY = ["vae.block_out_channels=[8,8,16,16]", "vae.norm_num_groups=4", "crop=32", "crops_per_epoch=8",

@@ -34,7 +34,7 @@ import glo
 from glo import GloError, Stopped
 
 if TYPE_CHECKING:
-    from glo.store.export import LatentExporter
+    from glo.app.export import LatentExporter
 
 CONF = Path(__file__).resolve().parents[2] / "conf"  # every tool's config_path
 USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from glo import GloError
+from glo.data.digests import sha256_file
 from glo.data.pixels import IMAGE_SUFFIXES, check_size, open_image, resize_center_crop, to_tensor
-from glo.store.digests import sha256_file
 
 log = logging.getLogger("glo")
 SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")

@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from glo import GloError, is_number
+from glo.data.digests import sha256_file
 from glo.data.images import repeated_stems
 from glo.data.pixels import IMAGE_SUFFIXES, open_image, resize_center_crop
-from glo.store.digests import sha256_file
 
 MAX_SHAPES = 1000
 

@@ -27,8 +27,8 @@ from glo.latents import find_latents, load_latents
 from glo.method.metrics import LOWER_IS_BETTER, METRICS
 from glo.model.vae import FrozenVAE
 from glo.report.render import grid_figure, save_figure, write_plots, write_report
-from glo.report.summary import summarize
 from glo.store.atomic import printable, save_json, save_text
+from glo.store.summary import summarize
 
 
 def lpips_metric() -> tuple[Callable[[Tensor, Tensor], Tensor] | None, str | None]:

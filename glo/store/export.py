@@ -8,10 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import signal
-import sys
-import time
 import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -19,17 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import lightning.pytorch as pl
 import numpy as np
 
-from glo import GloError, Stopped
+from glo import GloError
+from glo.data.digests import text_digest
 from glo.latents import failed_crc, load_latents
-from glo.report.summary import SUMMARY_KEYS, summarize
 from glo.store.atomic import atomic_path, save_json, save_npz, to_json
-from glo.store.digests import text_digest
+from glo.store.summary import SUMMARY_KEYS, summarize
 
 log = logging.getLogger("glo")
-RANK0 = "GLO_RANK0_PID"  # rank 0's pid, for the ranks Lightning's launcher starts as its children
 
 
 def append_h5(f: h5py.File, arrays: dict[str, np.ndarray]) -> None:
@@ -99,8 +93,9 @@ def same_columns(files: list[Path]) -> Iterator[dict[str, np.ndarray]]:
         yield part
 
 
-class LatentExporter(pl.Callback):
-    """Shards each predicted batch, then merges them into latents.npz, metadata.json and summary.json."""
+class RunExport:
+    """A run directory's results: a shard per finished batch, listed in its rank's manifest, merged at the end
+    into latents.npz (or latents.h5), metadata.json and summary.json."""
 
     def __init__(self, out_dir: str, format: str) -> None:
         if format not in FORMATS:
@@ -109,7 +104,6 @@ class LatentExporter(pl.Callback):
         self.shards = self.out / "shards"
         self.sessions = self.shards / "sessions.json"
         self.stop_file = self.shards / "stop"  # a rank that got SIGTERM tells the others: they stop after their batch
-        self.signalled = False
         self.metadata: dict[str, Any] = {}
         self.summary: dict[str, float | int] = {}
 
@@ -165,73 +159,26 @@ class LatentExporter(pl.Callback):
             if good != manifest:
                 save_json(m, good)
 
-    def on_predict_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        # Lightning's SIGTERM handler broadcasts from inside the handler: a rank signalled alone waits for ever.
-        # This one only marks the stop; every rank checks for it after each batch (Lightning restores its own
-        # handler's predecessor at teardown).
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        self.metadata["start_time"] = datetime.now(timezone.utc).isoformat()
-        if trainer.is_global_zero:  # each run that computes images here, so a resumed dataset names every machine
-            earlier = self.earlier_sessions()
-            now = {k: self.metadata.get(k) for k in ("start_time", "machine", "precision")}
-            save_json(self.sessions, [*earlier, {**now, "images_done_before": len(self.done_ids())}])
+    def record_session(self) -> None:
+        """Each run that computes images here, so a resumed dataset names every machine."""
+        now = {k: self.metadata.get(k) for k in ("start_time", "machine", "precision")}
+        save_json(self.sessions, [*self.earlier_sessions(), {**now, "images_done_before": len(self.done_ids())}])
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: dict[str, np.ndarray],
-                             batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        rank = trainer.global_rank
+    def save_batch(self, rank: int, first: int, outputs: dict[str, np.ndarray]) -> None:
+        """One batch's rows as a shard, then in the rank's manifest: the shard counts as done only from there.
+        Named by the dataset position of its `first` image (names sort in dataset order) and a hash of its ids:
+        two shards with different images never share a name."""
         manifest_file = self.shards / f"manifest-{rank}.json"
         manifest = read_manifest(manifest_file) if manifest_file.is_file() else {}
         ids = [str(i) for i in outputs["ids"]]
-        # Named by the dataset position of its first image (so names sort in dataset order) and a hash of its
-        # ids: two shards with different images can never share a name.
-        name = f"shard-{int(batch[1]['index'][0]):08d}-{hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:8]}.npz"
+        name = f"shard-{first:08d}-{hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:8]}.npz"
         save_npz(self.shards / name, outputs)
         manifest[name] = ids
-        save_json(manifest_file, manifest)  # the shard counts as done only from here on
-        if self.signalled or self.stop_file.exists():
-            self._after_rank0(trainer)
-            raise Stopped(self.stopped(f"by SIGTERM{self._to_whom()} after the current batch"))
-
-    def _on_sigterm(self, signum: int, frame: object) -> None:
-        self.signalled = True
-        self.stop_file.write_text("SIGTERM\n")
-
-    def _to_whom(self) -> str:
-        return "" if self.signalled else " to another rank"
+        save_json(manifest_file, manifest)
 
     def clear_stop(self) -> None:
-        """On rank 0, before any other rank starts: a stop left by a stopped run is not a stop for this one."""
+        """Before any other rank starts: a stop left by a stopped run is not a stop for this one."""
         self.stop_file.unlink(missing_ok=True)
-        os.environ[RANK0] = str(os.getpid())
-
-    @staticmethod
-    def _after_rank0(trainer: pl.Trainer) -> None:
-        """A rank Lightning's launcher started ends after rank 0: once a child ends with a non-zero code, the
-        launcher kills every rank with SIGKILL, without a line and losing the batch in flight."""
-        parent = os.getppid()
-        if not trainer.local_rank or os.environ.get(RANK0) != str(parent):
-            return
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()  # rank 0 may wait in the barrier for this rank: release it
-        while os.getppid() == parent:
-            time.sleep(0.1)
-
-    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning ends a run on Ctrl+C itself (exit code 1, its own message is info-level): say what is safe
-        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            print(f"glo: error: {self.stopped('by Ctrl+C, the batch in flight is lost')}", file=sys.stderr, flush=True)
-
-    def on_predict_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        try:
-            trainer.strategy.barrier("glo-export")  # every rank's shards are on disk before rank 0 merges them
-        except RuntimeError:  # the peer it waits for has stopped and gone
-            if not self.stop_file.exists():
-                raise
-            raise Stopped(self.stopped(f"by SIGTERM{self._to_whom()}")) from None
-        if trainer.is_global_zero:
-            self.merge()
 
     def merge(self) -> None:
         """Shards -> latents.npz (all in memory) or latents.h5 (streamed shard by shard), then the JSON files."""

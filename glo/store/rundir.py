@@ -21,10 +21,10 @@ from typing import IO, Any
 from omegaconf import DictConfig, OmegaConf
 
 from glo import GloError
+from glo.data.digests import sha256_files
 from glo.latents import ROWS_VERSION
 from glo.method.engine import FP16_GRAD_SCALE
 from glo.store.atomic import save_json
-from glo.store.digests import sha256_files
 
 log = logging.getLogger("glo")
 FINGERPRINT = "fingerprint.json"

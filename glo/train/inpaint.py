@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from glo import GloError
 from glo.latents import LatentDataset, find_latents
 from glo.method.engine import lr_factor
-from glo.standin.training import trainer_precision
 from glo.store.atomic import save_json, save_text
+from glo.train.vae import trainer_precision
 
 log = logging.getLogger("glo.train_inpaint")
 KINDS = ("sd_inpaint", "blend")
