@@ -34,7 +34,7 @@ from glo.method.metrics import psnr
 from glo.method.settings import Settings
 from glo.model.hardware import emulated, machine, pick_device, resolve_precision
 from glo.report.bench_tables import render, tables
-from glo.report.render import markdown_table, publish, published_header
+from glo.report.render import markdown_table, publish
 from glo.store.atomic import save_json, save_text
 
 
@@ -303,8 +303,8 @@ def main(cfg: DictConfig) -> None:
         result = bench(cfg, out)
         print(f"glo.bench: {len(result['methods'])} methods -> {out / 'bench.md'}")
         if cfg.publish:
-            header = published_header(command_line("glo.bench"), result["machine"], result["date"])
-            publish(Path(cfg.publish), f"glo.bench {cfg.section}", header, tables(result))
+            publish(Path(cfg.publish), f"glo.bench {cfg.section}", command_line("glo.bench"), result["machine"],
+                    result["date"], tables(result))
             print(f"glo.bench: section 'glo.bench {cfg.section}' of {cfg.publish} written")
 
 

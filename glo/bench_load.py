@@ -22,7 +22,7 @@ from pydantic import Field
 from glo.app.typed import Count, Parser, Publish, Schema, parsed
 from glo.latents import find_latents, load_latents
 from glo.model.hardware import machine
-from glo.report.render import markdown_table, publish, published_header
+from glo.report.render import markdown_table, publish
 from glo.store.atomic import save_json, save_text
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.publish:
         command = " ".join(["python -m glo.bench_load", "--counts", *map(str, args.counts), "--size", str(args.size),
                             "--batch-size", str(args.batch_size)])
-        publish(Path(args.publish), "glo.bench_load", published_header(command, machine(), result["date"]), body)
+        publish(Path(args.publish), "glo.bench_load", command, machine(), result["date"], body)
     print(f"glo.bench_load: {out / 'bench_load.md'}")
 
 

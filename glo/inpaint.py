@@ -10,7 +10,6 @@ known region again. Writes the outputs, inpaint.json, inpaint.md and one compari
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 import zlib
@@ -28,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from glo import GloError
-from glo.app.cli import CONF, command_line, hydra_main, one_line_errors
+from glo.app.cli import command_line, hydra_main, one_line_errors
 from glo.app.config import quiet_third_parties
 from glo.app.typed import Count, Device, Publish, Schema, Seed, checked
 from glo.data.pixels import to_8bit
@@ -38,7 +37,7 @@ from glo.method.metrics import region_psnr, region_ssim, seam_band
 from glo.model.hardware import machine, pick_device
 from glo.model.vae import FrozenVAE
 from glo.report.evaluation import lpips_metric, open_run
-from glo.report.render import describe, grid_figure, markdown_table, publish, published_header, save_figure
+from glo.report.render import describe, grid_figure, markdown_table, project_path, publish, save_figure
 from glo.store.atomic import atomic_write, save_json, save_text
 
 CONDITIONINGS = {"encoder": ("initial_latents", "initial_masked_latents"), "glo": ("latents", "masked_latents")}
@@ -166,17 +165,9 @@ def inpaint(cfg: DictConfig, out: Path) -> dict:
     save_text(out / "inpaint.md", "# glo.inpaint\n\n" + body + "\n\n"
               + "\n".join(f"![{r}](grid_{r}.png)" for r in models) + "\n")
     if cfg.publish:
-        header = published_header(command_line("glo.inpaint"), result["machine"],
-                                  datetime.now(timezone.utc).isoformat())
-        publish(Path(cfg.publish), f"glo.inpaint {cfg.section}", header, body)
+        publish(Path(cfg.publish), f"glo.inpaint {cfg.section}", command_line("glo.inpaint"), result["machine"],
+                datetime.now(timezone.utc).isoformat(), body)
     return result
-
-
-def project_path(path: str | Path) -> str:
-    """`path` as a reader of the published table can reproduce it: relative to the project (beside it, as
-    ../shared/data is), else only its name; never a directory of the machine that ran the tool."""
-    path, root = Path(path).resolve(), CONF.parent
-    return os.path.relpath(path, root) if path.is_relative_to(root.parent) else path.name
 
 
 def made_by(cfg: DictConfig) -> str:

@@ -36,7 +36,7 @@ from glo.method.metrics import psnr, region_psnr
 from glo.method.settings import Settings
 from glo.model.hardware import machine, resolve_precision
 from glo.model.vae import FrozenVAE
-from glo.report.render import markdown_table, publish, published_header, save_figure
+from glo.report.render import markdown_table, publish, save_figure
 from glo.store.atomic import save_json, save_text
 
 SCORES = ("plain_known", "glo_known", "plain_whole", "glo_whole")
@@ -107,8 +107,8 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
         "", markdown_table(rows)])
     save_text(out / "roundtrip.md", f"# glo.roundtrip\n\n{body}\n\n![PSNR against round trips](roundtrip.png)\n")
     if cfg.publish:
-        header = published_header(command_line("glo.roundtrip"), machine(), datetime.now(timezone.utc).isoformat())
-        publish(Path(cfg.publish), "glo.roundtrip", header, body)
+        publish(Path(cfg.publish), "glo.roundtrip", command_line("glo.roundtrip"), machine(),
+                datetime.now(timezone.utc).isoformat(), body)
     return result
 
 

@@ -63,6 +63,7 @@ def test_bench_writes_json_and_markdown_for_the_methods_asked(tmp_path):
     section = text[text.index("<!-- glo.bench tiny_random -->"):text.index("<!-- /glo.bench tiny_random -->")]
     header = section.splitlines()[1]
     assert header.startswith("`python -m glo.bench vae=tiny_random ") and "publish=" not in header
+    assert str(tmp_path) not in header and " data.path=images " in header  # never a directory of this machine
     assert header.endswith(f"{describe(result['machine'])}, {result['date'][:10]}") and "old" not in section
     assert "| default |" in section and "<!-- glo.bench_load -->\nkept\n" in text
 

@@ -237,3 +237,21 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 def test_every_documented_command_composes(where, tool, overrides):
     """A renamed or removed key fails here, not in a reader's terminal."""
     compose_config(tool, *overrides, hydra_node=True)
+
+
+MACHINE_DIR = re.compile(r"(?<![\w.~])/(tmp|home|root|work|Users|mnt|scratch|data|opt)/")
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name)
+def test_docs_name_no_directory_of_the_machine_that_wrote_them(path):
+    """A published figure names its data as a reader can reproduce it: a project path or the dataset's name."""
+    assert not [line for line in path.read_text().splitlines() if MACHINE_DIR.search(line)]
+
+
+def test_a_published_command_keeps_its_paths_inside_the_project_and_drops_the_machine_s():
+    from glo.report.render import reproducible
+
+    command = (f"python -m glo.bench data.path={ROOT.parent}/shared/data/bsds500/val 'out={ROOT}/experiments/x' "
+               "run_dir='/tmp/glo/data/val_boxes' lr=0.1 section=a/b")
+    assert reproducible(command) == ("python -m glo.bench data.path=../shared/data/bsds500/val 'out=experiments/x' "
+                                     "run_dir='val_boxes' lr=0.1 section=a/b")

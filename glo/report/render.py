@@ -5,6 +5,8 @@ Everything here renders arrays that are already computed; nothing decodes or opt
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from glo.store.atomic import atomic_write, save_text  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]  # the project: glo/report/render.py
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -31,11 +35,12 @@ def describe(m: dict) -> str:
     return f"{m['cpu']} ({m['cpu_capability']}, {bf16}), {m['cpus']} CPUs, {m['torch_threads']} torch threads{gpu}"
 
 
-def publish(path: Path, section: str, header: str, body: str) -> None:
+def publish(path: Path, section: str, command: str, machine: dict, date: str, body: str) -> None:
     """Put a measuring tool's tables into a shared Markdown file (docs/figures.md) as its section `section`, under
-    one header line (the command that reproduces them, the machine, the date); the file's other sections stay, so
-    each figure in it is as its tool last wrote it."""
+    one header line: the `command` that reproduces them (paths as a reader can follow them), the machine, the
+    date. The file's other sections stay, so each figure in it is as its tool last wrote it."""
     start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    header = f"`{reproducible(command)}` — {describe(machine)}, {date[:10]}"
     block = f"{start}\n{header}\n\n{body.strip()}\n{end}"
     text = path.read_text() if path.is_file() else "# Figures\n"
     if start in text and end in text:
@@ -43,6 +48,22 @@ def publish(path: Path, section: str, header: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     save_text(path, text)
+
+
+def project_path(path: str | Path) -> str:
+    """`path` as a reader of a published table can follow it: relative to the project (or beside it, as
+    ../shared/data is), else only its name; never a directory of the machine that ran the tool."""
+    path = Path(path).resolve()
+    return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT.parent) else path.name
+
+
+def reproducible(command: str) -> str:
+    """A command line with each absolute path in a `key=value` made a project path."""
+    def relative(m: re.Match) -> str:
+        quote = m.group(2)
+        return f"{m.group(1)}{quote}{project_path(m.group(3))}{quote}"
+
+    return re.sub(r"(\S+=)(['\"]?)(/[^\s'\"]*)\2", relative, command)
 
 
 def measured_on(metadata: dict) -> str:
@@ -196,6 +217,3 @@ def write_report(out: Path, summary: dict[str, Any], images: dict[str, Path], me
     return path
 
 
-def published_header(command: str, machine: dict, date: str) -> str:
-    """The line above a tool's section of docs/figures.md: the command that reproduces it, the machine, the date."""
-    return f"`{command}` — {describe(machine)}, {date[:10]}"
