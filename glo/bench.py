@@ -26,13 +26,13 @@ from pydantic import Field
 
 from glo import GloError, is_number
 from glo.app.cli import COMMAND_LINE_ERRORS, CONF, command_line, hydra_main, one_line, one_line_errors
-from glo.app.config import validate
+from glo.app.config import built, validate
 from glo.app.typed import Count, Overrides, Publish, Schema, checked
 from glo.method.drift import drift, pooled_channel_stats, pooled_covariance, spread_ratio
 from glo.method.fit import fit_batch
 from glo.method.metrics import psnr
 from glo.method.settings import Settings
-from glo.model.hardware import emulated, machine, pick_device, resolve_precision
+from glo.model.hardware import Speed, emulated, machine, pick_device, resolve_precision
 from glo.report.bench_tables import render, tables
 from glo.report.render import markdown_table, publish
 from glo.store.atomic import save_json, save_text
@@ -80,7 +80,7 @@ def measure(name: str, common: list[str], overrides: list[str], reference: bool,
     with the lr and max_steps its overrides compose (experiment=prototype), and scores its latents after each
     number of steps in `keep` too (`curve`)."""
     cfg = glo_config(common + overrides)
-    settings, speed = instantiate(cfg.engine), instantiate(cfg.speed)
+    settings, speed = built(Settings, cfg), built(Speed, cfg)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)[0]

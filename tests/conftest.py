@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from glo.app.config import built
 from glo.data.images import SampleDataset
 from glo.method.settings import Settings
 from glo.model.vae import FrozenVAE
@@ -51,7 +52,7 @@ def run_config(*overrides: str, hydra_node: bool = False) -> DictConfig:
 
 @cache
 def _default_settings() -> Settings:
-    return instantiate(run_config().engine)
+    return built(Settings, run_config())
 
 
 def settings(**changes) -> Settings:

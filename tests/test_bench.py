@@ -3,13 +3,14 @@ import json
 
 import numpy as np
 import pytest
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
 from glo import GloError
+from glo.app.config import built
 from glo.bench import median_row
-from glo.model.hardware import cpu_native_bf16
+from glo.method.settings import Settings
+from glo.model.hardware import Speed, cpu_native_bf16
 from glo.report.render import describe
 from tests.conftest import ROOT, compose_config, run_config, run_glo
 
@@ -96,7 +97,7 @@ def test_median_row_takes_the_median_time_and_keeps_the_range():
 def test_every_bench_method_composes_into_valid_settings(name):
     """What the end-to-end test above does not run: each row's overrides still name real, valid settings."""
     cfg = run_config("vae=tiny_random", *OmegaConf.load(ROOT / "conf/bench.yaml").methods[name])
-    settings, speed = instantiate(cfg.engine), instantiate(cfg.speed)
+    settings, speed = built(Settings, cfg), built(Speed, cfg)
     assert settings.max_steps >= 1 and speed.tile_size >= 0
 
 

@@ -28,6 +28,8 @@ from glo.app.cli import (
     one_line,
     one_line_errors,
 )
+from glo.app.config import built
+from glo.method.settings import Settings
 from glo.model.hardware import Speed
 from glo.model.memory import decode_memory, saved_bytes
 from glo.model.vae import load_vae
@@ -180,7 +182,7 @@ def probed() -> tuple:
     """The stand-in and its bf16 memory probes without and with checkpointing, measured once (bf16 is emulated, so
     slow, on CPUs without it): the refusal cases below test the policy on them."""
     cfg = run_config(*FAST)
-    vae = glo.app.config.load_model(cfg, instantiate(cfg.speed))
+    vae = glo.app.config.load_model(cfg, built(Speed, cfg))
     plain = decode_memory(vae, torch.bfloat16)
     vae.model.enable_gradient_checkpointing()
     ckpt = decode_memory(vae, torch.bfloat16)
@@ -204,7 +206,7 @@ def test_a_memory_refusal_offers_only_the_switches_whose_lower_bound_fits(checkp
     monkeypatch.setattr(glo.model.memory, "decode_memory",
                         lambda vae, dtype: ckpt if vae.model.is_gradient_checkpointing else plain)
     monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: math.ceil(free(plain, ckpt)))
-    speed = instantiate(run_config(*FAST, f"checkpointing={checkpointing}").speed)
+    speed = built(Speed, run_config(*FAST, f"checkpointing={checkpointing}"))
     try:
         with pytest.raises(GloError, match=f"^{batch} image\\(s\\) of 64 px need at least") as e:
             glo.model.memory.check_memory(speed, vae, 64, "bf16", batch, 1)
@@ -271,7 +273,7 @@ def test_sigterm_outside_the_batches_is_one_line_and_exit_143(where, how, publis
 
 
 def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch, tiny_vae):
-    speed = instantiate(run_config(*FAST).speed)
+    speed = built(Speed, run_config(*FAST))
     fixed, per_image = decode_memory(tiny_vae, None)
     monkeypatch.setattr(glo.model.memory, "available_memory", lambda device: math.ceil(fixed + 3 * per_image))
     glo.model.memory.check_memory(speed, tiny_vae, 64, "fp32", 3, 1)  # 3 images of 64 px fit once
@@ -283,7 +285,7 @@ def test_on_a_cpu_each_process_needs_its_own_memory(monkeypatch, tiny_vae):
 def test_a_batch_that_fits_with_little_to_spare_is_run_with_a_warning(monkeypatch, tiny_vae, caplog, checkpointing):
     """The count is a lower bound (peak RSS measured up to 3.39x it): within 3x of the free memory the run goes ahead, and
     its log says it may still run out, before a kernel OOM kill would end it without a word."""
-    speed = instantiate(run_config(*FAST, f"checkpointing={checkpointing}").speed)
+    speed = built(Speed, run_config(*FAST, f"checkpointing={checkpointing}"))
     fixed, per_image = decode_memory(tiny_vae, None)
     need = fixed + 3 * per_image
     for free, warned in ((3.01 * need, False), (2.99 * need, True)):
@@ -340,7 +342,7 @@ def test_the_memory_count_with_round_numbers(monkeypatch, caplog, device, proces
     vae = _CountedVAE(device)
     monkeypatch.setattr(glo.model.memory, "decode_memory", lambda v, dtype: tuple(x * G for x in counts[v.checkpointing]))
     monkeypatch.setattr(glo.model.memory, "available_memory", lambda d: free * G if d == vae.device else None)
-    speed = instantiate(run_config(*FAST).speed)
+    speed = built(Speed, run_config(*FAST))
     if line is None or "lower bound" in line:
         glo.model.memory.check_memory(speed, vae, size, "fp32", batch, processes)
         assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == ([("glo", "WARNING", line)] if line
@@ -525,7 +527,7 @@ def test_a_bad_setting_is_refused_by_validate_before_anything_is_built(override,
 def test_validate_allows_the_edges_and_returns_the_settings_and_speed_switches(overrides, monkeypatch, tmp_path):
     settings, speed = validate(as_in_hydra_main(monkeypatch, tmp_path, *overrides, "tile_size=64"))
     assert speed == Speed(channels_last=False, checkpointing=False, tile_size=64)
-    assert settings == instantiate(run_config(*overrides).engine)
+    assert settings == built(Settings, run_config(*overrides))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -665,8 +667,8 @@ def test_setting_a_key_under_a_deleted_group_is_one_line_naming_both(monkeypatch
 
 
 @pytest.mark.parametrize("args,cause", [
-    (["~lr"], "Interpolation key 'lr' not found"),
-    (["lr=0.1"], None),
+    (["~image_every_n_batches"], "Interpolation key 'image_every_n_batches' not found"),
+    (["image_every_n_batches=2"], None),
     (["~report"], None),  # deleted, and read nowhere the error names: the error is glo's bug, not the deletion's
 ])
 def test_deleting_a_key_the_run_reads_is_one_line_and_any_other_such_error_keeps_its_traceback(monkeypatch, capsys,
@@ -674,7 +676,7 @@ def test_deleting_a_key_the_run_reads_is_one_line_and_any_other_such_error_keeps
     monkeypatch.setattr("sys.argv", ["glo.run", *args])
     cfg = run_config(*args)
     with pytest.raises(SystemExit if cause else ConfigAttributeError) as e, one_line_errors("glo"):  # as in the job
-        instantiate(cfg.engine) if cause else cfg.engine.no_such_key  # the latter: glo's bug
+        instantiate(cfg.module) if cause else cfg.module.no_such_key  # the latter: glo's bug
     assert not cause or e.value.code == 1
     err = capsys.readouterr().err
     assert err == "" if not cause else (err.count("\n") == 1 and err.startswith(

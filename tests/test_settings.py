@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from glo import GloError
-from glo.app.config import Run, validate
+from glo.app.config import Run, built, validate
 from glo.app.typed import Schema, checked, leaf
 from glo.bench import Bench
 from glo.bench_load import BenchLoad
@@ -171,7 +171,5 @@ def test_a_literal_lists_its_choices():
 
 
 def compose_settings() -> Settings:
-    from hydra.utils import instantiate
-
-    return instantiate(compose_config("run").engine)
+    return built(Settings, compose_config("run"))
 

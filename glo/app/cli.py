@@ -196,8 +196,8 @@ def no_such_setting(line: str, key: str, known: Iterable[str], why: str = "") ->
 
 def nearest(name: str, node: Iterable[str]) -> list[str]:
     """The keys one level down in `node` named `name` (size=512 means data.size, devices=2 trainer.devices), else
-    the key named most like it (max_step: max_steps), one beside first. Keys that only repeat a top-level knob
-    (engine.lr: ${lr}) are not offered, nor `_target_` and its kind."""
+    the key named most like it (max_step: max_steps), one beside first. Keys that only repeat another
+    (an interpolation) are not offered, nor `_target_` and its kind."""
     beside = [k for k in node if k not in (name, "hydra")]  # `name` itself is there when added with +
     keys = [(k, k) for k in beside]  # (name, full key)
     if isinstance(node, DictConfig):

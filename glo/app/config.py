@@ -10,10 +10,9 @@ import sys
 import warnings
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
@@ -27,6 +26,7 @@ if TYPE_CHECKING:
     from glo.model.hardware import Speed
     from glo.model.vae import FrozenVAE
 
+B = TypeVar("B")
 
 class Nested(Schema):
     """A config group's node: the keys glo reads here are typed, the rest go to its `_target_`'s constructor."""
@@ -46,7 +46,7 @@ class Loss(Nested):
 
 class Run(Schema):
     """conf/run.yaml, typed (what each key means is said there). The method's knobs are checked by
-    glo.method.settings.Settings (`engine:`), the decoder's switches by glo.model.hardware.Speed (`speed:`)."""
+    glo.method.settings.Settings, the decoder's switches by glo.model.hardware.Speed (`built`)."""
 
     task: str
     optim: Any
@@ -82,8 +82,6 @@ class Run(Schema):
     trainer: dict[str, Any]
     logger: dict[str, Any] | None = None
     callbacks: dict[str, Any]
-    engine: dict[str, Any]
-    speed: dict[str, Any]
     module: dict[str, Any]
 
 
@@ -112,12 +110,16 @@ def validate(cfg: DictConfig, schema: type[Run] = Run) -> tuple[Settings, Speed]
     checked(schema, cfg)
     if cfg.optim == "gradfree" and cfg.mask.get("known_only"):
         raise GloError("optim=gradfree has no pixel loss to restrict: use optim=adam with mask.known_only=true")
-    try:
-        return instantiate(cfg.engine), instantiate(cfg.speed)
-    except InstantiationException as e:  # their own one-line check, as they raised it
-        if isinstance(e.__cause__, GloError):
-            raise e.__cause__ from None
-        raise
+    from glo.method.settings import Settings
+    from glo.model.hardware import Speed
+
+    return built(Settings, cfg), built(Speed, cfg)
+
+
+def built(schema: type[B], cfg: DictConfig) -> B:
+    """The engine's Settings or the decoder's Speed from the top-level keys named as their fields: each is set
+    once, in conf/run.yaml, and what the engine runs is what the config (and the HParams tab) says."""
+    return schema(**OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(schema.model_fields)), resolve=True))
 
 
 def quiet_third_parties() -> None:

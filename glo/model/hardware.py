@@ -20,12 +20,12 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # th
 
 
 class Speed(Built):
-    """The decoder's speed and memory switches (`speed:` in conf/run.yaml); none changes the result beyond
-    float rounding (tiling blends seams)."""
+    """The decoder's speed and memory switches (their defaults and meanings: conf/run.yaml); none changes the
+    result beyond float rounding (tiling blends seams)."""
 
-    channels_last: bool  # NHWC memory layout
-    checkpointing: bool  # recompute decoder activations in backward instead of storing them
-    tile_size: NonNegative  # > 0: decode images larger than this many pixels in overlapping tiles
+    channels_last: bool
+    checkpointing: bool
+    tile_size: NonNegative
 
     def model_post_init(self, context: object) -> None:
         t = self.tile_size

@@ -24,6 +24,7 @@ from glo import GloError
 from glo.data.digests import sha256_files
 from glo.latents import ROWS_VERSION
 from glo.method.engine import FP16_GRAD_SCALE
+from glo.method.settings import Settings
 from glo.store.atomic import save_json
 
 log = logging.getLogger("glo")
@@ -90,7 +91,7 @@ def fingerprint(cfg: DictConfig, ids: list[str], precision: str) -> dict[str, An
         **flatten(groups),
         "data.ids": f"{len(ids)} images, sha256 {hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]}",
         **flatten({"mask": mask}),
-        **{k: v for k, v in OmegaConf.to_container(cfg.engine, resolve=True).items() if not k.startswith("_")},
+        **OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(Settings.model_fields)), resolve=True),
         **{k: cfg[k] for k in OTHER_RESULTS},
         "precision": precision,  # the one used, not `auto`
         # fp16 rows fitted without this gradient scale hold unmoved latents: a fingerprint without it must not resume
