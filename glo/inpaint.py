@@ -37,7 +37,15 @@ from glo.method.metrics import region_psnr, region_ssim, seam_band
 from glo.model.hardware import machine, pick_device
 from glo.model.vae import FrozenVAE
 from glo.report.evaluation import lpips_metric, open_run
-from glo.report.render import describe, grid_figure, markdown_table, project_path, publish, save_figure
+from glo.report.render import (
+    describe,
+    grid_figure,
+    markdown_table,
+    project_path,
+    publish,
+    save_figure,
+    unit_hwc,
+)
 from glo.store.atomic import atomic_write, save_json, save_text
 
 CONDITIONINGS = {"encoder": ("initial_latents", "initial_masked_latents"), "glo": ("latents", "masked_latents")}
@@ -92,12 +100,8 @@ def conditioning_drift(arrays: dict[str, np.ndarray], key: str, initial: str, n:
             "spread_ratio": spread_ratio(np.cov(flat(z), bias=True), np.cov(flat(z0), bias=True))}
 
 
-def _unit_hwc(x: Tensor) -> np.ndarray:
-    return ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
-
-
 def _save_png(path: Path, x: Tensor) -> None:
-    pixels = (_unit_hwc(x) * 255).round().astype(np.uint8)
+    pixels = (unit_hwc(x) * 255).round().astype(np.uint8)
     atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
 
 
@@ -143,10 +147,10 @@ def inpaint(cfg: DictConfig, out: Path) -> dict:
                     _save_png(out / "images" / row / cond / f"{i}.png", y[j])
                 outputs[cond] = y
             for j in range(min(len(x), cfg.grid_images - len(grids[row]))):
-                grids[row].append({"title": ids[part][j], "input": _unit_hwc(x[j]),
+                grids[row].append({"title": ids[part][j], "input": unit_hwc(x[j]),
                                    "mask": np.repeat(hole[j, 0, :, :, None].float().cpu().numpy(), 3, 2),
-                                   "initial": _unit_hwc(outputs["encoder"][j]),
-                                   "optimized": _unit_hwc(outputs["glo"][j])})
+                                   "initial": unit_hwc(outputs["encoder"][j]),
+                                   "optimized": unit_hwc(outputs["glo"][j])})
         print(f"glo.inpaint: {part.stop}/{n} images", flush=True)
     seconds = time.perf_counter() - start
     rows = summary_rows(per_image, arrays, n, models)

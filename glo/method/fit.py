@@ -43,7 +43,7 @@ class Fitted:
     final: Tensor                  # (B,3,H,W) decode of the optimized latent
 
 
-def fit_batch(vae: FrozenVAE, x: Tensor, s: Settings, loss: Callable[..., Tensor], holes: Tensor | None = None,
+def fit_batch(vae: FrozenVAE, x: Tensor, settings: Settings, loss: Callable[..., Tensor], holes: Tensor | None = None,
               known_only: bool = False, on_step: Callable[[int, int, float], None] | None = None) -> Fitted:
     """Images x (B,3,H,W) in [-1,1], optional holes (B,1,H,W) with 1 = hole -> latents and their metrics."""
     n, target, weight = len(x), x, None
@@ -52,8 +52,8 @@ def fit_batch(vae: FrozenVAE, x: Tensor, s: Settings, loss: Callable[..., Tensor
         target = torch.cat([x, x * known])  # full images, then the masked ones
         if known_only:  # the full image keeps every pixel; the masked image only its known ones
             weight = torch.cat([torch.ones_like(known), known])
-    z0, r, decoded0, decoded1 = fit(vae, target, s, loss, weight, on_step)
-    x0, x1 = decoded0[:n], decoded1[:n]
+    z0, r, decoded0, decoded1 = fit(vae, target, settings, loss, weight, on_step)
+    initial, final = decoded0[:n], decoded1[:n]  # the full images' decodes, without the masked ones
     out = {
         "latents": r.latents[:n].float().cpu().numpy(),
         "initial_latents": z0[:n].float().cpu().numpy(),
@@ -62,7 +62,7 @@ def fit_batch(vae: FrozenVAE, x: Tensor, s: Settings, loss: Callable[..., Tensor
         "initial_loss": r.initial_loss[:n].numpy(),
         "final_loss": r.final_loss[:n].numpy(),
         **{f"{m}_{w}": score(decoded, x).cpu().numpy() for m, score in METRICS.items()
-           for w, decoded in (("initial", x0), ("final", x1))},
+           for w, decoded in (("initial", initial), ("final", final))},
         "converged": r.converged[:n].numpy(),
         "nonfinite": r.nonfinite[:n].numpy(),
         "loss_curves": r.loss_curves[:n].numpy(),
@@ -84,7 +84,7 @@ def fit_batch(vae: FrozenVAE, x: Tensor, s: Settings, loss: Callable[..., Tensor
             "psnr_known_initial": region_psnr(decoded0[n:], x, known).cpu().numpy(),
             "psnr_known_final": region_psnr(decoded1[n:], x, known).cpu().numpy(),
         })
-    return Fitted(out, x0, x1)
+    return Fitted(out, initial, final)
 
 
 def latent_mask(mask: Tensor, factor: int = 8) -> Tensor:

@@ -26,7 +26,7 @@ from glo.data.images import ImageDataset
 from glo.latents import find_latents, load_latents
 from glo.method.metrics import LOWER_IS_BETTER, METRICS
 from glo.model.vae import FrozenVAE
-from glo.report.render import grid_figure, save_figure, write_plots, write_report
+from glo.report.render import grid_figure, save_figure, unit_hwc, write_plots, write_report
 from glo.store.atomic import printable, save_json, save_text
 from glo.store.summary import summarize
 
@@ -40,10 +40,6 @@ def lpips_metric() -> tuple[Callable[[Tensor, Tensor], Tensor] | None, str | Non
     except Exception as e:  # ImportError (it needs torchvision), or no network for the weights
         return None, f"LPIPS skipped: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     return (lambda a, b: net(a.clamp(-1, 1), b.clamp(-1, 1)).flatten()), None
-
-
-def _unit_hwc(x: Tensor) -> np.ndarray:
-    return ((x.detach().float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
 
 
 def evaluate(run_dir: str | Path, vae: FrozenVAE | None = None, dataset: ImageDataset | None = None,
@@ -140,8 +136,8 @@ def score(arrays: dict[str, np.ndarray], vae: FrozenVAE, dataset: ImageDataset,
         for j, k in enumerate(part):
             if k in shown:
                 title = f"{shown[k]}: {printable(str(arrays['ids'][k]))} ({gain[k]:+.2f} dB)"
-                rows[k] = {"title": title, "input": _unit_hwc(x[j]), "initial": _unit_hwc(x0[j]),
-                           "optimized": _unit_hwc(x1[j])}
+                rows[k] = {"title": title, "input": unit_hwc(x[j]), "initial": unit_hwc(x0[j]),
+                           "optimized": unit_hwc(x1[j])}
     values.update({k: torch.cat(v).numpy().astype(np.float64) for k, v in scores.items()})
     return values, rows
 

@@ -8,7 +8,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -19,7 +19,15 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from glo.store.atomic import atomic_write, save_text  # noqa: E402
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 ROOT = Path(__file__).resolve().parents[2]  # the project: glo/report/render.py
+
+
+def unit_hwc(x: Tensor) -> np.ndarray:
+    """One image tensor in [-1, 1], CHW, as the HWC array in [0, 1] that matplotlib and Pillow take."""
+    return ((x.detach().float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
