@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from glo.app.config import built
 from glo.data.images import SampleDataset
@@ -90,3 +91,15 @@ def finished_run(tmp_path_factory) -> Path:
     p = run_glo(*FAST, "loss=l2", "lr=0.1", f"hydra.run.dir={out}")
     assert p.returncode == 0, p.stderr[-3000:]
     return out
+
+
+def as_in_hydra_main(monkeypatch, out, *overrides: str) -> DictConfig:
+    """glo.run's config as hydra.main hands it to the job, writing to `out`: Hydra's node set aside (the output
+    directories refer to it) and removed."""
+    cfg = run_config(*overrides, hydra_node=True)
+    cfg.hydra.runtime.output_dir = str(out)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # restored after the test
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

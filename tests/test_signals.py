@@ -3,6 +3,7 @@ Hydra composes, while it works. Everything glo writes is written whole or not at
 data; here, what the user sees)."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import time
 import pytest
 
 import glo
-from tests.conftest import FAST, ROOT
+from glo.app.cli import one_line_errors
+from tests.conftest import FAST, ROOT, as_in_hydra_main
 
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 LINES = {signal.SIGINT: "stopped by Ctrl+C", signal.SIGTERM: "stopped by SIGTERM"}
@@ -67,3 +69,58 @@ def test_a_signal_raises_where_it_lands_only_once_the_tool_handles_errors(state,
     if state != "working":
         assert e.value.code == 143
         assert capsys.readouterr().err == "glo.bench: error: stopped by SIGTERM; every file written is whole\n"
+
+
+@pytest.mark.parametrize("where", ["resolver", "node"])
+def test_a_stop_inside_omegaconf_is_glo_s_line_alone(capsys, where):
+    """OmegaConf replaces an error raised in a resolver (`from None`), and re-raises one raised while it reads a
+    node with `full_key:` and `object_type=` lines appended."""
+    from omegaconf import OmegaConf
+
+    from glo import Stopped
+
+    line = "stopped by SIGTERM; every file written is whole"
+
+    def stopped() -> None:
+        raise Stopped(line if where == "resolver" else f"{line}\n    full_key: \n    object_type=dict")
+
+    OmegaConf.register_new_resolver("glo_test_stop", stopped, replace=True)
+    with pytest.raises(SystemExit) as e, one_line_errors("glo.bench"):
+        OmegaConf.to_container(OmegaConf.create({"a": "${glo_test_stop:}"}), resolve=True) if where == "resolver" \
+            else stopped()
+    assert e.value.code == 143
+    assert capsys.readouterr().err == "glo.bench: error: stopped by SIGTERM; every file written is whole\n"
+
+
+def sigterm_then(call):
+    """`call`, after this process is sent SIGTERM (its handler runs before the next line)."""
+    def wrapped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return call(*args, **kwargs)
+    return wrapped
+
+
+@pytest.mark.parametrize("where,how,published", [
+    ("glo.run.load_model", "stopped by SIGTERM; 0 image(s) are safe", False),  # before the first batch
+    ("glo.app.export.LatentExporter.merge", "stopped by SIGTERM during the merge; 3 image(s) are safe", True),
+    ("glo.report.evaluation.evaluate", "stopped by SIGTERM; 3 image(s) are safe", True),  # the report
+])
+def test_sigterm_outside_the_batches_is_one_line_and_exit_143(where, how, published, monkeypatch, tmp_path,
+                                                               capsys):
+    """Inside the batches Lightning lets the batch in flight finish (test_integrity); elsewhere the default
+    handler ended the run without a word, and during the report Lightning's left SIGTERM ignored."""
+    import glo.app.export
+    import glo.report.evaluation
+
+    owner, name = where.rsplit(".", 1)
+    target = {"glo.run": glo.run, "glo.app.export.LatentExporter": glo.app.export.LatentExporter,
+              "glo.report.evaluation": glo.report.evaluation}[owner]
+    monkeypatch.setattr(target, name, sigterm_then(getattr(target, name)))
+    with pytest.raises(SystemExit) as e, one_line_errors("glo"):
+        glo.run.run(as_in_hydra_main(monkeypatch, tmp_path, *FAST, "logger=none"))
+    assert e.value.code == 143
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if "SIGTERM" in ln] == [
+        f"glo: error: {how} in {tmp_path / 'shards'}: run the same command again to resume"], err
+    assert (tmp_path / "latents.npz").exists() == published and (tmp_path / "report.md").exists() is False
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the caller's again
