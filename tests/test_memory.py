@@ -220,6 +220,9 @@ def test_the_memory_count_with_round_numbers(monkeypatch, caplog, device, proces
 @pytest.mark.parametrize("launcher", ["srun", "torchrun"])
 def test_each_ddp_process_checks_memory_as_the_local_rank_lightning_gives_it(tmp_path, monkeypatch, launcher):
     """srun sets no LOCAL_RANK, only SLURM_LOCALID: every rank warned. Lightning's local rank knows both."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0))  # the Trainer sets it to 1
     env = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_LOCALID": "1", "SLURM_PROCID": "1",
            "SLURM_NODEID": "0", "SLURM_JOB_NAME": "glo", "SLURM_JOB_ID": "5", "SLURM_NODELIST": "node1"}
     if launcher == "torchrun":

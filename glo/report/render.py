@@ -22,7 +22,7 @@ from glo.store.atomic import atomic_write, save_text  # noqa: E402
 if TYPE_CHECKING:
     from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[2]  # the project: glo/report/render.py
+ROOT = Path(os.path.abspath(__file__)).parents[2]  # the project: glo/report/render.py
 
 
 def unit_hwc(x: Tensor) -> np.ndarray:
@@ -61,7 +61,7 @@ def publish(path: Path, section: str, command: str, machine: dict, date: str, bo
 def project_path(path: str | Path) -> str:
     """`path` as a reader of a published table can follow it: relative to the project (or beside it, as
     ../shared/data is), else only its name; never a directory of the machine that ran the tool."""
-    path = Path(path).resolve()
+    path = Path(os.path.abspath(path))  # links kept: ../shared may be one
     return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT.parent) else path.name
 
 
