@@ -34,6 +34,11 @@ def _tool() -> str | None:
     return ("glo" if name == "glo.run" else name) if name.startswith("glo.") else None
 
 
+def first_line(error: BaseException) -> str:
+    """glo's own line: OmegaConf appends `full_key:` and `object_type=` lines to an error raised inside it."""
+    return (str(error).splitlines() or [""])[0]
+
+
 def _importing(frame: FrameType | None) -> bool:
     while frame is not None:
         if frame.f_code.co_filename.startswith("<frozen importlib"):
@@ -67,7 +72,7 @@ def _last_line(kind: type[BaseException], error: BaseException, traceback: objec
         print(f"{TOOL}: {STOPPED_BY_CTRL_C}", file=sys.stderr, flush=True)
         os._exit(130)
     if isinstance(error, Stopped):
-        print(f"{TOOL}: error: {(str(error).splitlines() or [''])[0]}", file=sys.stderr, flush=True)
+        print(f"{TOOL}: error: {first_line(error)}", file=sys.stderr, flush=True)
         os._exit(Stopped.exit_code)
     sys.__excepthook__(kind, error, traceback)
 

@@ -111,6 +111,7 @@ def test_sigterm_outside_the_batches_is_one_line_and_exit_143(where, how, publis
     handler ended the run without a word, and during the report Lightning's left SIGTERM ignored."""
     import glo.app.export
     import glo.report.evaluation
+    import glo.run
 
     owner, name = where.rsplit(".", 1)
     target = {"glo.run": glo.run, "glo.app.export.LatentExporter": glo.app.export.LatentExporter,

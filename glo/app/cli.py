@@ -31,7 +31,7 @@ from omegaconf.errors import (
 )
 
 import glo
-from glo import GloError, Stopped
+from glo import GloError, Stopped, first_line
 
 if TYPE_CHECKING:
     from glo.app.export import LatentExporter
@@ -90,11 +90,6 @@ def one_line_errors(prog: str) -> Iterator[None]:
         sys.exit(getattr(cause, "exit_code", 1))
     finally:
         glo.working = False
-
-
-def first_line(error: BaseException) -> str:
-    """glo's own line: OmegaConf appends `full_key:` and `object_type=` lines to an error raised inside it."""
-    return (str(error).splitlines() or [""])[0]
 
 
 FAILED_JOBS: list[str] = []  # this multirun's jobs that stopped on a GloError
