@@ -1,7 +1,9 @@
 """glo: Generative Latent Optimization for Stable Diffusion VAE latents.
 
-`import glo` stays light (no Lightning, no Hydra): the engine and the latents format are plain PyTorch.
+`import glo` stays light (no Lightning, no Hydra): the engine and the latents format are plain
+PyTorch.
 """
+
 import math
 import os
 import signal
@@ -21,21 +23,26 @@ class Stopped(GloError):
 
 
 def is_number(value: object, kind: type = float) -> bool:
-    """A config value that is a finite real number (or an integer, for kind=int): YAML's true is not 1, and no
-    setting of glo means anything at inf or nan (1e400 reads as inf)."""
-    return (not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
-            and math.isfinite(value))
+    """A config value that is a finite real number (or an integer, for kind=int): YAML's true is not
+    1, and no setting of glo means anything at inf or nan (1e400 reads as inf)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float) if kind is float else int)
+        and math.isfinite(value)
+    )
 
 
 def _tool() -> str | None:
-    """The glo tool this process runs as (`python -m glo.X`), or None when glo is imported as a library."""
+    """The glo tool this process runs as (`python -m glo.X`), or None when glo is imported as a
+    library."""
     argv = getattr(sys, "orig_argv", [])
     name = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
     return ("glo" if name == "glo.run" else name) if name.startswith("glo.") else None
 
 
 def first_line(error: BaseException) -> str:
-    """glo's own line: OmegaConf appends `full_key:` and `object_type=` lines to an error raised inside it."""
+    """glo's own line: OmegaConf appends `full_key:` and `object_type=` lines to an error raised
+    inside it."""
     return (str(error).splitlines() or [""])[0]
 
 
@@ -48,9 +55,10 @@ def _importing(frame: FrameType | None) -> bool:
 
 
 def stop_here(error: BaseException, frame: FrameType | None) -> NoReturn:
-    """Raise a signal's `error` where it landed, once the tool's own error handling runs (`working`). Before it
-    (Hydra composing, which catches Exception) or inside an import (which may catch it, or run under C++ that
-    aborts on it: torch's pybind11), say its line and exit at once: nothing is being written there."""
+    """Raise a signal's `error` where it landed, once the tool's own error handling runs
+    (`working`). Before it (Hydra composing, which catches Exception) or inside an import (which may
+    catch it, or run under C++ that aborts on it: torch's pybind11), say its line and exit at once:
+    nothing is being written there."""
     if TOOL and (not working or _importing(frame)):
         _last_line(type(error), error, None)
     raise error
@@ -67,7 +75,8 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
 
 
 def _last_line(kind: type[BaseException], error: BaseException, traceback: object) -> None:
-    """Ctrl+C or SIGTERM before a tool's own handling starts (its imports, Hydra's composition): one line."""
+    """Ctrl+C or SIGTERM before a tool's own handling starts (its imports, Hydra's composition): one
+    line."""
     if isinstance(error, KeyboardInterrupt):
         print(f"{TOOL}: {STOPPED_BY_CTRL_C}", file=sys.stderr, flush=True)
         os._exit(130)
@@ -81,7 +90,8 @@ STOPPED_BY_CTRL_C = "stopped by Ctrl+C; every file written is whole"
 working = False  # the tool's own error handling runs (glo.app.cli.one_line_errors)
 interrupted = False  # Ctrl+C was pressed: Lightning turns it into exit(1), glo's tools into 130
 TOOL = _tool()
-if TOOL:  # a tool ends on a signal with one line and 130 / 143 at any moment, also while its imports load
+# a tool ends on a signal with one line and 130 / 143 at any moment, also while its imports load
+if TOOL:
     signal.signal(signal.SIGTERM, _on_sigterm)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)

@@ -1,4 +1,5 @@
 """python -m glo.compare SWEEP_DIR: a table of a multirun's jobs, best mean PSNR gain first."""
+
 from __future__ import annotations
 
 import csv
@@ -13,13 +14,20 @@ from glo.app.typed import Parser, Schema, parsed
 from glo.report.render import markdown_table, measured_on
 from glo.store.atomic import save_text
 
-SUMMARY_NEEDED = ("psnr_gain_mean", "psnr_final_mean", "ssim_final_mean", "ssim_initial_mean", "steps_mean",
-                  "images_per_second")
+SUMMARY_NEEDED = (
+    "psnr_gain_mean",
+    "psnr_final_mean",
+    "ssim_final_mean",
+    "ssim_initial_mean",
+    "steps_mean",
+    "images_per_second",
+)
 
 
 def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per finished job of a Hydra multirun directory, best mean PSNR gain first, written to compare.md
-    (with the machine the jobs' speeds were measured on: a column where they differ) and compare.csv."""
+    """One row per finished job of a Hydra multirun directory, best mean PSNR gain first, written to
+    compare.md (with the machine the jobs' speeds were measured on: a column where they differ) and
+    compare.csv."""
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
         raise GloError(f"{sweep}: no such directory")
@@ -43,23 +51,41 @@ def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
         meta_file = job / "metadata.json"
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = [line[2:].strip() for line in overrides_file.read_text().splitlines() if line.startswith("- ")] \
-            if overrides_file.is_file() else []
-        rows.append({"job": job.name, "overrides": " ".join(overrides), "psnr_gain_mean": s["psnr_gain_mean"],
-                     "psnr_final_mean": s["psnr_final_mean"],
-                     "ssim_gain_mean": s["ssim_final_mean"] - s["ssim_initial_mean"],
-                     "steps_mean": s["steps_mean"], "passes_mean": s.get("passes_mean", float("nan")),
-                     "images_per_second": s["images_per_second"],
-                     "precision": meta.get("precision", {}).get("used", "—"),
-                     "machine": measured_on(meta) or "—"})
+        overrides = (
+            [
+                line[2:].strip()
+                for line in overrides_file.read_text().splitlines()
+                if line.startswith("- ")
+            ]
+            if overrides_file.is_file()
+            else []
+        )
+        rows.append(
+            {
+                "job": job.name,
+                "overrides": " ".join(overrides),
+                "psnr_gain_mean": s["psnr_gain_mean"],
+                "psnr_final_mean": s["psnr_final_mean"],
+                "ssim_gain_mean": s["ssim_final_mean"] - s["ssim_initial_mean"],
+                "steps_mean": s["steps_mean"],
+                "passes_mean": s.get("passes_mean", float("nan")),
+                "images_per_second": s["images_per_second"],
+                "precision": meta.get("precision", {}).get("used", "—"),
+                "machine": measured_on(meta) or "—",
+            }
+        )
     if not rows:
-        raise GloError(f"{sweep}: no finished jobs (no readable */summary.json)"
-                       + (f"; left out: {', '.join(left_out)}" if left_out else ""))
+        raise GloError(
+            f"{sweep}: no finished jobs (no readable */summary.json)"
+            + (f"; left out: {', '.join(left_out)}" if left_out else "")
+        )
     rows.sort(key=lambda r: r["psnr_gain_mean"], reverse=True)
     machines = {r["machine"] for r in rows}
-    one = machines.pop() if len(machines) == 1 else None  # then a line says it, rather than a column
+    # then a line says it, rather than a column
+    one = machines.pop() if len(machines) == 1 else None
     shown = rows if one is None else [{k: v for k, v in r.items() if k != "machine"} for r in rows]
-    text = markdown_table(shown) + "\n" + (f"\nMeasured on {one}.\n" if one not in (None, "—") else "")
+    text = markdown_table(shown) + "\n"
+    text += f"\nMeasured on {one}.\n" if one not in (None, "—") else ""
     text += f"\nLeft out: {', '.join(left_out)}.\n" if left_out else ""
     save_text(sweep / "compare.md", text)
     table = io.StringIO()
@@ -76,7 +102,9 @@ class Compare(Schema):
 
 def main(argv: list[str] | None = None) -> None:
     p = Parser(prog="python -m glo.compare", description=__doc__.splitlines()[0])
-    p.add_argument("sweep_dir", help="a Hydra multirun directory (experiments/multirun/<date_time>)")
+    p.add_argument(
+        "sweep_dir", help="a Hydra multirun directory (experiments/multirun/<date_time>)"
+    )
     args = parsed(Compare, p, argv)
     with one_line_errors("glo.compare"):
         compare(args.sweep_dir)

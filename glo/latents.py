@@ -1,7 +1,10 @@
-"""The latents file format, for readers: latents.npz / latents.h5 and LatentDataset for downstream training.
+"""The latents file format, for readers: latents.npz / latents.h5 and LatentDataset for downstream
+training.
 
-Plain PyTorch and NumPy: a training script that reads glo's latents imports neither Lightning nor Hydra.
+Plain PyTorch and NumPy: a training script that reads glo's latents imports neither Lightning nor
+Hydra.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +24,8 @@ from glo.data.digests import text_digest
 
 
 def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
-    """A numeric member of an uncompressed .npz (what np.savez writes), memory-mapped rather than read."""
+    """A numeric member of an uncompressed .npz (what np.savez writes), memory-mapped rather than
+    read."""
     info = z.getinfo(f"{key}.npy")
     if info.compress_type != zipfile.ZIP_STORED or info.file_size == 0:
         return np.load(z.open(info))
@@ -30,23 +34,31 @@ def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
         name_len, extra_len = struct.unpack("<HH", f.read(4))
         f.seek(info.header_offset + 30 + name_len + extra_len)
         version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
         shape, fortran, dtype = read_header(f)
         if dtype.hasobject or dtype.kind == "U":
             f.seek(info.header_offset + 30 + name_len + extra_len)
             return np.lib.format.read_array(f)
-        return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=f.tell(), order="F" if fortran else "C")
+        return np.memmap(
+            path, dtype=dtype, mode="r", shape=shape, offset=f.tell(), order="F" if fortran else "C"
+        )
 
 
 REQUIRED = ("ids", "latents")  # what every reader needs; LatentDataset also reads initial_latents
 INPAINTING = ("latent_masks", "masked_latents", "initial_masked_latents")
-_checked: set[tuple[str, int, int]] = set()  # NPZ files whose CRCs this process (or its parent) has verified
+# NPZ files whose CRCs this process (or its parent) has verified
+_checked: set[tuple[str, int, int]] = set()
 
 
 def failed_crc(path: Path, z: zipfile.ZipFile) -> str | None:
-    """The first member of the NPZ `z` (opened from `path`) whose zip CRC fails, or None. Checked once per file
-    version and process tree (a resume's shard check and its merge read each shard once): memory-mapped members
-    skip the check zipfile makes on reads, so a flipped byte would reach the caller as a changed latent."""
+    """The first member of the NPZ `z` (opened from `path`) whose zip CRC fails, or None. Checked
+    once per file version and process tree (a resume's shard check and its merge read each shard
+    once): memory-mapped members skip the check zipfile makes on reads, so a flipped byte would
+    reach the caller as a changed latent."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key in _checked:
@@ -58,29 +70,44 @@ def failed_crc(path: Path, z: zipfile.ZipFile) -> str | None:
 
 
 def open_latents(path: str | Path) -> dict[str, Any]:
-    """Every array of a latents.npz / latents.h5 (or a shard), read lazily: NPZ members are memory-mapped once
-    their CRCs are verified, HDF5 datasets are read chunk by chunk as they are indexed (each chunk checks its own
-    Fletcher-32 sum). One-line error for a missing or damaged file, and for a run's dataset whose images are not
-    those its shards list (a run stopped between computing and merging)."""
+    """Every array of a latents.npz / latents.h5 (or a shard), read lazily: NPZ members are
+    memory-mapped once their CRCs are verified, HDF5 datasets are read chunk by chunk as they are
+    indexed (each chunk checks its own Fletcher-32 sum). One-line error for a missing or damaged
+    file, and for a run's dataset whose images are not those its shards list (a run stopped between
+    computing and merging)."""
     path = Path(path)
     try:
         if path.suffix == ".h5":
             f = h5py.File(path, "r")
             groups = [k for k in f if not isinstance(f[k], h5py.Dataset)]
             if groups:
-                raise GloError(f"{path}: '{groups[0]}' is an HDF5 group; a latents file holds only arrays")
+                raise GloError(
+                    f"{path}: '{groups[0]}' is an HDF5 group; a latents file holds only arrays"
+                )
             arrays = {k: f[k] for k in f}
             for k, d in arrays.items():
-                if d.dtype == object and "sha256" in d.attrs and text_digest(d[()]) != d.attrs["sha256"]:
-                    raise GloError(f"{path}: its '{k}' differ from what was written (their digest does not match); "
-                                   "compute it again (glo.run in its directory recomputes what is damaged)")
+                if (
+                    d.dtype == object
+                    and "sha256" in d.attrs
+                    and text_digest(d[()]) != d.attrs["sha256"]
+                ):
+                    raise GloError(
+                        f"{path}: its '{k}' differ from what was written (their digest does not "
+                        "match); "
+                        "compute it again (glo.run in its directory recomputes what is damaged)"
+                    )
         else:
             with zipfile.ZipFile(path) as z:
                 bad = failed_crc(path, z)
                 if bad:
-                    raise GloError(f"{path}: damaged ({bad} fails its checksum); compute it again (glo.run in its "
-                                   "directory recomputes what is damaged)")
-                arrays = {n[:-4]: _npz_member(path, z, n[:-4]) for n in z.namelist() if n.endswith(".npy")}
+                    raise GloError(
+                        f"{path}: damaged ({bad} fails its checksum); compute it again (glo.run in "
+                        "its "
+                        "directory recomputes what is damaged)"
+                    )
+                arrays = {
+                    n[:-4]: _npz_member(path, z, n[:-4]) for n in z.namelist() if n.endswith(".npy")
+                }
         arrays = require(path, arrays, REQUIRED)
     except FileNotFoundError:
         raise GloError(f"{path}: no such file") from None
@@ -92,7 +119,9 @@ def open_latents(path: str | Path) -> dict[str, Any]:
 
 def _check_manifests(path: Path, ids: Any) -> None:
     """A run's latents.npz / latents.h5 must hold exactly the images its shards' manifests list."""
-    manifests = sorted((path.parent / "shards").glob("manifest-*.json")) if path.stem == "latents" else []
+    manifests = (
+        sorted((path.parent / "shards").glob("manifest-*.json")) if path.stem == "latents" else []
+    )
     if not manifests:
         return
     try:
@@ -100,18 +129,26 @@ def _check_manifests(path: Path, ids: Any) -> None:
     except (OSError, ValueError):
         return  # the run itself reports a damaged manifest; the file may still be whole
     if listed != {str(i) for i in _in_memory(ids)}:
-        raise GloError(f"{path}: holds other images than {path.parent / 'shards'} lists, so its run stopped before "
-                       "merging them; run the same command again to finish it")
+        raise GloError(
+            f"{path}: holds other images than {path.parent / 'shards'} lists, so its run stopped "
+            "before "
+            "merging them; run the same command again to finish it"
+        )
 
 
 def require(path: Path, arrays: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """One line naming the first required array that is missing or has another number of rows than `ids`."""
+    """One line naming the first required array that is missing or has another number of rows than
+    `ids`."""
     for k in keys:
         if k not in arrays:
-            raise GloError(f"{path}: no '{k}' array (a glo latents file has {', '.join(keys)}; it has "
-                           f"{', '.join(sorted(arrays)) or 'none'})")
+            raise GloError(
+                f"{path}: no '{k}' array (a glo latents file has {', '.join(keys)}; it has "
+                f"{', '.join(sorted(arrays)) or 'none'})"
+            )
         if len(arrays[k]) != len(arrays[keys[0]]):
-            raise GloError(f"{path}: '{k}' has {len(arrays[k])} rows, '{keys[0]}' has {len(arrays[keys[0]])}")
+            raise GloError(
+                f"{path}: '{k}' has {len(arrays[k])} rows, '{keys[0]}' has {len(arrays[keys[0]])}"
+            )
     return arrays
 
 
@@ -129,13 +166,18 @@ def _in_memory(v: Any) -> np.ndarray:
     a = np.array(v[()])
     if a.dtype != object:
         return a
-    return np.array([t.decode("utf-8", "surrogateescape") if isinstance(t, bytes) else str(t) for t in a.flat],
-                    dtype=str).reshape(a.shape)
+    return np.array(
+        [t.decode("utf-8", "surrogateescape") if isinstance(t, bytes) else str(t) for t in a.flat],
+        dtype=str,
+    ).reshape(a.shape)
 
 
 def damaged(path: Path, e: OSError) -> GloError:
     """An HDF5 chunk that fails its checksum (or cannot be read) as one line naming the file."""
-    return GloError(f"{path}: damaged ({e}); compute it again (glo.run in its directory recomputes what is damaged)")
+    return GloError(
+        f"{path}: damaged ({e}); compute it again (glo.run in its directory recomputes what is "
+        "damaged)"
+    )
 
 
 def load_latents(path: str | Path) -> dict[str, np.ndarray]:
@@ -148,21 +190,26 @@ def load_latents(path: str | Path) -> dict[str, np.ndarray]:
 
 
 class LatentDataset(Dataset):
-    """Optimized latents for downstream training: item = {id, latent, initial_latent} as float32 tensors.
+    """Optimized latents for downstream training: item = {id, latent, initial_latent} as float32
+    tensors.
 
-    inpainting=True adds what Stable Diffusion's inpainting UNet is conditioned on: `mask` (1,h,w), 1 = hole,
-    and `masked_latent` (4,h,w), the optimized latent of the masked image (`initial_masked_latent`: the
-    encoder's, to train as SD's UNet was). diffusers' pipeline builds its 9-channel input as
-    torch.cat([noisy_latent, mask, masked_latent], dim=1); `latent` is the clean target.
-    Reads lazily from either format, so a dataset larger than memory still trains.
+    inpainting=True adds what Stable Diffusion's inpainting UNet is conditioned on: `mask` (1,h,w),
+    1 = hole, and `masked_latent` (4,h,w), the optimized latent of the masked image
+    (`initial_masked_latent`: the encoder's, to train as SD's UNet was). diffusers' pipeline builds
+    its 9-channel input as torch.cat([noisy_latent, mask, masked_latent], dim=1); `latent` is the
+    clean target. Reads lazily from either format, so a dataset larger than memory still trains.
     """
 
     def __init__(self, path: str | Path, inpainting: bool = False) -> None:
         self.path, self.inpainting = Path(path), inpainting
         arrays = open_latents(self.path)
         if inpainting and "masked_latents" not in arrays:
-            raise GloError(f"{self.path}: exported without a mask; run glo.run with mask=boxes|strokes|folder")
-        require(self.path, arrays, (*REQUIRED, "initial_latents", *(INPAINTING if inpainting else ())))
+            raise GloError(
+                f"{self.path}: exported without a mask; run glo.run with mask=boxes|strokes|folder"
+            )
+        require(
+            self.path, arrays, (*REQUIRED, "initial_latents", *(INPAINTING if inpainting else ()))
+        )
         self.ids = [str(i) for i in _in_memory(arrays["ids"])]
         self._arrays: dict[str, Any] | None = None
         self._pid = 0  # the process that opened _arrays
@@ -171,24 +218,34 @@ class LatentDataset(Dataset):
         return len(self.ids)
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers started by spawn (macOS, Windows) receive the dataset pickled: an open HDF5 file
-        # cannot be, and a memory map would be copied whole, so each worker opens the file itself
+        # DataLoader workers started by spawn (macOS, Windows) receive the dataset pickled: an open
+        # HDF5 file cannot be, and a memory map would be copied whole, so each worker opens the file
+        # itself
         return {**self.__dict__, "_arrays": None, "_pid": 0}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        if self._pid != os.getpid():  # a forked worker must not read through its parent's HDF5 handle
+        # a forked worker must not read through its parent's HDF5 handle
+        if self._pid != os.getpid():
             self._arrays, self._pid = open_latents(self.path), os.getpid()
         keys = {"latent": "latents", "initial_latent": "initial_latents"}
         if self.inpainting:
-            keys.update(mask="latent_masks", masked_latent="masked_latents",
-                        initial_masked_latent="initial_masked_latents")
+            keys.update(
+                mask="latent_masks",
+                masked_latent="masked_latents",
+                initial_masked_latent="initial_masked_latents",
+            )
         try:
-            return {"id": self.ids[i],
-                    **{k: torch.from_numpy(np.array(self._arrays[a][i], dtype=np.float32)) for k, a in keys.items()}}
+            return {
+                "id": self.ids[i],
+                **{
+                    k: torch.from_numpy(np.array(self._arrays[a][i], dtype=np.float32))
+                    for k, a in keys.items()
+                },
+            }
         except OSError as e:
             raise damaged(self.path, e) from None
 
 
-# bump when exported rows gain or lose a column (2: `rank`, 3: `source_sha256`, 4: `ms_ssim_*`, `mae_*`,
-# 5: `mask_sha256`, 6: `channel_moment_*`): a run directory resumes only its own
+# bump when exported rows gain or lose a column (2: `rank`, 3: `source_sha256`, 4: `ms_ssim_*`,
+# `mae_*`, 5: `mask_sha256`, 6: `channel_moment_*`): a run directory resumes only its own
 ROWS_VERSION = 6

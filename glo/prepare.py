@@ -1,9 +1,11 @@
-"""python -m glo.prepare: resize and centre-crop a split of images once, so runs load small uint8 arrays.
+"""python -m glo.prepare: resize and centre-crop a split of images once, so runs load small uint8
+arrays.
 
-Writes `<out>/<split>/images/<id>.npz` (uint8 image + its meta) and `<out>/<split>/stats.json`. The split is
-built beside its final place and swapped in whole, so a folder prepared before (other images, another size)
-never leaves files behind that a run would read with the new ones.
+Writes `<out>/<split>/images/<id>.npz` (uint8 image + its meta) and `<out>/<split>/stats.json`. The
+split is built beside its final place and swapped in whole, so a folder prepared before (other
+images, another size) never leaves files behind that a run would read with the new ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,21 +30,31 @@ def prepare(src: str, out: str, split: str, size: int) -> dict:
     folder = root / split if (root / split).is_dir() else root
     if folder == root and root.is_dir() and not image_files(root) and (splits := subfolders(root)):
         # a dataset root without this split: the mistake is --split, not --src
-        raise GloError(f"--src {src}: no '{split}' subfolder and no images of its own; pass --split one of {splits}")
+        raise GloError(
+            f"--src {src}: no '{split}' subfolder and no images of its own; pass --split one of "
+            f"{splits}"
+        )
     dataset = FolderDataset(str(folder), size=size, key="--src")
     final = Path(out) / split
-    if final.exists() and not (final.is_dir() and {p.name for p in final.iterdir()} <= {"images", "stats.json"}):
-        raise GloError(f"--out {out}: {final} exists and is not a glo.prepare split (it holds other files); "
-                       "pass another --out")
+    if final.exists() and not (
+        final.is_dir() and {p.name for p in final.iterdir()} <= {"images", "stats.json"}
+    ):
+        raise GloError(
+            f"--out {out}: {final} exists and is not a glo.prepare split (it holds other files); "
+            "pass another --out"
+        )
     build = final.with_name(f".{split}.{os.getpid()}.tmp")
     shutil.rmtree(build, ignore_errors=True)
     try:
         build.mkdir(parents=True)
     except OSError as e:
-        raise GloError(f"--out {out}: cannot create a folder there ({e.strerror}); pass another --out") from None
+        raise GloError(
+            f"--out {out}: cannot create a folder there ({e.strerror}); pass another --out"
+        ) from None
     try:
         stats = _write(dataset, build, folder, split, size)
-        if final.exists():  # swapped out first, removed after: at every moment one whole split is in place
+        # swapped out first, removed after: at every moment one whole split is in place
+        if final.exists():
             old = final.with_name(f".{split}.{os.getpid()}.old")
             final.rename(old)
             build.rename(final)
@@ -67,11 +79,16 @@ def _write(dataset: FolderDataset, dest_root: Path, folder: Path, split: str, si
         originals.append([meta["height"], meta["width"]])
     mean = pixels[0] / len(dataset)
     stats = {
-        "split": split, "source": str(folder.resolve()), "count": len(dataset), "size": size,
+        "split": split,
+        "source": str(folder.resolve()),
+        "count": len(dataset),
+        "size": size,
         # a flat channel's variance can round below 0, and its root would be NaN
         "channel_mean": mean.tolist(),
         "channel_std": np.sqrt(np.maximum(pixels[1] / len(dataset) - mean**2, 0)).tolist(),
-        "original_sizes": {f"{h}x{w}": originals.count([h, w]) for h, w in sorted({tuple(o) for o in originals})},
+        "original_sizes": {
+            f"{h}x{w}": originals.count([h, w]) for h, w in sorted({tuple(o) for o in originals})
+        },
     }
     save_json(dest_root / "stats.json", stats)
     return stats
@@ -86,11 +103,18 @@ class Prepare(Schema):
 
 def main(argv: list[str] | None = None) -> None:
     p = Parser(prog="python -m glo.prepare", description=__doc__.splitlines()[0])
-    p.add_argument("--src", default=os.environ.get("BSDS500_PATH"),
-                   help="image folder, or a BSDS500 root holding train/ val/ test/ (default: $BSDS500_PATH)")
+    p.add_argument(
+        "--src",
+        default=os.environ.get("BSDS500_PATH"),
+        help="image folder, or a BSDS500 root holding train/ val/ test/ (default: $BSDS500_PATH)",
+    )
     p.add_argument("--out", default="processed_data", help="output root (default: processed_data)")
-    p.add_argument("--split", default="train", help="split name, and sub-folder of --src if it has one")
-    p.add_argument("--size", default=256, help="output side in pixels, a multiple of 8 (default: 256)")
+    p.add_argument(
+        "--split", default="train", help="split name, and sub-folder of --src if it has one"
+    )
+    p.add_argument(
+        "--size", default=256, help="output side in pixels, a multiple of 8 (default: 256)"
+    )
     args = parsed(Prepare, p, argv)
     with one_line_errors("glo.prepare"):
         if not args.src:

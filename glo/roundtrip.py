@@ -7,6 +7,7 @@ decodes a latent optimized with glo.run's settings (on the known pixels when `ma
 Both are scored against the original image after every trip, on the known region and on the whole
 image. Writes roundtrip.json, roundtrip.md and roundtrip.png into the run directory.
 """
+
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -42,9 +43,17 @@ from glo.store.atomic import save_json, save_text
 SCORES = ("plain_known", "glo_known", "plain_whole", "glo_whole")
 
 
-def chains(vae: FrozenVAE, loss: PixelLoss, settings: Settings, x: Tensor, known: Tensor, known_only: bool,
-           trips: int) -> dict[str, Tensor]:
-    """(trips, B) PSNR after each trip, of the known region and of the whole image, for both chains."""
+def chains(
+    vae: FrozenVAE,
+    loss: PixelLoss,
+    settings: Settings,
+    x: Tensor,
+    known: Tensor,
+    known_only: bool,
+    trips: int,
+) -> dict[str, Tensor]:
+    """(trips, B) PSNR after each trip, of the known region and of the whole image, for both
+    chains."""
     plain, ours = x, x
     scores: dict[str, list[Tensor]] = {k: [] for k in SCORES}
     for _ in range(trips):
@@ -71,8 +80,11 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
     if not all(k <= cfg.trips for k in cfg.report_at):
         trips = cfg.trips
         fits = sorted({k for k in cfg.report_at if 1 <= k <= trips} | {trips})
-        raise GloError(f"trips={cfg.trips}, report_at={list(cfg.report_at)}: every k of report_at must be <= trips "
-                       f"(e.g. trips={trips} 'report_at={fits}')")
+        raise GloError(
+            f"trips={cfg.trips}, report_at={list(cfg.report_at)}: every k of report_at must be <= "
+            "trips "
+            f"(e.g. trips={trips} 'report_at={fits}')"
+        )
     torch.manual_seed(cfg.seed)
     dataset = instantiate(cfg.data)
     masks = instantiate(cfg.mask)
@@ -90,34 +102,72 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
             parts[k].append(v)
         ids += list(meta["id"])
         print(f"glo.roundtrip: {len(ids)}/{len(dataset)} images", flush=True)
-    scores = {k: torch.cat(v, 1).numpy().astype(np.float64) for k, v in parts.items()}  # (trips, images)
-    rows = [{"trips": k, **{f"{s}_psnr": float(scores[s][k - 1].mean()) for s in SCORES},
-             "known_gain_db": float((scores["glo_known"][k - 1] - scores["plain_known"][k - 1]).mean()),
-             "known_min_gain_db": float((scores["glo_known"][k - 1] - scores["plain_known"][k - 1]).min())}
-            for k in cfg.report_at]
-    result = {"config": OmegaConf.to_container(cfg, resolve=True), "vae": vae.info(), "ids": ids, "rows": rows,
-              "per_trip": {k: v.tolist() for k, v in scores.items()}}
+    # (trips, images)
+    scores = {k: torch.cat(v, 1).numpy().astype(np.float64) for k, v in parts.items()}
+    rows = [
+        {
+            "trips": k,
+            **{f"{s}_psnr": float(scores[s][k - 1].mean()) for s in SCORES},
+            "known_gain_db": float(
+                (scores["glo_known"][k - 1] - scores["plain_known"][k - 1]).mean()
+            ),
+            "known_min_gain_db": float(
+                (scores["glo_known"][k - 1] - scores["plain_known"][k - 1]).min()
+            ),
+        }
+        for k in cfg.report_at
+    ]
+    result = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "vae": vae.info(),
+        "ids": ids,
+        "rows": rows,
+        "per_trip": {k: v.tolist() for k, v in scores.items()},
+    }
     save_json(out / "roundtrip.json", result)
     save_figure(figure(scores), out / "roundtrip.png")
-    body = "\n".join([
-        f"{len(ids)} images, VAE `{vae.name}`, mask `{HydraConfig.get().runtime.choices.mask}`, {cfg.data.size} px. "
-        "PSNR (dB) against the original after k encode -> decode trips, each saved as 8 bits. `known` = the pixels "
-        "outside the mask; `plain` = the encoder's latent; `glo` = the optimized latent"
-        f"{' fitted to the known pixels only' if masks.known_only else ''} ({cfg.max_steps} steps max, lr {cfg.lr}).",
-        "", markdown_table(rows)])
-    save_text(out / "roundtrip.md", f"# glo.roundtrip\n\n{body}\n\n![PSNR against round trips](roundtrip.png)\n")
+    body = "\n".join(
+        [
+            f"{len(ids)} images, VAE `{vae.name}`, mask "
+            f"`{HydraConfig.get().runtime.choices.mask}`, {cfg.data.size} px. "
+            "PSNR (dB) against the original after k encode -> decode trips, each saved as 8 bits. "
+            "`known` = the pixels "
+            "outside the mask; `plain` = the encoder's latent; `glo` = the optimized latent"
+            f"{' fitted to the known pixels only' if masks.known_only else ''} ({cfg.max_steps} "
+            f"steps max, lr {cfg.lr}).",
+            "",
+            markdown_table(rows),
+        ]
+    )
+    save_text(
+        out / "roundtrip.md",
+        f"# glo.roundtrip\n\n{body}\n\n![PSNR against round trips](roundtrip.png)\n",
+    )
     if cfg.publish:
-        publish(Path(cfg.publish), "glo.roundtrip", command_line("glo.roundtrip"), machine(),
-                datetime.now(timezone.utc).isoformat(), body)
+        publish(
+            Path(cfg.publish),
+            "glo.roundtrip",
+            command_line("glo.roundtrip"),
+            machine(),
+            datetime.now(timezone.utc).isoformat(),
+            body,
+        )
     return result
 
 
 def figure(scores: dict[str, np.ndarray]):
     fig, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
     k = np.arange(1, len(scores["plain_known"]) + 1)
-    for name, style in (("plain_known", "C0-"), ("glo_known", "C1-"), ("plain_whole", "C0--"), ("glo_whole", "C1--")):
+    for name, style in (
+        ("plain_known", "C0-"),
+        ("glo_known", "C1-"),
+        ("plain_whole", "C0--"),
+        ("glo_whole", "C1--"),
+    ):
         ax.plot(k, scores[name].mean(1), style, marker="o", ms=3, label=name.replace("_", ", "))
-    ax.set(xlabel="round trips", ylabel="mean PSNR (dB)", title="Drift over repeated encode -> decode")
+    ax.set(
+        xlabel="round trips", ylabel="mean PSNR (dB)", title="Drift over repeated encode -> decode"
+    )
     ax.legend()
     return fig
 
@@ -128,8 +178,12 @@ def main(cfg: DictConfig) -> None:
         out = Path(HydraConfig.get().runtime.output_dir)
         result = roundtrip(cfg, out)
         last = result["rows"][-1]
-        print(f"glo.roundtrip: after {last['trips']} trips, known region {last['plain_known_psnr']:.2f} dB plain vs "
-              f"{last['glo_known_psnr']:.2f} dB glo ({last['known_gain_db']:+.2f} dB) -> {out / 'roundtrip.md'}")
+        print(
+            f"glo.roundtrip: after {last['trips']} trips, known region "
+            f"{last['plain_known_psnr']:.2f} dB plain vs "
+            f"{last['glo_known_psnr']:.2f} dB glo ({last['known_gain_db']:+.2f} dB) -> "
+            f"{out / 'roundtrip.md'}"
+        )
 
 
 if __name__ == "__main__":

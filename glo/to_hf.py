@@ -1,12 +1,15 @@
-"""python -m glo.to_hf RUN_DIR [OUT]: a run's latents as a Hugging Face dataset, for diffusers' training scripts.
+"""python -m glo.to_hf RUN_DIR [OUT]: a run's latents as a Hugging Face dataset, for diffusers'
+training scripts.
 
 A converter rather than an export format: it works on any finished run (NPZ or HDF5) without
 rerunning it, and keeps `datasets` out of the optimization path. Every per-image array becomes a
 column with its exact dtype; latents, masks and the inpainting conditioning are fixed-shape array
 features. Rows stream from the lazily read latents file into Arrow `WRITER_BATCH` at a time, so a
 dataset larger than memory converts. OUT (default RUN_DIR/hf) is written under a temporary name and
-renamed; `datasets.load_from_disk(OUT)` reads it, and glo's metadata.json and summary.json are copied in.
+renamed; `datasets.load_from_disk(OUT)` reads it, and glo's metadata.json and summary.json are
+copied in.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -35,7 +38,8 @@ def _import_datasets() -> Any:
 
 
 def features(arrays: dict[str, Any]) -> Any:
-    """The datasets.Features of a latents file: one column per array, the row shape and dtype kept."""
+    """The datasets.Features of a latents file: one column per array, the row shape and dtype
+    kept."""
     datasets = _import_datasets()
     out = {}
     for key, a in arrays.items():
@@ -60,8 +64,16 @@ def rows(path: str, chunk: int = WRITER_BATCH) -> Iterator[dict[str, Any]]:
         except OSError as e:
             raise damaged(Path(path), e) from None
         for i in range(len(part["ids"])):
-            yield {k: (printable(v[i].decode("utf-8", "surrogateescape")) if isinstance(v[i], bytes)
-                       else printable(v[i]) if isinstance(v[i], str) else v[i]) for k, v in part.items()}
+            yield {
+                k: (
+                    printable(v[i].decode("utf-8", "surrogateescape"))
+                    if isinstance(v[i], bytes)
+                    else printable(v[i])
+                    if isinstance(v[i], str)
+                    else v[i]
+                )
+                for k, v in part.items()
+            }
 
 
 def to_hf(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -73,9 +85,13 @@ def to_hf(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise GloError(f"{out}: already exists; remove it or name another OUT")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        ds = datasets.Dataset.from_generator(rows, gen_kwargs={"path": str(latents)},
-                                             features=features(open_latents(latents)),
-                                             cache_dir=str(Path(tmp) / "cache"), writer_batch_size=WRITER_BATCH)
+        ds = datasets.Dataset.from_generator(
+            rows,
+            gen_kwargs={"path": str(latents)},
+            features=features(open_latents(latents)),
+            cache_dir=str(Path(tmp) / "cache"),
+            writer_batch_size=WRITER_BATCH,
+        )
         ds.save_to_disk(str(Path(tmp) / "dataset"))
         for name in ("metadata.json", "summary.json"):
             if (run / name).is_file():

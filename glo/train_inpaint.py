@@ -1,8 +1,10 @@
-"""python -m glo.train_inpaint runs=[DIR,...]: train one of glo.inpaint's small offline UNets on the latents of
-masked glo runs (the training itself: glo/train/inpaint.py).
+"""python -m glo.train_inpaint runs=[DIR,...]: train one of glo.inpaint's small offline UNets on the
+latents of masked glo runs (the training itself: glo/train/inpaint.py).
 
-Lightning and diffusers are imported only once the settings are checked, so a mistyped one is refused at once.
+Lightning and diffusers are imported only once the settings are checked, so a mistyped one is
+refused at once.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal

@@ -1,7 +1,10 @@
-"""python -m glo.train_vae: train the stand-in VAE that glo ships (the training itself: glo/train/vae.py).
+"""python -m glo.train_vae: train the stand-in VAE that glo ships (the training itself:
+glo/train/vae.py).
 
-Lightning and diffusers are imported only once the settings are checked, so a mistyped one is refused at once.
+Lightning and diffusers are imported only once the settings are checked, so a mistyped one is
+refused at once.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal

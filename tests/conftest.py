@@ -20,10 +20,10 @@ from glo.method.settings import Settings
 from glo.model.vae import FrozenVAE
 
 ROOT = Path(__file__).resolve().parents[1]
-# One fp32 pass of the tiny VAE computed by another kernel (a batch of 1 against 2, another thread count or CPU) sums
-# each conv in another order: a few ulps per layer, compounded over its ~20 layers, and seen at 89 ulps of its
-# [-1, 1] output. 2**10 ulps (1.2e-4) bounds that; a pass of other inputs (a wrong latent, a wrong image) moves it by
-# 1e-2 and more, so the tests stay able to fail.
+# Another kernel (another batch size, thread count or CPU) sums each conv of an fp32 pass of the tiny
+# VAE in another order: a few ulps per layer over its ~20 layers of [-1, 1] output. 2**10 ulps
+# (1.2e-4) bounds that; a wrong latent or image moves the output by 1e-2 and more, so a test that
+# uses it can still fail.
 VAE_FP32_ATOL = 2**10 * torch.finfo(torch.float32).eps
 
 

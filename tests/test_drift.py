@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from glo import GloError
-from glo.method.drift import drift, high_frequency_share, pooled_channel_stats, pooled_covariance, spread_ratio
+from glo.method.drift import (
+    drift,
+    high_frequency_share,
+    pooled_channel_stats,
+    pooled_covariance,
+    spread_ratio,
+)
 from glo.method.engine import optimize
 from glo.method.losses import PixelLoss
 from glo.store.summary import drift_summary

@@ -254,3 +254,13 @@ def test_a_published_command_keeps_its_paths_inside_the_project_and_drops_the_ma
                "run_dir='/tmp/glo/data/val_boxes' lr=0.1 section=a/b")
     assert reproducible(command) == ("python -m glo.bench data.path=../shared/data/bsds500/val 'out=experiments/x' "
                                      "run_dir='val_boxes' lr=0.1 section=a/b")
+
+
+def test_the_code_keeps_ruff_s_rules_and_format():
+    """pyproject.toml's [tool.ruff]: lines of at most 100 characters, pyflakes, sorted imports, and
+    glo/ in ruff's format, so a long line or an unused import fails here and not in review."""
+    ruff = [sys.executable, "-m", "ruff"]
+    for args in (["check", "glo", "tests"], ["format", "--check", "glo"]):
+        p = subprocess.run([*ruff, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert max(len(line) for p in GLO.rglob("*.py") for line in p.read_text().splitlines()) <= 100

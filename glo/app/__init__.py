@@ -1,1 +1,2 @@
-"""The Lightning and Hydra shell: the LightningModule that fits each batch, the progress bar and one-line errors."""
+"""The Lightning and Hydra shell: the LightningModule that fits each batch, the progress bar and
+one-line errors."""

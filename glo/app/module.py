@@ -1,4 +1,5 @@
 """The LightningModule: fits each predicted batch, logs it, and returns the arrays to export."""
+
 from __future__ import annotations
 
 import time
@@ -29,11 +30,18 @@ from glo.report.grids import comparison_grid, error_map
 
 
 class GLOModule(pl.LightningModule):
-    """Lightning's concerns only: the predict loop calls `fit_batch` per batch, logs it, and hands the arrays
-    to the exporter. The algorithm is in glo.method.engine, the per-batch work in glo.method.fit."""
+    """Lightning's concerns only: the predict loop calls `fit_batch` per batch, logs it, and hands
+    the arrays to the exporter. The algorithm is in glo.method.engine, the per-batch work in
+    glo.method.fit."""
 
-    def __init__(self, vae: FrozenVAE, loss: PixelLoss, settings: Settings, image_every_n_batches: int,
-                 masks: MaskSource | None = None) -> None:
+    def __init__(
+        self,
+        vae: FrozenVAE,
+        loss: PixelLoss,
+        settings: Settings,
+        image_every_n_batches: int,
+        masks: MaskSource | None = None,
+    ) -> None:
         super().__init__()
         self.vae, self.loss, self.settings, self.masks = vae, loss, settings, masks
         self.image_every = image_every_n_batches
@@ -46,13 +54,21 @@ class GLOModule(pl.LightningModule):
         holes = batch_holes(self.masks, meta, x.shape[-1]).to(x) if self.masks else None
         known_only = self.masks is not None and self.masks.known_only
         f = fit_batch(self.vae, x, self.settings, self.loss, holes, known_only, self._on_step)
-        out = {"ids": np.array(meta["id"], dtype=str), "sources": np.array(meta["source"], dtype=str),
-               "source_sha256": np.array(meta["sha256"], dtype=str),
-               **({"mask_sha256": np.array([self.masks.digests[i] for i in meta["id"]], dtype=str)}
-                  if self.masks is not None and self.masks.digests else {}),
-               "original_size": torch.stack([meta["height"], meta["width"]], 1).cpu().numpy(), **f.arrays,
-               "seconds": np.full(len(x), (time.perf_counter() - start) / len(x)),
-               "rank": np.full(len(x), self.global_rank, dtype=np.int32)}  # whose seconds these are (DDP)
+        out = {
+            "ids": np.array(meta["id"], dtype=str),
+            "sources": np.array(meta["source"], dtype=str),
+            "source_sha256": np.array(meta["sha256"], dtype=str),
+            **(
+                {"mask_sha256": np.array([self.masks.digests[i] for i in meta["id"]], dtype=str)}
+                if self.masks is not None and self.masks.digests
+                else {}
+            ),
+            "original_size": torch.stack([meta["height"], meta["width"]], 1).cpu().numpy(),
+            **f.arrays,
+            "seconds": np.full(len(x), (time.perf_counter() - start) / len(x)),
+            # whose seconds these are (DDP)
+            "rank": np.full(len(x), self.global_rank, dtype=np.int32),
+        }
         self._log_images(out, x, f.initial, f.final, batch_idx)
         return out
 
@@ -65,7 +81,9 @@ class GLOModule(pl.LightningModule):
         if isinstance(bar, ImageProgressBar):
             bar.show_step(step, active, loss)
 
-    def _log_images(self, out: dict[str, np.ndarray], x: Tensor, x0: Tensor, x1: Tensor, batch_idx: int) -> None:
+    def _log_images(
+        self, out: dict[str, np.ndarray], x: Tensor, x0: Tensor, x1: Tensor, batch_idx: int
+    ) -> None:
         if not self.logger:
             return
         tb = self.logger.experiment
@@ -85,8 +103,9 @@ class GLOModule(pl.LightningModule):
 
 
 class ImageProgressBar(ProgressBar):
-    """Lightning's progress bar slot, counting images rather than batches: done/total, images/s, time left,
-    and the current batch's optimizer step (rich draws it; on a non-terminal it prints only the end state)."""
+    """Lightning's progress bar slot, counting images rather than batches: done/total, images/s,
+    time left, and the current batch's optimizer step (rich draws it; on a non-terminal it prints
+    only the end state)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,17 +122,34 @@ class ImageProgressBar(ProgressBar):
     def on_predict_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if not (self._enabled and trainer.is_global_zero):
             return
-        self.progress = Progress(TextColumn("glo"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                                 TextColumn("{task.fields[rate]}"), TextColumn("elapsed"), TimeElapsedColumn(),
-                                 TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[step]}"),
-                                 console=Console(stderr=True))
+        self.progress = Progress(
+            TextColumn("glo"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("images"),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("elapsed"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[step]}"),
+            console=Console(stderr=True),
+        )
         loaders = trainer.predict_dataloaders
-        total = sum(len(d.sampler) for d in (loaders if isinstance(loaders, list) else [loaders]))  # this rank's
+        # this rank's
+        total = sum(len(d.sampler) for d in (loaders if isinstance(loaders, list) else [loaders]))
         self.task = self.progress.add_task("", total=total, rate="", step="")
         self.progress.start()
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: dict, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        module: pl.LightningModule,
+        outputs: dict,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self.progress is not None:
             self.progress.advance(self.task, len(outputs["ids"]))
             speed = self.progress.tasks[0].speed

@@ -1,4 +1,5 @@
-"""Inpainting masks as Stable Diffusion's inpainting pipeline reads them: 1 = hole (to be filled), 0 = known.
+"""Inpainting masks as Stable Diffusion's inpainting pipeline reads them: 1 = hole (to be filled), 0
+= known.
 
 A mask source maps (image id, original (height, width), size) to a binary (size, size) float32
 array cropped like the image. `boxes` and `strokes` (free-form, in the style of LaMa's generator)
@@ -7,6 +8,7 @@ are drawn at `size` from a seed and the image id, so every image always gets the
 binarized at `threshold` (values are scaled to [0,1] first; anti-aliased or JPEG edges land on
 one side or the other).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,10 +31,11 @@ MAX_SHAPES = 1000
 
 
 class MaskSource(Protocol):
-    """(id, original (h, w), size) -> (size, size) hole mask; `known_only`: fit the masked image's latent on
-    the known pixels only (the hole is the inpainter's to fill). `check(originals)`: every image's mask is
-    vetted before any model loads. `digests`: each image's mask file SHA-256 after `check`, which every row
-    records so that a resume recomputes the rows whose mask changed (None where the settings determine them)."""
+    """(id, original (h, w), size) -> (size, size) hole mask; `known_only`: fit the masked image's
+    latent on the known pixels only (the hole is the inpainter's to fill). `check(originals)`: every
+    image's mask is vetted before any model loads. `digests`: each image's mask file SHA-256 after
+    `check`, which every row records so that a resume recomputes the rows whose mask changed (None
+    where the settings determine them)."""
 
     known_only: bool
     digests: dict[str, str] | None
@@ -47,12 +50,15 @@ def no_mask() -> None:
     return None
 
 
-
-
 def batch_holes(masks: MaskSource, meta: dict, size: int) -> Tensor:
-    """(B,1,size,size) hole masks for a collated batch's meta (ids and original heights and widths)."""
-    return torch.stack([torch.from_numpy(masks(i, (int(h), int(w)), size))
-                        for i, h, w in zip(meta["id"], meta["height"], meta["width"])])[:, None]
+    """(B,1,size,size) hole masks for a collated batch's meta (ids and original heights and
+    widths)."""
+    return torch.stack(
+        [
+            torch.from_numpy(masks(i, (int(h), int(w)), size))
+            for i, h, w in zip(meta["id"], meta["height"], meta["width"])
+        ]
+    )[:, None]
 
 
 class RandomMasks:
@@ -60,16 +66,25 @@ class RandomMasks:
 
     KINDS = ("boxes", "strokes")
 
-    def __init__(self, kind: str, coverage: tuple[float, float], seed: int, known_only: bool) -> None:
+    def __init__(
+        self, kind: str, coverage: tuple[float, float], seed: int, known_only: bool
+    ) -> None:
         if kind not in self.KINDS:
             raise GloError(f"mask.kind={kind}: must be one of {', '.join(self.KINDS)}")
-        pair = list(coverage) if isinstance(coverage, Sequence) and not isinstance(coverage, str) else [coverage]
+        pair = (
+            list(coverage)
+            if isinstance(coverage, Sequence) and not isinstance(coverage, str)
+            else [coverage]
+        )
         if not (len(pair) == 2 and all(is_number(c) for c in pair) and 0 < pair[0] <= pair[1] < 1):
-            raise GloError(f"mask.coverage={pair}: need two numbers 0 < low <= high < 1, "
-                           "e.g. 'mask.coverage=[0.1,0.3]'")
+            raise GloError(
+                f"mask.coverage={pair}: need two numbers 0 < low <= high < 1, "
+                "e.g. 'mask.coverage=[0.1,0.3]'"
+            )
         self.lo, self.hi = pair
         self.kind, self.seed, self.known_only = kind, seed, known_only
-        self.digests = None  # drawn from the settings, the seed and each id, which the fingerprint holds already
+        # drawn from the settings, the seed and each id, which the fingerprint holds already
+        self.digests = None
 
     def check(self, originals: dict[str, tuple[int, int]]) -> None:
         """Every id gets a mask: nothing to check."""
@@ -81,14 +96,20 @@ class RandomMasks:
         covered = 0.0
         for _ in range(MAX_SHAPES):
             candidate = mask.copy()
-            (self._box if self.kind == "boxes" else self._stroke)(ImageDraw.Draw(candidate), rng, size)
+            (self._box if self.kind == "boxes" else self._stroke)(
+                ImageDraw.Draw(candidate), rng, size
+            )
             c = np.asarray(candidate).mean() / 255
-            if c <= self.hi:  # a shape that overshoots the range is dropped, a smaller one comes next
+            # a shape that overshoots the range is dropped, a smaller one comes next
+            if c <= self.hi:
                 mask, covered = candidate, c
             if covered >= target:
                 return (np.asarray(mask) > 127).astype(np.float32)
-        raise GloError(f"mask.coverage=[{self.lo}, {self.hi}]: no {self.kind} mask in range for image '{image_id}' "
-                       f"after {MAX_SHAPES} shapes; widen the range")
+        raise GloError(
+            f"mask.coverage=[{self.lo}, {self.hi}]: no {self.kind} mask in range for image "
+            f"'{image_id}' "
+            f"after {MAX_SHAPES} shapes; widen the range"
+        )
 
     @staticmethod
     def _box(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int) -> None:
@@ -124,17 +145,23 @@ class FolderMasks:
         twice = repeated_stems(files)
         if twice:
             names = ", ".join(f.name for f in files if f.stem == twice[0])
-            raise GloError(f"mask.path={path}: two masks for image '{twice[0]}' ({names}); keep one per image id")
+            raise GloError(
+                f"mask.path={path}: two masks for image '{twice[0]}' ({names}); keep one per image "
+                "id"
+            )
         self.files = {f.stem: f for f in files}
         self.path, self.threshold, self.known_only = root, threshold, known_only
         self.digests: dict[str, str] | None = None
 
     def check(self, originals: dict[str, tuple[int, int]]) -> None:
-        """Fail before any model loads if an image has no mask or one that cannot be read or has another size."""
+        """Fail before any model loads if an image has no mask or one that cannot be read or has
+        another size."""
         missing = [i for i in originals if i not in self.files]
         if missing:
-            raise GloError(f"mask.path={self.path}: no mask for image id(s) {', '.join(missing[:5])}"
-                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            raise GloError(
+                f"mask.path={self.path}: no mask for image id(s) {', '.join(missing[:5])}"
+                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
         for image_id, original in originals.items():
             self._read(image_id, original)
         self.digests = {i: sha256_file(self.files[i]) for i in originals}
@@ -146,9 +173,16 @@ class FolderMasks:
         mask = open_image(path)[0].convert("L")  # any mode; 16-bit scaled to 8-bit
         height, width = original
         if mask.size != (width, height):
-            raise GloError(f"{path}: mask is {mask.width}x{mask.height}, image '{image_id}' is {width}x{height}")
+            raise GloError(
+                f"{path}: mask is {mask.width}x{mask.height}, image '{image_id}' is "
+                f"{width}x{height}"
+            )
         return mask
 
     def __call__(self, image_id: str, original: tuple[int, int], size: int) -> np.ndarray:
-        binary = self._read(image_id, original).point(lambda v: 255 if v / 255 > self.threshold else 0)
-        return (np.asarray(resize_center_crop(binary, size, Image.Resampling.NEAREST)) > 127).astype(np.float32)
+        binary = self._read(image_id, original).point(
+            lambda v: 255 if v / 255 > self.threshold else 0
+        )
+        return (
+            np.asarray(resize_center_crop(binary, size, Image.Resampling.NEAREST)) > 127
+        ).astype(np.float32)

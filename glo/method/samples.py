@@ -1,5 +1,6 @@
-"""Per-sample bookkeeping shared by every optimizer: each sample's best latent and its decode, its loss curve,
-and why and when it stopped. It lives on the CPU wherever the latents are."""
+"""Per-sample bookkeeping shared by every optimizer: each sample's best latent and its decode, its
+loss curve, and why and when it stopped. It lives on the CPU wherever the latents are."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,16 +11,18 @@ from torch import Tensor
 
 @dataclass
 class Result:
-    latents: Tensor       # (B,C,h,w) best latent of each sample
+    latents: Tensor  # (B,C,h,w) best latent of each sample
     initial_loss: Tensor  # (B,) loss of the starting latent
-    final_loss: Tensor    # (B,) loss of the returned latent
-    steps: Tensor         # (B,) Adam updates taken before the sample stopped
-    passes: Tensor        # (B,) decoder passes spent: forward + backward = 1, a forward alone (scoring) = 0.5
-    converged: Tensor     # (B,) bool: stopped by the rel_tol rule rather than the budget
-    nonfinite: Tensor     # (B,) bool: met a non-finite loss and was reverted to its best latent
-    loss_curves: Tensor   # (B,max_steps) loss before each update; NaN once the sample stopped
+    final_loss: Tensor  # (B,) loss of the returned latent
+    steps: Tensor  # (B,) Adam updates taken before the sample stopped
+    # (B,) decoder passes spent: forward + backward = 1, a forward alone (scoring) = 0.5
+    passes: Tensor
+    converged: Tensor  # (B,) bool: stopped by the rel_tol rule rather than the budget
+    nonfinite: Tensor  # (B,) bool: met a non-finite loss and was reverted to its best latent
+    loss_curves: Tensor  # (B,max_steps) loss before each update; NaN once the sample stopped
     initial_decoded: Tensor  # (B,...) decode of z0, and ...
-    decoded: Tensor          # ... of `latents`, as the engine computed them (in its precision): no pass to redo
+    # ... of `latents`, as the engine computed them (in its precision): no pass to redo
+    decoded: Tensor
 
 
 class Samples:
@@ -36,13 +39,17 @@ class Samples:
         self.converged = torch.zeros(n, dtype=torch.bool, device=cpu)
         self.nonfinite = torch.zeros(n, dtype=torch.bool, device=cpu)
 
-    def record(self, t: int, active: list[int], values: Tensor, pred: Tensor, zs: list[Tensor]) -> list[int]:
-        """Score the evaluation after t updates of the samples `active` (a forward pass each): keep each one's
-        best latent, send one with a non-finite loss back to its best, stop those whose loss is flat or whose
-        budget is spent. Returns the positions in `active` that take another update."""
+    def record(
+        self, t: int, active: list[int], values: Tensor, pred: Tensor, zs: list[Tensor]
+    ) -> list[int]:
+        """Score the evaluation after t updates of the samples `active` (a forward pass each): keep
+        each one's best latent, send one with a non-finite loss back to its best, stop those whose
+        loss is flat or whose budget is spent. Returns the positions in `active` that take another
+        update."""
         self.passes[active] += 0.5
         if t == 0:
-            self.initial, self.shown = pred.detach().clone(), pred.detach().clone()  # shown: the decode of `best`
+            # shown: the decode of `best`
+            self.initial, self.shown = pred.detach().clone(), pred.detach().clone()
         going = []
         for j, i in enumerate(active):
             v = values[j]
@@ -65,10 +72,22 @@ class Samples:
         return going
 
     def result(self) -> Result:
-        return Result(self.best, self.curves[:, 0].clone(), self.best_loss, self.steps, self.passes, self.converged,
-                      self.nonfinite, self.curves, self.initial, self.shown)
+        return Result(
+            self.best,
+            self.curves[:, 0].clone(),
+            self.best_loss,
+            self.steps,
+            self.passes,
+            self.converged,
+            self.nonfinite,
+            self.curves,
+            self.initial,
+            self.shown,
+        )
 
 
 def flat(curve: Tensor, t: int, window: int, rel_tol: float) -> bool:
     """The stopping rule: the loss at t changed by at most rel_tol (relative) since t - window."""
-    return t >= window and bool(abs(curve[t - window] - curve[t]) <= rel_tol * abs(curve[t - window]))
+    return t >= window and bool(
+        abs(curve[t - window] - curve[t]) <= rel_tol * abs(curve[t - window])
+    )

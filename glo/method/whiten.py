@@ -1,7 +1,9 @@
-"""coords=whitened: Adam on each latent's coordinates along the principal directions of its own channel covariance,
-in units of its spread there, so every step is measured against the spread the encoder gave that direction. Any
-rotation or rescaling of a VAE's latent channels then leaves the result as it is, and a direction the encoder
-barely varies (two channels that move together) is moved as little, relative to its spread, as any other."""
+"""coords=whitened: Adam on each latent's coordinates along the principal directions of its own
+channel covariance, in units of its spread there, so every step is measured against the spread the
+encoder gave that direction. Any rotation or rescaling of a VAE's latent channels then leaves the
+result as it is, and a direction the encoder barely varies (two channels that move together) is
+moved as little, relative to its spread, as any other."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +11,9 @@ from torch import Tensor
 
 
 def principal_basis(z0: Tensor) -> Tensor:
-    """(B,C,h,w) -> (B,C,C) maps M with z = M u: the eigenvectors of each latent's channel covariance over its
-    cells, each scaled by its std. A direction with no spread keeps a millionth of the largest one's, so M inverts."""
+    """(B,C,h,w) -> (B,C,C) maps M with z = M u: the eigenvectors of each latent's channel
+    covariance over its cells, each scaled by its std. A direction with no spread keeps a millionth
+    of the largest one's, so M inverts."""
     cells = z0.float().flatten(2)
     cells = cells - cells.mean(2, keepdim=True)
     variance, vectors = torch.linalg.eigh(cells @ cells.transpose(1, 2) / cells.shape[2])

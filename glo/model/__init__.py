@@ -1,2 +1,2 @@
-"""The model and the machine: loading a VAE (hub id, directory, single file, shipped asset) as a FrozenVAE,
-the device and precision it runs at, and the memory a batch needs."""
+"""The model and the machine: loading a VAE (hub id, directory, single file, shipped asset) as a
+FrozenVAE, the device and precision it runs at, and the memory a batch needs."""

@@ -1,5 +1,7 @@
-"""The typed declaration every setting of glo has: a pydantic model with types and bounds, and its errors as one
-line naming the setting and what it takes. Plain pydantic, so the method's own settings use it too."""
+"""The typed declaration every setting of glo has: a pydantic model with types and bounds, and its
+errors as one line naming the setting and what it takes. Plain pydantic, so the method's own
+settings use it too."""
+
 from __future__ import annotations
 
 import types
@@ -16,14 +18,16 @@ B = TypeVar("B", bound="Built")
 
 
 class Schema(BaseModel):
-    """A tool's settings: strict types (YAML's true is not 1, 1.5 is not an integer), finite numbers only."""
+    """A tool's settings: strict types (YAML's true is not 1, 1.5 is not an integer), finite numbers
+    only."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
 
 class Built(Schema):
-    """A Schema its callers construct (Hydra's instantiate, the engine's users): a wrong value is a GloError too.
-    Not for nested schemas: pydantic calls a custom __init__ for them, and the error would lose its path."""
+    """A Schema its callers construct (Hydra's instantiate, the engine's users): a wrong value is a
+    GloError too. Not for nested schemas: pydantic calls a custom __init__ for them, and the error
+    would lose its path."""
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -42,20 +46,32 @@ Seed = Annotated[int, Field(ge=0, lt=2**32)]
 Positive = Annotated[float, Field(gt=0)]
 Device = typing.Literal["auto", "cpu", "cuda", "mps"]
 MESSAGES = {
-    "int_type": "must be an integer", "float_type": "must be a finite number",
+    "int_type": "must be an integer",
+    "float_type": "must be a finite number",
     "finite_number": "must be a finite number",
-    "bool_type": "must be true or false", "string_type": "must be text", "list_type": "must be a list",
-    "dict_type": "must be a mapping of key: value", "missing": "must be set",
-    "extra_forbidden": "is not a setting of this tool", "int_parsing": "must be an integer",
+    "bool_type": "must be true or false",
+    "string_type": "must be text",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping of key: value",
+    "missing": "must be set",
+    "extra_forbidden": "is not a setting of this tool",
+    "int_parsing": "must be an integer",
     "float_parsing": "must be a finite number",
 }
-BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
+BOUNDS = {
+    "greater_than_equal": ">=",
+    "greater_than": ">",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
 
 
 def message(schema: type[Schema], error: dict[str, Any], prefix: str = "") -> str:
     """One pydantic error as `key=value: must be ...` (the value as given)."""
     loc = error["loc"]
-    key = prefix + ".".join(str(part) if isinstance(part, str) else f"[{part}]" for part in loc).replace(".[", "[")
+    key = prefix + ".".join(
+        str(part) if isinstance(part, str) else f"[{part}]" for part in loc
+    ).replace(".[", "[")
     kind, ctx = error["type"], error.get("ctx") or {}
     if kind in BOUNDS:
         bound = next(iter(ctx.values()))
@@ -92,7 +108,8 @@ def _annotation(schema: type[Schema], loc: tuple) -> Any:
 
 
 def leaf(annotation: Any, metadata: list | None = None) -> tuple[Any, list]:
-    """A declared type without None and Annotated, and the bounds it carries (annotated_types objects)."""
+    """A declared type without None and Annotated, and the bounds it carries (annotated_types
+    objects)."""
     metadata = metadata or []
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return leaf(next(a for a in typing.get_args(annotation) if a is not type(None)), metadata)

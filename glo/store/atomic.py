@@ -1,4 +1,6 @@
-"""Files that are either complete or absent: written under a temporary name, flushed, then renamed."""
+"""Files that are either complete or absent: written under a temporary name, flushed, then
+renamed."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +14,8 @@ import numpy as np
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path`, synced to disk and renamed to it only if the block finishes (the block
-    closes its file): no half-written files, not even after a power cut."""
+    """A temporary name beside `path`, synced to disk and renamed to it only if the block finishes
+    (the block closes its file): no half-written files, not even after a power cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -25,7 +27,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename is None and e.errno is not None:  # a failed write names no file: name the one it was for
+        # a failed write names no file: name the one it was for
+        if e.filename is None and e.errno is not None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     finally:
@@ -47,8 +50,9 @@ def to_json(obj: Any) -> str:
 
 
 def printable(text: str) -> str:
-    """A file name that is not UTF-8 (Python holds its bytes as surrogates) with those bytes as backslash escapes:
-    text every writer, font and terminal takes, instead of a failure after all the work."""
+    """A file name that is not UTF-8 (Python holds its bytes as surrogates) with those bytes as
+    backslash escapes: text every writer, font and terminal takes, instead of a failure after all
+    the work."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 

@@ -3,6 +3,7 @@
 Every file is written to a temporary name and renamed, so a file that exists is complete. Shards
 are the resume state: a run started again in the same directory skips the ids they hold.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,20 +28,30 @@ log = logging.getLogger("glo")
 
 
 def append_h5(f: h5py.File, arrays: dict[str, np.ndarray]) -> None:
-    """Append one shard's rows to resizable, chunked, compressed datasets (created on the first shard)."""
+    """Append one shard's rows to resizable, chunked, compressed datasets (created on the first
+    shard)."""
     for key, a in arrays.items():
-        if a.dtype.kind == "U":  # any name a filesystem allows, also one that is not UTF-8, as its own bytes
+        # any name a filesystem allows, also one that is not UTF-8, as its own bytes
+        if a.dtype.kind == "U":
             a = np.array([s.encode("utf-8", "surrogateescape") for s in a], dtype=object)
         if key not in f:
             text = a.dtype == object
-            # numbers: each chunk carries a Fletcher-32 sum that every read checks; HDF5 cannot filter strings,
-            # so text columns carry a digest of their whole content (text_digest), set once all rows are in
-            f.create_dataset(key, shape=(0, *a.shape[1:]), maxshape=(None, *a.shape[1:]),
-                             dtype=h5py.string_dtype() if text else a.dtype, chunks=(64, *a.shape[1:]),
-                             compression="gzip", compression_opts=4, fletcher32=not text)
+            # numbers: each chunk carries a Fletcher-32 sum that every read checks; HDF5 cannot
+            # filter strings, so text columns carry a digest of their whole content (text_digest),
+            # set once all rows are in
+            f.create_dataset(
+                key,
+                shape=(0, *a.shape[1:]),
+                maxshape=(None, *a.shape[1:]),
+                dtype=h5py.string_dtype() if text else a.dtype,
+                chunks=(64, *a.shape[1:]),
+                compression="gzip",
+                compression_opts=4,
+                fletcher32=not text,
+            )
         d = f[key]
         d.resize(d.shape[0] + len(a), axis=0)
-        d[-len(a):] = a
+        d[-len(a) :] = a
 
 
 FORMATS = ("npz", "hdf5")
@@ -51,18 +62,23 @@ def read_manifest(path: Path) -> dict[str, list[str]]:
     try:
         return json.loads(path.read_text())
     except ValueError as e:
-        raise GloError(f"{path}: damaged ({e}); use resume=restart to start this directory over") from None
+        raise GloError(
+            f"{path}: damaged ({e}); use resume=restart to start this directory over"
+        ) from None
 
 
-def shard_problem(path: Path, ids: list[str], digests: dict[str, str],
-                  mask_digests: dict[str, str] | None = None) -> str | None:
-    """Why a shard cannot be trusted (missing, damaged, other ids than listed, made from an image or a mask file
-    that has changed since: `digests` and `mask_digests` are their SHA-256 now, by id), or None."""
+def shard_problem(
+    path: Path, ids: list[str], digests: dict[str, str], mask_digests: dict[str, str] | None = None
+) -> str | None:
+    """Why a shard cannot be trusted (missing, damaged, other ids than listed, made from an image or
+    a mask file that has changed since: `digests` and `mask_digests` are their SHA-256 now, by id),
+    or None."""
     if not path.is_file():
         return "missing"
     try:
         with zipfile.ZipFile(path) as z:
-            bad = failed_crc(path, z)  # every member's CRC: a truncated or corrupted file fails here
+            # every member's CRC: a truncated or corrupted file fails here
+            bad = failed_crc(path, z)
         if bad:
             return f"damaged ({bad} fails its checksum)"
         with np.load(path) as f:
@@ -76,26 +92,33 @@ def shard_problem(path: Path, ids: list[str], digests: dict[str, str],
     if changed:
         return f"image '{changed[0]}' has changed since (its source's SHA-256 differs)"
     changed = [i for i, h in zip(ids, masked_by) if mask_digests[i] != h]
-    return f"the mask of image '{changed[0]}' has changed since (its SHA-256 differs)" if changed else None
+    return (
+        f"the mask of image '{changed[0]}' has changed since (its SHA-256 differs)"
+        if changed
+        else None
+    )
 
 
 def same_columns(files: list[Path]) -> Iterator[dict[str, np.ndarray]]:
-    """Each shard's arrays, refusing a shard whose columns differ from the first's: merged, its rows would
-    misalign with the others' (a shard from an older glo in a resumed directory)."""
+    """Each shard's arrays, refusing a shard whose columns differ from the first's: merged, its rows
+    would misalign with the others' (a shard from an older glo in a resumed directory)."""
     first: set[str] | None = None
     for shard in files:
         part = load_latents(shard)
         first = set(part) if first is None else first
         if set(part) != first:
             odd = sorted(set(part) ^ first)[0]
-            raise GloError(f"{shard}: has other columns than {files[0].name} ({odd!r} in one only), so an older glo "
-                           "made one of them; use resume=restart to start this directory over")
+            raise GloError(
+                f"{shard}: has other columns than {files[0].name} ({odd!r} in one only), so an "
+                "older glo "
+                "made one of them; use resume=restart to start this directory over"
+            )
         yield part
 
 
 class RunExport:
-    """A run directory's results: a shard per finished batch, listed in its rank's manifest, merged at the end
-    into latents.npz (or latents.h5), metadata.json and summary.json."""
+    """A run directory's results: a shard per finished batch, listed in its rank's manifest, merged
+    at the end into latents.npz (or latents.h5), metadata.json and summary.json."""
 
     def __init__(self, out_dir: str, format: str) -> None:
         if format not in FORMATS:
@@ -103,12 +126,14 @@ class RunExport:
         self.out, self.format = Path(out_dir), format
         self.shards = self.out / "shards"
         self.sessions = self.shards / "sessions.json"
-        self.stop_file = self.shards / "stop"  # a rank that got SIGTERM tells the others: they stop after their batch
+        # a rank that got SIGTERM tells the others: they stop after their batch
+        self.stop_file = self.shards / "stop"
         self.metadata: dict[str, Any] = {}
         self.summary: dict[str, float | int] = {}
 
     def _manifests(self) -> dict[str, list[str]]:
-        """Completed shards and their ids, from every rank's manifest (a shard is listed only once written)."""
+        """Completed shards and their ids, from every rank's manifest (a shard is listed only once
+        written)."""
         done: dict[str, list[str]] = {}
         for m in sorted(self.shards.glob("manifest-*.json")):
             done.update(read_manifest(m))
@@ -120,25 +145,35 @@ class RunExport:
 
     def stopped(self, how: str) -> str:
         """The line a run stopped on request ends with: what is safe, and how to go on."""
-        return (f"stopped {how}; {len(self.done_ids())} image(s) are safe in {self.shards}: run the same command "
-                "again to resume")
+        return (
+            f"stopped {how}; {len(self.done_ids())} image(s) are safe in {self.shards}: run the "
+            "same command "
+            "again to resume"
+        )
 
     def earlier_sessions(self) -> list[dict[str, Any]]:
-        """The runs that computed images here (a record for metadata.json, not results): read before any work, so
-        a damaged one is one line at the start rather than a traceback after all the computing."""
+        """The runs that computed images here (a record for metadata.json, not results): read before
+        any work, so a damaged one is one line at the start rather than a traceback after all the
+        computing."""
         try:
             found = json.loads(self.sessions.read_text()) if self.sessions.is_file() else []
         except ValueError as e:
-            raise GloError(f"{self.sessions}: damaged ({e}); it only records which runs computed here: delete it "
-                           "and run the same command again") from None
+            raise GloError(
+                f"{self.sessions}: damaged ({e}); it only records which runs computed here: delete "
+                "it "
+                "and run the same command again"
+            ) from None
         if not isinstance(found, list):
-            raise GloError(f"{self.sessions}: not a list of runs; delete it and run the same command again")
+            raise GloError(
+                f"{self.sessions}: not a list of runs; delete it and run the same command again"
+            )
         return found
 
     def verify(self, digests: dict[str, str], mask_digests: dict[str, str] | None = None) -> None:
-        """Before a resume: every listed shard must read back whole, hold exactly the ids its manifest lists and
-        have been made from the images and mask files as they are now (`digests`, `mask_digests`: each one's
-        SHA-256, by id). Any other is unlisted and deleted, so its images are computed again."""
+        """Before a resume: every listed shard must read back whole, hold exactly the ids its
+        manifest lists and have been made from the images and mask files as they are now (`digests`,
+        `mask_digests`: each one's SHA-256, by id). Any other is unlisted and deleted, so its images
+        are computed again."""
         self.earlier_sessions()
         seen: dict[str, str] = {}
         for m in sorted(self.shards.glob("manifest-*.json")):
@@ -147,13 +182,20 @@ class RunExport:
             for name, ids in manifest.items():
                 problem = shard_problem(self.shards / name, ids, digests, mask_digests)
                 if problem:
-                    log.warning("%s: %s; its %d image(s) will be computed again", self.shards / name, problem, len(ids))
+                    log.warning(
+                        "%s: %s; its %d image(s) will be computed again",
+                        self.shards / name,
+                        problem,
+                        len(ids),
+                    )
                     (self.shards / name).unlink(missing_ok=True)
                     continue
                 twice = [i for i in ids if i in seen]
                 if twice:
-                    raise GloError(f"{self.shards / name}: image '{twice[0]}' is also in {seen[twice[0]]}; "
-                                   "use resume=restart to start this directory over")
+                    raise GloError(
+                        f"{self.shards / name}: image '{twice[0]}' is also in {seen[twice[0]]}; "
+                        "use resume=restart to start this directory over"
+                    )
                 seen.update(dict.fromkeys(ids, name))
                 good[name] = ids
             if good != manifest:
@@ -162,12 +204,15 @@ class RunExport:
     def record_session(self) -> None:
         """Each run that computes images here, so a resumed dataset names every machine."""
         now = {k: self.metadata.get(k) for k in ("start_time", "machine", "precision")}
-        save_json(self.sessions, [*self.earlier_sessions(), {**now, "images_done_before": len(self.done_ids())}])
+        save_json(
+            self.sessions,
+            [*self.earlier_sessions(), {**now, "images_done_before": len(self.done_ids())}],
+        )
 
     def save_batch(self, rank: int, first: int, outputs: dict[str, np.ndarray]) -> None:
-        """One batch's rows as a shard, then in the rank's manifest: the shard counts as done only from there.
-        Named by the dataset position of its `first` image (names sort in dataset order) and a hash of its ids:
-        two shards with different images never share a name."""
+        """One batch's rows as a shard, then in the rank's manifest: the shard counts as done only
+        from there. Named by the dataset position of its `first` image (names sort in dataset order)
+        and a hash of its ids: two shards with different images never share a name."""
         manifest_file = self.shards / f"manifest-{rank}.json"
         manifest = read_manifest(manifest_file) if manifest_file.is_file() else {}
         ids = [str(i) for i in outputs["ids"]]
@@ -181,19 +226,22 @@ class RunExport:
         self.stop_file.unlink(missing_ok=True)
 
     def merge(self) -> None:
-        """Shards -> latents.npz (all in memory) or latents.h5 (streamed shard by shard), then the JSON files."""
+        """Shards -> latents.npz (all in memory) or latents.h5 (streamed shard by shard), then the
+        JSON files."""
         files = [self.shards / name for name in sorted(self._manifests())]
         if not files:
             raise GloError(f"{self.shards}: no finished batches to export")
         columns: dict[str, list[np.ndarray]] = {}
         stale = self.out / ("latents.npz" if self.format == "hdf5" else "latents.h5")
-        stale.unlink(missing_ok=True)  # another format's file from an earlier run would be read instead
+        # another format's file from an earlier run would be read instead
+        stale.unlink(missing_ok=True)
         self.metadata["end_time"] = datetime.now(timezone.utc).isoformat()
         if self.sessions.is_file():
             self.metadata["sessions"] = self.earlier_sessions()
         if self.format == "hdf5":
             with atomic_path(self.out / "latents.h5") as tmp, h5py.File(tmp, "w") as f:
-                # HDF5 files describe themselves: one copied without metadata.json still says what made it
+                # HDF5 files describe themselves: one copied without metadata.json still says what
+                # made it
                 f.attrs["metadata"] = to_json(self.metadata)
                 for part in same_columns(files):
                     append_h5(f, part)
@@ -208,6 +256,8 @@ class RunExport:
                 for k, v in part.items():
                     columns.setdefault(k, []).append(v)
             save_npz(self.out / "latents.npz", {k: np.concatenate(v) for k, v in columns.items()})
-        self.summary = summarize({k: np.concatenate(columns[k]) for k in SUMMARY_KEYS if k in columns})
+        self.summary = summarize(
+            {k: np.concatenate(columns[k]) for k in SUMMARY_KEYS if k in columns}
+        )
         save_json(self.out / "metadata.json", self.metadata)
         save_json(self.out / "summary.json", self.summary)

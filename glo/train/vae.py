@@ -7,6 +7,7 @@ config, so the same command resumes from `checkpoints/last.ckpt` after an interr
 the scaling factor is set to 1 / std of the training latents (how SD's 0.18215 was found) and the
 model is written with `save_pretrained` to `export_dir`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,19 +36,24 @@ LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixe
 
 
 def trainer_precision(requested: str) -> str:
-    """Lightning's precision for `precision`, chosen as glo.run chooses the decoder's: with `auto`, bf16 only where
-    the hardware computes it natively (emulated bf16 on an AVX2-only CPU is over 100x slower than fp32)."""
+    """Lightning's precision for `precision`, chosen as glo.run chooses the decoder's: with `auto`,
+    bf16 only where the hardware computes it natively (emulated bf16 on an AVX2-only CPU is over
+    100x slower than fp32)."""
     precision, reason = resolve_precision(requested, pick_device("auto"))
     log.info("precision %s (%s)", precision, reason)
     return LIGHTNING_PRECISION[precision]
 
 
 class RandomCrops(Dataset):
-    """`length` random crops per epoch from images held in memory, scaled, flipped; item i is reproducible."""
+    """`length` random crops per epoch from images held in memory, scaled, flipped; item i is
+    reproducible."""
 
-    def __init__(self, path: str, crop: int, length: int, scale: tuple[float, float], seed: int) -> None:
+    def __init__(
+        self, path: str, crop: int, length: int, scale: tuple[float, float], seed: int
+    ) -> None:
         check_size(crop, "crop")
-        folder = FolderDataset(path, size=crop, key="data.train")  # checks the folder, vets every file
+        # checks the folder, vets every file
+        folder = FolderDataset(path, size=crop, key="data.train")
         self.images = [folder.load(i)[0] for i in range(len(folder))]
         self.crop, self.length, self.scale, self.seed = crop, length, scale, seed
         self.epoch = 0
@@ -60,7 +66,9 @@ class RandomCrops(Dataset):
         img = self.images[rng.integers(len(self.images))]
         s = max(rng.uniform(*self.scale), self.crop / min(img.size))
         if s != 1.0:
-            img = img.resize((round(img.width * s), round(img.height * s)), Image.Resampling.BICUBIC)
+            img = img.resize(
+                (round(img.width * s), round(img.height * s)), Image.Resampling.BICUBIC
+            )
         x, y = rng.integers(img.width - self.crop + 1), rng.integers(img.height - self.crop + 1)
         img = img.crop((x, y, x + self.crop, y + self.crop))
         if rng.random() < 0.5:
@@ -71,17 +79,30 @@ class RandomCrops(Dataset):
 class VAETraining(pl.LightningModule):
     """L1 reconstruction + kl_weight * KL per pixel, AdamW with warm-up and cosine decay.
 
-    fresh_encoder: keep init_from's decoder frozen and train a newly initialized encoder against it, so
-    the encoder's training budget alone sets how far its latents are from what the decoder can do.
+    fresh_encoder: keep init_from's decoder frozen and train a newly initialized encoder against it,
+    so the encoder's training budget alone sets how far its latents are from what the decoder can
+    do.
     """
 
-    def __init__(self, vae: dict, lr: float, weight_decay: float, kl_weight: float, warmup_steps: int,
-                 init_from: str | None, fresh_encoder: bool) -> None:
+    def __init__(
+        self,
+        vae: dict,
+        lr: float,
+        weight_decay: float,
+        kl_weight: float,
+        warmup_steps: int,
+        init_from: str | None,
+        fresh_encoder: bool,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if fresh_encoder and not init_from:
-            raise GloError("fresh_encoder=true trains a new encoder for an existing decoder: set init_from=DIR")
-        self.model = AutoencoderKL.from_pretrained(init_from).train() if init_from else AutoencoderKL(**vae)
+            raise GloError(
+                "fresh_encoder=true trains a new encoder for an existing decoder: set init_from=DIR"
+            )
+        self.model = (
+            AutoencoderKL.from_pretrained(init_from).train() if init_from else AutoencoderKL(**vae)
+        )
         if fresh_encoder:
             new = AutoencoderKL(**self.model.config)
             self.model.encoder, self.model.quant_conv = new.encoder, new.quant_conv
@@ -100,16 +121,26 @@ class VAETraining(pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, dict], batch_idx: int) -> None:
         x = batch[0]
         rec = self.model.decode(self.model.encode(x).latent_dist.mean).sample
-        self.log_dict({"val/psnr": psnr(rec, x).mean(), "val/ssim": ssim(rec, x).mean()}, prog_bar=True)
+        self.log_dict(
+            {"val/psnr": psnr(rec, x).mean(), "val/ssim": ssim(rec, x).mean()}, prog_bar=True
+        )
         if batch_idx == 0 and self.logger:
-            self.logger.experiment.add_image("val/input|reconstruction|error",
-                                             comparison_grid([x, rec, error_map(rec, x)]), self.global_step)
+            self.logger.experiment.add_image(
+                "val/input|reconstruction|error",
+                comparison_grid([x, rec, error_map(rec, x)]),
+                self.global_step,
+            )
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr,
-                                weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(
+            [p for p in self.parameters() if p.requires_grad],
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+        )
         total, warm = self.trainer.max_steps, self.hparams.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, "cosine", warm))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, total, "cosine", warm)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -124,8 +155,10 @@ class NextEpoch(pl.Callback):
 def latent_std(model: AutoencoderKL, dataset: Dataset, batch_size: int) -> float:
     """Std of posterior samples over a dataset: the inverse of SD's scaling factor."""
     model.eval()
-    zs = [model.encode(batch[0]).latent_dist.sample()
-          for batch in DataLoader(dataset, batch_size=batch_size)]
+    zs = [
+        model.encode(batch[0]).latent_dist.sample()
+        for batch in DataLoader(dataset, batch_size=batch_size)
+    ]
     return float(torch.cat(zs).std())
 
 
@@ -135,17 +168,41 @@ def train(cfg: DictConfig) -> Path:
     pl.seed_everything(cfg.seed, verbose=False)
     crops = RandomCrops(cfg.data.train, cfg.crop, cfg.crops_per_epoch, tuple(cfg.scale), cfg.seed)
     val = instantiate(cfg.val_data)
-    module = VAETraining(OmegaConf.to_container(cfg.vae, resolve=True), cfg.lr, cfg.weight_decay, cfg.kl_weight,
-                         cfg.warmup_steps, cfg.init_from, cfg.fresh_encoder)
+    module = VAETraining(
+        OmegaConf.to_container(cfg.vae, resolve=True),
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.kl_weight,
+        cfg.warmup_steps,
+        cfg.init_from,
+        cfg.fresh_encoder,
+    )
     last = out / "checkpoints" / "last.ckpt"
-    trainer = instantiate(cfg.trainer, precision=precision, default_root_dir=str(out),
-                          logger=pl.loggers.TensorBoardLogger(str(out), name="", version=""),
-                          callbacks=[pl.callbacks.ModelCheckpoint(out / "checkpoints", save_last=True,
-                                                                  every_n_train_steps=cfg.checkpoint_every),
-                                     NextEpoch()])
-    trainer.fit(module, DataLoader(crops, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                                   drop_last=True, persistent_workers=cfg.num_workers > 0),
-                DataLoader(val, batch_size=cfg.batch_size), ckpt_path=str(last) if last.is_file() else None)
+    trainer = instantiate(
+        cfg.trainer,
+        precision=precision,
+        default_root_dir=str(out),
+        logger=pl.loggers.TensorBoardLogger(str(out), name="", version=""),
+        callbacks=[
+            pl.callbacks.ModelCheckpoint(
+                out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every
+            ),
+            NextEpoch(),
+        ],
+    )
+    trainer.fit(
+        module,
+        DataLoader(
+            crops,
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            persistent_workers=cfg.num_workers > 0,
+        ),
+        DataLoader(val, batch_size=cfg.batch_size),
+        ckpt_path=str(last) if last.is_file() else None,
+    )
     model = module.model
     std = latent_std(model, instantiate(cfg.scale_data), cfg.batch_size)
     model.register_to_config(scaling_factor=round(1.0 / std, 5))
@@ -153,4 +210,3 @@ def train(cfg: DictConfig) -> Path:
     model.save_pretrained(export)
     log.info("latent std %.4f -> scaling_factor %.5f; saved to %s", std, 1.0 / std, export)
     return export
-
