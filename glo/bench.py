@@ -371,8 +371,7 @@ def check_curve(curve: object, steps: int) -> list[int]:
     if not values or not all(is_number(b, int) and 2 <= b <= steps for b in values):
         raise GloError(
             f"curve={curve!r}: must be null or a list of decoder-pass budgets, whole numbers from "
-            "2 to "
-            f"the reference's {steps} steps, e.g. 'curve=[5,10,20,50]'"
+            f"2 to the reference's {steps} steps, e.g. 'curve=[5,10,20,50]'"
         )
     return sorted(set(values))
 

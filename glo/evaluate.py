@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors("glo.evaluate"):
         s = evaluate(args.run_dir, batch_size=args.batch_size)
     print(
-        f"glo.evaluate: PSNR {s['psnr_initial_mean']:.2f} -> {s['psnr_final_mean']:.2f} dB, "
-        f"SSIM {s['ssim_initial_mean']:.3f} -> {s['ssim_final_mean']:.3f}; "
-        f"report: {Path(args.run_dir) / 'report.md'}"
+        f"glo.evaluate: PSNR {s['psnr_initial_mean']:.2f} -> {s['psnr_final_mean']:.2f} dB, SSIM "
+        f"{s['ssim_initial_mean']:.3f} -> {s['ssim_final_mean']:.3f}; report: "
+        f"{Path(args.run_dir) / 'report.md'}"
     )
 
 

@@ -311,22 +311,15 @@ def table_text(result: dict, models: dict) -> str:
     table = markdown_table([{c: r[c] for c in columns} for r in result["rows"]])
     lines = [
         f"{result['images']} images of `{result['run_dir']}` (mask `{result['mask']}`; made by "
-        "glo.run "
-        f"`{result['run_made_by']}`), VAE "
-        f"`{result['vae']['name']}`; diffusers' StableDiffusionInpaintPipeline, {result['steps']} "
-        "DDIM steps, "
-        "the same start noise for both conditionings. PSNR in dB against the input: `known` = "
-        "outside the hole "
-        "the pipeline regenerates (the mask at latent resolution), `seam` = known pixels within "
+        f"glo.run `{result['run_made_by']}`), VAE `{result['vae']['name']}`; diffusers' "
+        f"StableDiffusionInpaintPipeline, {result['steps']} DDIM steps, the same start noise for "
+        "both conditionings. PSNR in dB against the input: `known` = outside the hole the "
+        "pipeline regenerates (the mask at latent resolution), `seam` = known pixels within "
         f"{result['seam_width']} px of it, `hole` = inside it against the ground truth; "
-        "`reencoded_known` = the "
-        "known region after the output is saved as 8 bits, encoded and decoded once more; "
-        "`*_vs_encoder` = the "
-        "mean difference to the encoder's conditioning on the same images; `drift_distance`, "
-        "`spread_ratio` = "
-        "the latents the pipeline reads (blend: the image's, sd_inpaint: the masked image's) "
-        "against the "
-        "encoder's.",
+        "`reencoded_known` = the known region after the output is saved as 8 bits, encoded and "
+        "decoded once more; `*_vs_encoder` = the mean difference to the encoder's conditioning on "
+        "the same images; `drift_distance`, `spread_ratio` = the latents the pipeline reads "
+        "(blend: the image's, sd_inpaint: the masked image's) against the encoder's.",
         "",
         table,
         "",
@@ -336,14 +329,13 @@ def table_text(result: dict, models: dict) -> str:
             lines.append(
                 f"- `{r['pipeline']}` ({r['kind']}): glo's latents change the known region by "
                 f"{r['known_psnr_vs_encoder']:+.2f} dB, the seam band by "
-                f"{r['seam_psnr_vs_encoder']:+.2f} dB "
-                f"and the hole by {r['hole_psnr_vs_encoder']:+.2f} dB."
+                f"{r['seam_psnr_vs_encoder']:+.2f} dB and the hole by "
+                f"{r['hole_psnr_vs_encoder']:+.2f} dB."
             )
     lines += [
         "",
         f"Time: {result['seconds']:.0f} s for {result['images']} images × {len(models)} pipelines "
-        "× 2 "
-        f"conditionings ({result['seconds_per_image']:.2f} s per image), on "
+        f"× 2 conditionings ({result['seconds_per_image']:.2f} s per image), on "
         f"{describe(result['machine'])}.",
     ]
     lines += [f"Not measured: {s}." for s in result["skipped_metrics"]]
@@ -372,10 +364,8 @@ def main(cfg: DictConfig) -> None:
             if r["conditioning"] == "glo":
                 print(
                     f"glo.inpaint: {r['pipeline']}: known region {r['known_psnr_vs_encoder']:+.2f} "
-                    "dB, seam "
-                    f"{r['seam_psnr_vs_encoder']:+.2f} dB, hole {r['hole_psnr_vs_encoder']:+.2f} "
-                    "dB from glo's "
-                    "latents"
+                    f"dB, seam {r['seam_psnr_vs_encoder']:+.2f} dB, hole "
+                    f"{r['hole_psnr_vs_encoder']:+.2f} dB from glo's latents"
                 )
         print(f"glo.inpaint: {out / 'inpaint.md'}")
 
@@ -390,7 +380,6 @@ if __name__ == "__main__":
         } & set(sys.argv[1:]):
             raise GloError(
                 "usage: python -m glo.inpaint RUN_DIR [key=value ...] (RUN_DIR: a glo.run "
-                "directory "
-                "made with a mask)"
+                "directory made with a mask)"
             )
     hydra_main(main)

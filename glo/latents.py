@@ -93,8 +93,8 @@ def open_latents(path: str | Path) -> dict[str, Any]:
                 ):
                     raise GloError(
                         f"{path}: its '{k}' differ from what was written (their digest does not "
-                        "match); "
-                        "compute it again (glo.run in its directory recomputes what is damaged)"
+                        "match); compute it again (glo.run in its directory recomputes what is "
+                        "damaged)"
                     )
         else:
             with zipfile.ZipFile(path) as z:
@@ -102,8 +102,7 @@ def open_latents(path: str | Path) -> dict[str, Any]:
                 if bad:
                     raise GloError(
                         f"{path}: damaged ({bad} fails its checksum); compute it again (glo.run in "
-                        "its "
-                        "directory recomputes what is damaged)"
+                        "its directory recomputes what is damaged)"
                     )
                 arrays = {
                     n[:-4]: _npz_member(path, z, n[:-4]) for n in z.namelist() if n.endswith(".npy")
@@ -131,8 +130,7 @@ def _check_manifests(path: Path, ids: Any) -> None:
     if listed != {str(i) for i in _in_memory(ids)}:
         raise GloError(
             f"{path}: holds other images than {path.parent / 'shards'} lists, so its run stopped "
-            "before "
-            "merging them; run the same command again to finish it"
+            "before merging them; run the same command again to finish it"
         )
 
 

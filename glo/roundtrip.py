@@ -82,8 +82,7 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
         fits = sorted({k for k in cfg.report_at if 1 <= k <= trips} | {trips})
         raise GloError(
             f"trips={cfg.trips}, report_at={list(cfg.report_at)}: every k of report_at must be <= "
-            "trips "
-            f"(e.g. trips={trips} 'report_at={fits}')"
+            f"trips (e.g. trips={trips} 'report_at={fits}')"
         )
     torch.manual_seed(cfg.seed)
     dataset = instantiate(cfg.data)
@@ -129,12 +128,11 @@ def roundtrip(cfg: DictConfig, out: Path) -> dict:
     body = "\n".join(
         [
             f"{len(ids)} images, VAE `{vae.name}`, mask "
-            f"`{HydraConfig.get().runtime.choices.mask}`, {cfg.data.size} px. "
-            "PSNR (dB) against the original after k encode -> decode trips, each saved as 8 bits. "
-            "`known` = the pixels "
-            "outside the mask; `plain` = the encoder's latent; `glo` = the optimized latent"
-            f"{' fitted to the known pixels only' if masks.known_only else ''} ({cfg.max_steps} "
-            f"steps max, lr {cfg.lr}).",
+            f"`{HydraConfig.get().runtime.choices.mask}`, {cfg.data.size} px. PSNR (dB) against "
+            "the original after k encode -> decode trips, each saved as 8 bits. `known` = the "
+            "pixels outside the mask; `plain` = the encoder's latent; `glo` = the optimized "
+            f"latent{' fitted to the known pixels only' if masks.known_only else ''} "
+            f"({cfg.max_steps} steps max, lr {cfg.lr}).",
             "",
             markdown_table(rows),
         ]
@@ -180,9 +178,8 @@ def main(cfg: DictConfig) -> None:
         last = result["rows"][-1]
         print(
             f"glo.roundtrip: after {last['trips']} trips, known region "
-            f"{last['plain_known_psnr']:.2f} dB plain vs "
-            f"{last['glo_known_psnr']:.2f} dB glo ({last['known_gain_db']:+.2f} dB) -> "
-            f"{out / 'roundtrip.md'}"
+            f"{last['plain_known_psnr']:.2f} dB plain vs {last['glo_known_psnr']:.2f} dB glo "
+            f"({last['known_gain_db']:+.2f} dB) -> {out / 'roundtrip.md'}"
         )
 
 

@@ -95,8 +95,8 @@ def load_checked(
     if 0 < todo < processes:  # Lightning's sampler gives every process at least one image, or fails
         raise GloError(
             f"{exporter.out}: {todo} image(s) to do for {processes} processes; run the same "
-            "command "
-            "with trainer.devices=1 trainer.num_nodes=1 to finish them (what is done is kept)"
+            "command with trainer.devices=1 trainer.num_nodes=1 to finish them (what is done is "
+            "kept)"
         )
     batch = min(cfg.batch_size, math.ceil(todo / processes))
     channels = OmegaConf.select(cfg, "vae.latent_channels") or OmegaConf.select(
@@ -117,8 +117,7 @@ def load_checked(
     if cfg.anchor and cfg.anchor_to == "posterior" and not vae.has_posterior:
         raise GloError(
             f"anchor_to=posterior: vae '{vae.name}' has a deterministic encoder (no posterior); "
-            "use "
-            "anchor_to=z0"
+            "use anchor_to=z0"
         )
     if todo:
         if vae.latent_channels != channels:
@@ -169,15 +168,15 @@ def say_result(s: dict[str, Any], out: Any) -> None:
     """The run's last lines: the gain, and what a mean alone would hide."""
     print(
         f"glo: {s['num_images']} images, PSNR {s['psnr_initial_mean']:.2f} -> "
-        f"{s['psnr_final_mean']:.2f} dB "
-        f"(gain {s['psnr_gain_mean']:+.2f} dB, {s['images_improved']} improved), "
-        f"{s['passes_mean']:.1f} decoder passes, {s['images_per_second']:.3f} images/s -> {out}"
+        f"{s['psnr_final_mean']:.2f} dB (gain {s['psnr_gain_mean']:+.2f} dB, "
+        f"{s['images_improved']} improved), {s['passes_mean']:.1f} decoder passes, "
+        f"{s['images_per_second']:.3f} images/s -> {out}"
     )
     if 2 * s["nonfinite"] > s["num_images"]:  # a gain of +0.00 dB alone would not say why
         print(
             f"glo: warning: {s['nonfinite']} of {s['num_images']} images met a non-finite loss and "
-            "kept their best "
-            "latent (at worst the encoder's): lower lr, or run with precision=fp32",
+            "kept their best latent (at worst the encoder's): lower lr, or run with "
+            "precision=fp32",
             file=sys.stderr,
         )
     if "psnr_known_final_mean" in s:
@@ -223,8 +222,8 @@ def _run(cfg: DictConfig, stop: StopOnSigterm) -> float:
     if trainer.is_global_zero:
         print(
             f"glo: VAE {vae.name} ({vae.source}) on {vae.device}, precision {precision} "
-            f"({reason}); "
-            f"{len(todo)} of {len(dataset.ids)} images to do{resumed} -> {exporter.out}",
+            f"({reason}); {len(todo)} of {len(dataset.ids)} images to do{resumed} -> "
+            f"{exporter.out}",
             flush=True,
         )
     module = instantiate(
@@ -258,8 +257,8 @@ def _run(cfg: DictConfig, stop: StopOnSigterm) -> float:
     missing = set(dataset.ids) - exporter.done_ids()
     if missing:
         raise GloError(
-            f"{exporter.shards}: {len(missing)} image(s) not exported (e.g. '{min(missing)}'); "
-            "run the same command again to compute them"
+            f"{exporter.shards}: {len(missing)} image(s) not exported (e.g. '{min(missing)}'); run "
+            "the same command again to compute them"
         )
     s = exporter.summary
     if cfg.report:

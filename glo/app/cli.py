@@ -94,8 +94,7 @@ def one_line_errors(prog: str) -> Iterator[None]:
                 raise
             print(
                 f"{prog}: error: out of memory ({str(e).splitlines()[0]}); run it again with a "
-                "smaller batch size "
-                "or image size",
+                "smaller batch size or image size",
                 file=sys.stderr,
             )  # glo.run names its own switches (a GloError)
             sys.exit(1)
@@ -174,8 +173,8 @@ def unresolved(e: Exception) -> str | None:
     ]
     if deleted:
         return (
-            f"{' '.join(deleted)}: the run needs what was deleted ({_joined(e)}); "
-            "set a value instead of deleting it"
+            f"{' '.join(deleted)}: the run needs what was deleted ({_joined(e)}); set a value "
+            "instead of deleting it"
         )
     if isinstance(e, InterpolationResolutionError) and e.full_key:
         first = str(e).splitlines()[0]
@@ -195,8 +194,7 @@ def one_line(e: Exception) -> str:
             )
             return (
                 f"~{cause.full_key} {under}: {cause.full_key} was deleted, so nothing under it can "
-                "be set; drop "
-                f"~{cause.full_key} or {under}"
+                f"be set; drop ~{cause.full_key} or {under}"
             )
         line = next((a for a in sys.argv[1:] if a.startswith(f"{cause.full_key}=")), cause.full_key)
         return no_such_setting(line, cause.full_key, cause.parent_node or {})
@@ -224,8 +222,7 @@ def null_group(args: list[str]) -> str | None:
             options = ", ".join(sorted(f.stem for f in (CONF / group).glob("*.yaml")))
             return (
                 f"{arg}: a config group cannot be null; choose one of {options}, or leave {group} "
-                "out for its "
-                "default"
+                "out for its default"
             )
     return None
 
@@ -240,8 +237,8 @@ def no_such_setting(line: str, key: str, known: Iterable[str], why: str = "") ->
     options = f"{', '.join(said[:-1])} or {said[-1]}" if len(said) > 1 else "".join(said)
     hint = f" (did you mean {options}?)" if said and value else ""
     return (
-        f"{line}: glo has no setting {key}{why}{hint}; "
-        "the settings are the keys in conf/ and the README"
+        f"{line}: glo has no setting {key}{why}{hint}; the settings are the keys in conf/ and the "
+        "README"
     )
 
 

@@ -62,8 +62,7 @@ def checked(schema: type[S], cfg: DictConfig | dict[str, Any], prefix: str = "")
         except InterpolationResolutionError as e:  # ${oc.env:UNSET}
             raise GloError(
                 f"{e.full_key}: cannot resolve its value ({str(e).splitlines()[0]}); set it or "
-                "give "
-                "the value"
+                "give the value"
             ) from None
         try:
             missing = sorted(OmegaConf.missing_keys(cfg))  # a `???` inside a node passed on whole

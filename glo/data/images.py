@@ -142,8 +142,7 @@ class FileDataset(ImageDataset):
         if files and not self.files:
             raise GloError(
                 f"all {len(files)} image files were skipped (the first: "
-                f"{self.skipped[0]['reason']}); "
-                "replace or remove them"
+                f"{self.skipped[0]['reason']}); replace or remove them"
             )
         self.ids = [f.stem for f in self.files]
 
@@ -243,11 +242,9 @@ class BSDS500Dataset(FileDataset):
             out = f"{str(processed_data_dir).rstrip('/')}_{size}"
             raise GloError(
                 f"{folder.parent}: prepared at {stats['size']} px, smaller than data.size={size}; "
-                "prepare "
-                f"it at that size: python -m glo.prepare --src {stats.get('source', 'DIR')} "
-                f"--split {split} "
-                f"--size {size} --out {out}, then add data.processed_data_dir={out} (or run with "
-                f"data.size={stats['size']})"
+                "prepare it at that size: python -m glo.prepare --src "
+                f"{stats.get('source', 'DIR')} --split {split} --size {size} --out {out}, then add "
+                f"data.processed_data_dir={out} (or run with data.size={stats['size']})"
             )
         self.cache: dict[Path, tuple[Image.Image, dict]] | None = {} if cache_in_memory else None
         super().__init__(files, size, limit, on_error)

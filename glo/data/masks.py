@@ -78,8 +78,8 @@ class RandomMasks:
         )
         if not (len(pair) == 2 and all(is_number(c) for c in pair) and 0 < pair[0] <= pair[1] < 1):
             raise GloError(
-                f"mask.coverage={pair}: need two numbers 0 < low <= high < 1, "
-                "e.g. 'mask.coverage=[0.1,0.3]'"
+                f"mask.coverage={pair}: need two numbers 0 < low <= high < 1, e.g. "
+                "'mask.coverage=[0.1,0.3]'"
             )
         self.lo, self.hi = pair
         self.kind, self.seed, self.known_only = kind, seed, known_only
@@ -107,8 +107,7 @@ class RandomMasks:
                 return (np.asarray(mask) > 127).astype(np.float32)
         raise GloError(
             f"mask.coverage=[{self.lo}, {self.hi}]: no {self.kind} mask in range for image "
-            f"'{image_id}' "
-            f"after {MAX_SHAPES} shapes; widen the range"
+            f"'{image_id}' after {MAX_SHAPES} shapes; widen the range"
         )
 
     @staticmethod

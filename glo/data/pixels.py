@@ -26,8 +26,7 @@ def check_size(size: int, name: str = "data.size") -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size % 8:
         raise GloError(
             f"{name}={size}: must be a multiple of 8 (the VAE downsamples by 8), at least 16 "
-            "(SSIM's "
-            "window is 11 px)"
+            "(SSIM's window is 11 px)"
         )
     return size
 

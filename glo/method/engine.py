@@ -149,14 +149,12 @@ def check(s: Settings, z0: Tensor, encode: Callable | None, z0_std: Tensor | Non
     if s.precision not in PRECISIONS:
         raise ValueError(
             f"precision={s.precision}: the engine runs at one of {', '.join(PRECISIONS)}; resolve "
-            "auto "
-            "with glo.model.hardware.resolve_precision first"
+            "auto with glo.model.hardware.resolve_precision first"
         )
     if s.channel_lr is not None and len(s.channel_lr) != z0.shape[1]:
         raise GloError(
             f"channel_lr={list(s.channel_lr)}: has {len(s.channel_lr)} values, but this VAE's "
-            "latents have "
-            f"{z0.shape[1]} channels"
+            f"latents have {z0.shape[1]} channels"
         )
 
 

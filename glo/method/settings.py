@@ -57,8 +57,7 @@ class Settings(Built):
             (
                 self.coords == "channels" or (self.optim == "adam" and self.channel_lr is None),
                 "coords=whitened: takes Adam steps on mixed channels (optim=adam, "
-                "channel_lr=null), not "
-                f"optim={self.optim} channel_lr={self.channel_lr}",
+                f"channel_lr=null), not optim={self.optim} channel_lr={self.channel_lr}",
             ),
         ):
             if not ok:

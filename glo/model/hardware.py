@@ -82,20 +82,18 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
         note = ""
         if emulated(requested, device):
             note = (
-                "; this CPU has no native bf16, so it is emulated: "
-                "each pass over 100x slower than fp32"
+                "; this CPU has no native bf16, so it is emulated: each pass over 100x slower "
+                "than fp32"
             )
         elif requested == "fp16" and device.type == "cpu":
             note = (
                 "; fp16 is meant for GPUs without bf16: on a CPU with native bf16, bf16 is the "
-                "fast dtype "
-                "(on a CPU fp16 runs slower than fp32, even with AVX512-FP16)"
+                "fast dtype (on a CPU fp16 runs slower than fp32, even with AVX512-FP16)"
             )
         elif requested == "bf16" and device.type == "cuda" and not gpu_native_bf16(device):
             note = (
                 f"; {torch.cuda.get_device_name(device)} has no native bf16 (before Ampere), so it "
-                "is emulated: "
-                "fp16 is this GPU's fast dtype"
+                "is emulated: fp16 is this GPU's fast dtype"
             )
         return requested, f"forced by precision={requested}{note}"
     if device.type == "cuda":

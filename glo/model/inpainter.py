@@ -66,23 +66,21 @@ class Inpainter:
         if vae.latent_channels != 4:
             raise GloError(
                 f"glo.inpaint: vae '{vae.name}' makes {vae.latent_channels}-channel latents, and "
-                "diffusers' "
-                "StableDiffusionInpaintPipeline runs only Stable Diffusion's 4-channel ones; its "
-                "latents "
-                "load for training with LatentDataset(..., inpainting=True) and glo.train_inpaint"
+                "diffusers' StableDiffusionInpaintPipeline runs only Stable Diffusion's 4-channel "
+                "ones; its latents load for training with LatentDataset(..., inpainting=True) and "
+                "glo.train_inpaint"
             )
         if self.trained_on and self.trained_on != vae.name:
             raise GloError(
                 f"inpainter '{self.name}' ({self.source}) was trained on vae '{self.trained_on}' "
-                "latents, "
-                f"and the run's are vae '{vae.name}''s; choose inpainters made for that VAE"
+                f"latents, and the run's are vae '{vae.name}''s; choose inpainters made for that "
+                "VAE"
             )
         if self.latent_channels != vae.latent_channels:
             raise GloError(
                 f"inpainter '{self.name}' ({self.source}) denoises {self.latent_channels}-channel "
                 f"latents, but the run's vae '{vae.name}' makes {vae.latent_channels}-channel "
-                "ones; "
-                "choose inpainters made for that VAE"
+                "ones; choose inpainters made for that VAE"
             )
 
     @torch.no_grad()
@@ -208,8 +206,7 @@ def _components(source: str | Path, prompt: str, text: bool, **kw: Any) -> tuple
     if unet_kind(unet.config.in_channels, c) is None:
         raise GloError(
             f"{source}: a UNet with {unet.config.in_channels} input channels for {c}-channel "
-            "latents; "
-            f"glo.inpaint runs {c} (blend) or {2 * c + 1} (sd_inpaint)"
+            f"latents; glo.inpaint runs {c} (blend) or {2 * c + 1} (sd_inpaint)"
         )
     unet.eval().requires_grad_(False)
     if not text:

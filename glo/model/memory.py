@@ -173,8 +173,8 @@ def memory_line(why: str, switches: list[str], smaller: int) -> str:
         else ""
     )
     return (
-        f"{why}; the images finished are kept: {resume}"
-        f"start a new directory with data.size={smaller} or less"
+        f"{why}; the images finished are kept: {resume}start a new directory with "
+        f"data.size={smaller} or less"
     )
 
 
@@ -203,16 +203,15 @@ def check_memory(
     need = (fixed + per_image * area * batch) * share
     why = (
         f"{batch} image(s) of {size} px need at least {need / 2**30:.1f} GiB on {vae.device} for "
-        "the "
-        f"decoder's backward, and {free / 2**30:.1f} GiB is available"
+        f"the decoder's backward, and {free / 2**30:.1f} GiB is available"
     )
     if need <= free:
         # peak RSS (interpreter and model included) reaches about 3x the count: within 3x, warn
         if 3 * need > free and local_rank == 0:  # DDP: once per machine, not per rank
             hint = "; checkpointing=true needs less" if not speed.checkpointing else ""
             logging.getLogger("glo").warning(
-                "%s: the count is a lower bound, so the run may still run out of memory "
-                "(on a CPU the kernel then ends it without a message)%s",
+                "%s: the count is a lower bound, so the run may still run out of memory (on a CPU "
+                "the kernel then ends it without a message)%s",
                 why,
                 hint,
             )
@@ -251,8 +250,6 @@ def check_rows(
     )
     raise GloError(
         f"max_steps={max_steps}, {images} image(s) of {size} px: their loss curves and latents "
-        "need at "
-        f"least {need / 2**30:.1f} GiB of RAM, and {free / 2**30:.1f} GiB is available; lower "
-        "max_steps "
-        f"(the stopping rule ends an image once its loss stops changing){hdf5}"
+        f"need at least {need / 2**30:.1f} GiB of RAM, and {free / 2**30:.1f} GiB is available; "
+        f"lower max_steps (the stopping rule ends an image once its loss stops changing){hdf5}"
     )

@@ -257,16 +257,14 @@ def original_pair(folder: Path, name: str) -> tuple[Path, Path]:
     if len(pairs) > 1 and name not in pairs:
         raise GloError(
             f"vae.path={folder}: holds {len(pairs)} encoder/decoder pairs ({', '.join(pairs)}); "
-            "pick one "
-            f"with vae.name={next(iter(pairs))}"
+            f"pick one with vae.name={next(iter(pairs))}"
         )
     model, pair = (name, pairs[name]) if name in pairs else next(iter(pairs.items()))
     for part, other in (("encoder", "decoder"), ("decoder", "encoder")):
         if part not in pair:
             raise GloError(
                 f"vae.path={folder}: {pair[other].name} has no {model}_{part}.safetensors (or "
-                ".pth) "
-                "beside it"
+                ".pth) beside it"
             )
     return pair["encoder"], pair["decoder"]
 
@@ -334,8 +332,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     if not all(k.split(".")[0].isdigit() for k in state):
         raise GloError(
             f"vae.path={path}: not TAESD's original layout (keys such as "
-            f"{next(iter(state), '')!r}, "
-            "expected 0.weight, 1.conv.0.bias, ...)"
+            f"{next(iter(state), '')!r}, expected 0.weight, 1.conv.0.bias, ...)"
         )
     return state
 
@@ -375,9 +372,8 @@ def _from_file(path: Path, config: dict | None) -> AutoencoderKL:
     missing = sorted(expected - set(state))
     if missing:
         raise GloError(
-            f"vae.path={path}: {len(missing)} of the VAE's {len(expected)} weights are not in "
-            f"the file (e.g. {missing[0]}); it holds no SD VAE, or not one of vae.config's "
-            "architecture"
+            f"vae.path={path}: {len(missing)} of the VAE's {len(expected)} weights are not in the "
+            f"file (e.g. {missing[0]}); it holds no SD VAE, or not one of vae.config's architecture"
         )
     try:
         model.load_state_dict(state)
@@ -428,8 +424,7 @@ def from_hub(load: Callable[..., T], what: str, repo: str, key: str, directory: 
             raise GloError(
                 f"cannot load {what}: the Hugging Face hub has no repository {repo} you may read "
                 "(removed, renamed, or gated: accept its terms and log in with `hf auth login`); "
-                "set "
-                f"{key}.pretrained=REPO, or pass {key}.path=DIR"
+                f"set {key}.pretrained=REPO, or pass {key}.path=DIR"
             ) from None
         raise GloError(fix) from None
 

@@ -45,10 +45,8 @@ def tables(result: dict) -> str:
     c = result["config"]
     text = [
         f"VAE `{c['vae']}`, {c['data']['limit']} images from `{c['data']['path']}` at "
-        f"{c['data']['size']} px; "
-        f"reference: per-image Adam, {c['reference']['max_steps']} steps, lr "
-        f"{c['reference']['lr']}, fp32, batch 1 "
-        "(experiment=prototype).",
+        f"{c['data']['size']} px; reference: per-image Adam, {c['reference']['max_steps']} steps, "
+        f"lr {c['reference']['lr']}, fp32, batch 1 (experiment=prototype).",
         "",
         f"One fp32 decode + backward, batch 1, at {c['data']['size']} px: "
         f"{result['decode_backward_seconds']:.3f} s (median of 5).",
@@ -56,8 +54,8 @@ def tables(result: dict) -> str:
         *(
             [
                 f"Every row ran {repeats} times, interleaved with the reference; times and "
-                "speedups are medians, "
-                "each speedup against the reference of its own round, with the range over rounds.",
+                "speedups are medians, each speedup against the reference of its own round, with "
+                "the range over rounds.",
                 "",
             ]
             if repeats > 1
@@ -108,17 +106,13 @@ def tables(result: dict) -> str:
             rows.append(row)
         text += [
             "The default on each VAE: its gain as a share of the reference's on that VAE, its "
-            "speed against the "
-            "reference, and its latents' spread (largest std ratio to the encoder's along any "
-            "direction of "
-            "channel space, and along each channel) and high-frequency share against the "
-            "encoder's. Where the "
-            f"reference spreads past {bound:g}× (`reference_spread`), its gain under that bound "
+            "speed against the reference, and its latents' spread (largest std ratio to the "
+            "encoder's along any direction of channel space, and along each channel) and "
+            "high-frequency share against the encoder's. Where the reference spreads past "
+            f"{bound:g}× (`reference_spread`), its gain under that bound "
             "(`bounded_reference_gain`: at the largest curve budget where its spread stays within "
-            "it, "
-            "`bounded_at_passes`; nan where even the first exceeds it), or its loop under glo's "
-            "eps "
-            "(`prototype_eps1`, where measured), is the one to read the share against:",
+            "it, `bounded_at_passes`; nan where even the first exceeds it), or its loop under "
+            "glo's eps (`prototype_eps1`, where measured), is the one to read the share against:",
             "",
             markdown_table(rows),
             "",
@@ -136,9 +130,8 @@ def tables(result: dict) -> str:
         )
         text += [
             "Gain–passes curve: the PSNR gain (dB) after each budget of decoder passes, the "
-            "prototype's from "
-            "its own run, the default's with max_steps = budget - 1; `glo_above` where the default "
-            "gains more:",
+            "prototype's from its own run, the default's with max_steps = budget - 1; `glo_above` "
+            "where the default gains more:",
             "",
             markdown_table([{k: p[k] for k in keys} for p in result["curve"]]),
             "",
@@ -150,11 +143,10 @@ def tables(result: dict) -> str:
         d, b = by_name["default"], by_name["prototype_eps1"]
         text += [
             "The default against the prototype's loop under the same drift limit "
-            "(prototype_eps1): "
-            f"{d['images_per_second'] / b['images_per_second']:.2f}× its images per second, "
-            f"{d['psnr_gain_mean'] - b['psnr_gain_mean']:+.3f} dB; against the prototype itself "
-            "(reference): "
-            f"{d['speedup']:.2f}×, {d['gain_vs_reference_db']:+.3f} dB.",
+            f"(prototype_eps1): {d['images_per_second'] / b['images_per_second']:.2f}× its images "
+            f"per second, {d['psnr_gain_mean'] - b['psnr_gain_mean']:+.3f} dB; against the "
+            f"prototype itself (reference): {d['speedup']:.2f}×, {d['gain_vs_reference_db']:+.3f} "
+            "dB.",
             "",
         ]
     skipped = [r for r in result["methods"] if r["skipped"]]

@@ -317,8 +317,8 @@ def write_report(
                 "## Drift from the encoder's latents",
                 "",
                 "How far the optimized latents lie from what the encoder produces, the "
-                "distribution a diffusion UNet "
-                "was trained on (glo.method.drift; scaled SD units).",
+                "distribution a diffusion UNet was trained on (glo.method.drift; scaled SD "
+                "units).",
                 "",
                 markdown_table(drift_rows(summary)),
                 "",

@@ -110,8 +110,7 @@ def same_columns(files: list[Path]) -> Iterator[dict[str, np.ndarray]]:
             odd = sorted(set(part) ^ first)[0]
             raise GloError(
                 f"{shard}: has other columns than {files[0].name} ({odd!r} in one only), so an "
-                "older glo "
-                "made one of them; use resume=restart to start this directory over"
+                "older glo made one of them; use resume=restart to start this directory over"
             )
         yield part
 
@@ -147,8 +146,7 @@ class RunExport:
         """The line a run stopped on request ends with: what is safe, and how to go on."""
         return (
             f"stopped {how}; {len(self.done_ids())} image(s) are safe in {self.shards}: run the "
-            "same command "
-            "again to resume"
+            "same command again to resume"
         )
 
     def earlier_sessions(self) -> list[dict[str, Any]]:
@@ -160,8 +158,7 @@ class RunExport:
         except ValueError as e:
             raise GloError(
                 f"{self.sessions}: damaged ({e}); it only records which runs computed here: delete "
-                "it "
-                "and run the same command again"
+                "it and run the same command again"
             ) from None
         if not isinstance(found, list):
             raise GloError(

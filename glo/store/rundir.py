@@ -150,8 +150,8 @@ def lock(run_dir: Path) -> IO[str]:
     except BlockingIOError:
         f.close()
         raise GloError(
-            f"{run_dir}: another glo process is working in this directory; wait for it to end, "
-            "or use another hydra.run.dir"
+            f"{run_dir}: another glo process is working in this directory; wait for it to end, or "
+            "use another hydra.run.dir"
         ) from None
     return f
 
@@ -164,8 +164,8 @@ def claim(run_dir: Path, expected: dict[str, Any], resume: str) -> None:
     died mid-write (this one holds the lock) are removed."""
     stored = run_dir / FINGERPRINT
     fix = (
-        "use a new hydra.run.dir, or resume=restart to delete this directory's results "
-        "and start over"
+        "use a new hydra.run.dir, or resume=restart to delete this directory's results and start "
+        "over"
     )
     foreign = [
         p.name
@@ -176,8 +176,7 @@ def claim(run_dir: Path, expected: dict[str, Any], resume: str) -> None:
     if foreign and not stored.is_file():
         raise GloError(
             f"{run_dir}: holds {foreign[0]} but no {FINGERPRINT}, so glo did not make this "
-            "directory (or "
-            "an older glo did); nothing in it is touched: use a new hydra.run.dir"
+            "directory (or an older glo did); nothing in it is touched: use a new hydra.run.dir"
         )
     for tmp in (*run_dir.glob(".*.tmp"), *run_dir.glob("shards/.*.tmp")):
         tmp.unlink()

@@ -174,8 +174,7 @@ def vae_name(runs: list[str]) -> str:
     if len(names) != 1:
         raise GloError(
             f"runs={runs}: made with {len(names)} VAEs ({', '.join(sorted(names))}); a UNet learns "
-            "one "
-            "latent space: train on runs of one VAE"
+            "one latent space: train on runs of one VAE"
         )
     return names.pop()
 
@@ -269,8 +268,9 @@ def resume_same(out: Path, made: dict, resuming: bool) -> None:
         changed = [k for k in made if before.get(k) != made[k]]
         if changed:
             raise GloError(
-                f"{out}: its checkpoint was trained with other {', '.join(changed)} ({changed[0]}="
-                f"{before.get(changed[0])}); give another name= or delete {out} to start over"
+                f"{out}: its checkpoint was trained with other {', '.join(changed)} "
+                f"({changed[0]}={before.get(changed[0])}); give another name= or delete {out} to "
+                "start over"
             )
     if not resuming or record.is_file():
         save_json(record, made)
@@ -279,8 +279,7 @@ def resume_same(out: Path, made: dict, resuming: bool) -> None:
 def model_card(cfg: DictConfig, r: dict) -> str:
     kind = (
         f"an inpainting UNet ({r['in_channels']} input channels: noisy latent, mask, masked "
-        "image's latent), "
-        "for glo.inpaint's `sd_inpaint` rows"
+        "image's latent), for glo.inpaint's `sd_inpaint` rows"
         if r["kind"] == "sd_inpaint"
         else f"a denoiser ({r['in_channels']} input channels), for glo.inpaint's `blend` row, "
         "where the pipeline keeps the known region"
@@ -290,24 +289,20 @@ def model_card(cfg: DictConfig, r: dict) -> str:
             f"# {cfg.name}",
             "",
             f"A small diffusers `UNet2DConditionModel` ({r['parameters'] / 1e6:.2f}M parameters, "
-            "fp16 on disk): "
-            f"{kind}. Trained by `python -m glo.train_inpaint` for {r['steps']} steps on the "
-            f"{r['latents']} latents of "
-            f"{r['train_images']} images ({', '.join(Path(x).name for x in r['runs'])}), DDPM "
-            "epsilon objective on SD's "
-            "noise schedule, with a zero text condition.",
+            f"fp16 on disk): {kind}. Trained by `python -m glo.train_inpaint` for {r['steps']} "
+            f"steps on the {r['latents']} latents of {r['train_images']} images "
+            f"({', '.join(Path(x).name for x in r['runs'])}), DDPM epsilon objective on SD's noise "
+            "schedule, with a zero text condition.",
             "",
             f"Held-out denoising loss ({len(r['held_out_ids'])} images never trained on): "
             f"{r['held_out_loss_untrained']:.4f} untrained, {r['held_out_loss_trained']:.4f} "
             "trained.",
             "",
             "What it is for: measuring, offline, how glo's latents change diffusers' "
-            "StableDiffusionInpaintPipeline's "
-            f"output (python -m glo.inpaint) in vae '{r['vae']}''s latent space. What it is not: "
-            "Stable Diffusion, or a "
-            f"model whose holes look plausible; it knows {r['train_images']} photos. Real figures "
-            "need SD's own "
-            "UNets (inpainters=sd).",
+            "StableDiffusionInpaintPipeline's output (python -m glo.inpaint) in vae "
+            f"'{r['vae']}''s latent space. What it is not: Stable Diffusion, or a model whose "
+            f"holes look plausible; it knows {r['train_images']} photos. Real figures need SD's "
+            "own UNets (inpainters=sd).",
             "",
         ]
     )
