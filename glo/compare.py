@@ -11,6 +11,7 @@ from typing import Any
 from glo import GloError
 from glo.app.cli import one_line_errors
 from glo.app.typed import Parser, Schema, parsed
+from glo.layout import METADATA, SUMMARY
 from glo.report.render import markdown_table, measured_on
 from glo.store.atomic import save_text
 
@@ -33,7 +34,7 @@ def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
         raise GloError(f"{sweep}: no such directory")
     rows, left_out = [], []
     for job in sorted({p.parent for p in (*sweep.glob("*/summary.json"), *sweep.glob("*/.hydra"))}):
-        summary_file = job / "summary.json"
+        summary_file = job / SUMMARY
         if (job / "error.txt").is_file():
             left_out.append(f"{job.name} (failed: {(job / 'error.txt').read_text().strip()})")
             continue
@@ -48,7 +49,7 @@ def compare(sweep_dir: str | Path) -> list[dict[str, Any]]:
         except (OSError, ValueError) as e:
             left_out.append(f"{job.name} (summary.json unreadable: {e})")
             continue
-        meta_file = job / "metadata.json"
+        meta_file = job / METADATA
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = (

@@ -7,7 +7,6 @@ Hydra.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import zipfile
@@ -21,6 +20,7 @@ from torch.utils.data import Dataset
 
 from glo import GloError
 from glo.data.digests import text_digest
+from glo.layout import INPAINTING, LATENTS, MANIFESTS, REQUIRED, SHARDS, manifests
 
 
 def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
@@ -48,8 +48,6 @@ def _npz_member(path: Path, z: zipfile.ZipFile, key: str) -> np.ndarray:
         )
 
 
-REQUIRED = ("ids", "latents")  # what every reader needs; LatentDataset also reads initial_latents
-INPAINTING = ("latent_masks", "masked_latents", "initial_masked_latents")
 # NPZ files whose CRCs this process (or its parent) has verified
 _checked: set[tuple[str, int, int]] = set()
 
@@ -118,18 +116,15 @@ def open_latents(path: str | Path) -> dict[str, Any]:
 
 def _check_manifests(path: Path, ids: Any) -> None:
     """A run's latents.npz / latents.h5 must hold exactly the images its shards' manifests list."""
-    manifests = (
-        sorted((path.parent / "shards").glob("manifest-*.json")) if path.stem == "latents" else []
-    )
-    if not manifests:
+    if path.name not in LATENTS.values() or not any((path.parent / SHARDS).glob(MANIFESTS)):
         return
     try:
-        listed = {i for m in manifests for part in json.loads(m.read_text()).values() for i in part}
-    except (OSError, ValueError):
+        listed = {i for part in manifests(path.parent / SHARDS).values() for i in part}
+    except (OSError, GloError):
         return  # the run itself reports a damaged manifest; the file may still be whole
     if listed != {str(i) for i in _in_memory(ids)}:
         raise GloError(
-            f"{path}: holds other images than {path.parent / 'shards'} lists, so its run stopped "
+            f"{path}: holds other images than {path.parent / SHARDS} lists, so its run stopped "
             "before merging them; run the same command again to finish it"
         )
 
@@ -153,10 +148,10 @@ def require(path: Path, arrays: dict[str, Any], keys: tuple[str, ...]) -> dict[s
 def find_latents(run_dir: str | Path) -> Path:
     """The latents file of a run directory, whichever format it was exported in."""
     run = Path(run_dir)
-    for name in ("latents.npz", "latents.h5"):
+    for name in LATENTS.values():
         if (run / name).is_file():
             return run / name
-    raise GloError(f"{run / 'latents.npz'}: no such file (nor latents.h5)")
+    raise GloError(f"{run / LATENTS['npz']}: no such file (nor {LATENTS['hdf5']})")
 
 
 def _in_memory(v: Any) -> np.ndarray:
@@ -242,8 +237,3 @@ class LatentDataset(Dataset):
             }
         except OSError as e:
             raise damaged(self.path, e) from None
-
-
-# bump when exported rows gain or lose a column (2: `rank`, 3: `source_sha256`, 4: `ms_ssim_*`,
-# `mae_*`, 5: `mask_sha256`, 6: `channel_moment_*`): a run directory resumes only its own
-ROWS_VERSION = 6

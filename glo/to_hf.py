@@ -24,6 +24,7 @@ from glo import GloError
 from glo.app.cli import one_line_errors
 from glo.app.typed import Parser, Schema, parsed
 from glo.latents import damaged, find_latents, open_latents
+from glo.layout import METADATA, SUMMARY
 from glo.store.atomic import printable
 
 WRITER_BATCH = 64
@@ -93,7 +94,7 @@ def to_hf(run_dir: str | Path, out: str | Path | None = None) -> Path:
             writer_batch_size=WRITER_BATCH,
         )
         ds.save_to_disk(str(Path(tmp) / "dataset"))
-        for name in ("metadata.json", "summary.json"):
+        for name in (METADATA, SUMMARY):
             if (run / name).is_file():
                 shutil.copy(run / name, Path(tmp) / "dataset" / f"glo_{name}")
         (Path(tmp) / "dataset").rename(out)

@@ -7,6 +7,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from glo.app.config import built
 from glo.data.images import SampleDataset
+from glo.layout import COLUMNS, MASKED
 from glo.method.settings import Settings
 from glo.model.vae import FrozenVAE
 
@@ -29,9 +31,26 @@ VAE_FP32_ATOL = 2**10 * torch.finfo(torch.float32).eps
 
 def adam_fp32_tol(steps: int) -> float:
     """How far (relative, and absolute near 0) latents may part after `steps` Adam steps fed gradients that other
-    kernels rounded otherwise: each step can add a few ulps (2**4 bounds what was seen without AVX2 and with 2
-    threads); a state shared between samples would part them by a whole step (~lr)."""
+    kernels round otherwise: each step adds a few ulps (2**4 bounds them on every CPU and thread count);
+    a state shared between samples would part them by a whole step (~lr)."""
     return steps * 2**4 * torch.finfo(torch.float32).eps
+
+
+AXES = {"C": 4, "h": 8, "w": 8, "H": 64, "W": 64, "T": 5}  # the sizes of declared_rows' axes
+
+
+def declared_rows(ids: list[str], seed: int = 0, masked: bool = False, **columns) -> dict:
+    """Rows of every column glo.layout declares (MASKED's too with `masked`), random but of the
+    declared kind and shape, with `columns` on top: what a batch of glo.run exports."""
+    rng = np.random.default_rng(seed)
+    n, out = len(ids), {}
+    for k, c in (COLUMNS | (MASKED if masked else {})).items():
+        shape = (n, *(AXES.get(a) or int(a) for a in c.shape))
+        out[k] = {"U": lambda: np.array([f"{k}{i}" for i in range(n)]),
+                  "f": lambda: rng.random(shape, dtype=np.float32),
+                  "i": lambda: np.zeros(shape, np.int64),
+                  "b": lambda: np.zeros(shape, bool)}[c.kind]()
+    return {**out, "ids": np.array(ids), **columns}
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,13 @@ from glo import GloError
 from glo.data.images import SampleDataset
 from glo.evaluate import main as evaluate_main
 from glo.latents import load_latents
+from glo.layout import DRIFT
 from glo.method.metrics import mae, ms_ssim, psnr, region_psnr, ssim
 from glo.model.vae import FrozenVAE
 from glo.report.evaluation import upscaling
 from glo.report.grids import comparison_grid, error_map
 from glo.report.render import describe, drift_rows, markdown_table, write_report
-from glo.store.summary import DRIFT, summarize
+from glo.store.summary import summarize
 from tests.conftest import FAST, run_glo
 from tests.test_export import rows
 

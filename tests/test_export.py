@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import re
 from types import SimpleNamespace
 
 import h5py
@@ -12,7 +13,9 @@ import torch
 from glo import GloError, Stopped
 from glo.app.export import LatentExporter
 from glo.latents import LatentDataset, load_latents, open_latents
-from glo.store.summary import DRIFT, drift_summary, summarize
+from glo.layout import COLUMNS, DRIFT, row_problem
+from glo.store.summary import drift_summary, summarize
+from tests.conftest import declared_rows
 
 
 def batch(ids, seed):
@@ -20,16 +23,15 @@ def batch(ids, seed):
     n = len(ids)
     curves = rng.random((n, 5)).astype(np.float32)
     curves[0, 3:] = np.nan
-    return {
-        "ids": np.array(ids), "latents": rng.standard_normal((n, 4, 8, 8)).astype(np.float32),
-        "initial_latents": rng.standard_normal((n, 4, 8, 8)).astype(np.float32),
-        "steps": np.array([3] + [5] * (n - 1)), "initial_loss": np.full(n, 0.5, np.float32),
-        "final_loss": np.array([0.4] + [0.6] * (n - 1), np.float32),
-        "psnr_initial": np.full(n, 20.0, np.float32), "psnr_final": np.array([21.5] * (n - 1) + [19.5], np.float32),
-        "ssim_initial": np.full(n, 0.5, np.float32), "ssim_final": np.full(n, 0.6, np.float32),
-        "converged": np.array([True] + [False] * (n - 1)), "nonfinite": np.zeros(n, bool),
-        "loss_curves": curves, "seconds": np.full(n, 0.25),
-    }
+    return declared_rows(
+        ids, seed, latents=rng.standard_normal((n, 4, 8, 8)).astype(np.float32),
+        initial_latents=rng.standard_normal((n, 4, 8, 8)).astype(np.float32),
+        steps=np.array([3] + [5] * (n - 1)), initial_loss=np.full(n, 0.5, np.float32),
+        final_loss=np.array([0.4] + [0.6] * (n - 1), np.float32),
+        psnr_initial=np.full(n, 20.0, np.float32), psnr_final=np.array([21.5] * (n - 1) + [19.5], np.float32),
+        ssim_initial=np.full(n, 0.5, np.float32), ssim_final=np.full(n, 0.6, np.float32),
+        converged=np.array([True] + [False] * (n - 1)), loss_curves=curves, seconds=np.full(n, 0.25),
+    )
 
 
 def export(out, batches, format="npz", metadata=None):
@@ -212,10 +214,10 @@ def test_summary_carries_the_drift_of_full_and_masked_latents():
 
 def test_shards_with_other_columns_are_refused_not_misaligned(tmp_path):
     old = batch(["a"], 0)
-    new = {**batch(["b"], 1), "rank": np.zeros(1, np.int32)}
+    new = {**batch(["b"], 1), "masked_steps": np.zeros(1, np.int64)}
     for fmt in ("npz", "hdf5"):
         with pytest.raises(GloError, match=r"shard-00000001-\w+\.npz: has other columns than shard-00000000-\w+\.npz "
-                                           r"\('rank' in one only\).*resume=restart"):
+                                           r"\('masked_steps' in one only\).*resume=restart"):
             export(tmp_path / fmt, [old, new], format=fmt)
         assert not list((tmp_path / fmt).glob("latents.*"))
 
@@ -329,3 +331,23 @@ def test_a_barrier_broken_by_a_stopped_rank_is_the_stop_and_any_other_break_is_i
         exporter.on_predict_end(trainer, None)
     if stopped:
         assert str(e.value).startswith("stopped by SIGTERM to another rank; 0 image(s) are safe")
+
+
+def test_a_run_exports_exactly_the_declared_columns(finished_run):
+    a = load_latents(finished_run / "latents.npz")
+    assert set(a) == set(COLUMNS) and row_problem(a) is None
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"lossy": np.zeros(2)}, "column 'lossy' is not declared in glo.layout"),
+    ({"steps": np.zeros(2)}, "column 'steps' is float64(2,), declared i (rows)"),
+    ({"latents": np.zeros((2, 4, 8), np.float32)}, "column 'latents' is float32(2, 4, 8), declared f (rows, C, h, w)"),
+    ({"rank": np.zeros(3, np.int64)}, "column 'rank' is int64(3,), declared i (rows)"),
+    ({"rank": None}, "column 'rank' is missing"),
+])
+def test_rows_other_than_declared_are_refused_before_they_reach_the_disk(tmp_path, change, problem):
+    rows = {k: v for k, v in {**batch(["a", "b"], 0), **change}.items() if v is not None}
+    assert row_problem(rows) == problem
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        LatentExporter(str(tmp_path), "npz").save_batch(0, 0, rows)
+    assert not list(tmp_path.rglob("*.npz"))

@@ -22,7 +22,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from glo import GloError
-from glo.latents import ROWS_VERSION, LatentDataset, load_latents
+from glo.latents import LatentDataset, load_latents
+from glo.layout import ROWS_VERSION
 from tests.conftest import FAST, ROOT, run_config, run_glo
 
 RUN = [*FAST, "loss=l2", "lr=0.1"]  # what the session's finished_run was made with

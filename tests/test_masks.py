@@ -12,6 +12,7 @@ from PIL import Image
 from glo import GloError
 from glo.data.masks import FolderMasks, RandomMasks
 from glo.latents import LatentDataset, load_latents
+from glo.layout import COLUMNS, MASKED
 from glo.method.engine import optimize
 from glo.method.fit import latent_mask
 from glo.method.losses import PixelLoss
@@ -92,6 +93,7 @@ def masked_run(tmp_path_factory):
 def test_masked_run_exports_the_inpainting_conditioning(masked_run):
     a = load_latents(masked_run / "latents.npz")
     n = len(a["ids"])
+    assert set(a) == set(COLUMNS) | set(MASKED) - {"mask_sha256"}  # boxes are drawn, not files
     assert a["masks"].shape == (n, 64, 64) and a["masks"].dtype == bool
     np.testing.assert_array_equal(a["latent_masks"], latent_mask(torch.from_numpy(a["masks"][:, None].astype(np.float32))).numpy())
     assert a["masked_latents"].shape == a["latents"].shape == a["initial_masked_latents"].shape

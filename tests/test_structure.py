@@ -25,7 +25,7 @@ def test_the_library_imports_neither_lightning_nor_hydra(module):
 
 
 GLO = ROOT / "glo"
-TOOLS = sorted(p.stem for p in GLO.glob("*.py") if p.stem not in ("__init__", "latents"))  # python -m glo.<tool>
+TOOLS = sorted(p.stem for p in GLO.glob("*.py") if p.stem not in ("__init__", "latents", "layout"))  # python -m glo.<tool>
 ROOMS = sorted(p.name for p in GLO.iterdir() if (p / "__init__.py").is_file())
 
 
@@ -57,17 +57,19 @@ def test_no_module_imports_a_tool_but_its_own_entry_point(path):
 
 @pytest.mark.parametrize("path", sorted((GLO / "method").glob("*.py")), ids=lambda p: p.name)
 def test_the_method_imports_torch_and_itself_only(path):
-    """The method is plain PyTorch: no Lightning, Hydra, disk formats or pictures, and of glo only the method and
-    the model it fits through (the VAE, the machine's precision)."""
+    """The method is plain PyTorch: no Lightning, Hydra, disk formats or pictures, and of glo only the method,
+    the model it fits through (the VAE, the machine's precision) and glo.layout's names."""
     outside = {m for m in imports(path) if m.split(".")[0] in ("lightning", "hydra", "omegaconf", "diffusers",
                                                                 "h5py", "PIL", "matplotlib")}
     glo = {m for m in imports(path) if m.startswith("glo.")
-           and not m.startswith(("glo.method", "glo.model")) and m not in ("glo.GloError", "glo.is_number")}
+           and not m.startswith(("glo.method", "glo.model", "glo.layout"))
+           and m not in ("glo.GloError", "glo.is_number")}
     assert not outside and not glo
 
 
 WEIGHTS = ("pretrained", "standin")  # shipped weights and their model cards: no code but where they are
-LAYERS = ("model", "method", "data", "store", "report", "app", "train")  # from the ground up; the tools on top
+# from the ground up (glo.layout: the run directory's format, which every room reads); the tools on top
+LAYERS = ("layout", "model", "method", "data", "store", "report", "app", "train")
 
 
 def room(module: str) -> str | None:
@@ -264,3 +266,12 @@ def test_the_code_keeps_ruff_s_rules_and_format():
         p = subprocess.run([*ruff, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stdout + p.stderr
     assert max(len(line) for p in GLO.rglob("*.py") for line in p.read_text().splitlines()) <= 100
+
+
+def test_the_documented_columns_are_the_declared_ones():
+    """docs/run-directory.md's table is glo.layout's, written by columns_table(): a column added,
+    renamed or retyped in the declaration changes the docs or fails here."""
+    from glo.layout import columns_table
+
+    assert columns_table() in (ROOT / "docs" / "run-directory.md").read_text(), (
+        "docs/run-directory.md: paste python -c 'import glo.layout as l; print(l.columns_table())'")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from glo.layout import DRIFT_STATS
 from glo.method.drift import drift
 from glo.method.engine import optimize
 from glo.method.metrics import METRICS, region_psnr
@@ -106,7 +107,7 @@ def fit_batch(
             drift(r.latents[part], z0[part], reencoded1[part]),
         )
         out[f"{prefix}drift_distance"] = after["drift_distance"].cpu().numpy()
-        for k in ("hf_share", "channel_mean", "channel_std", "channel_moment", "reencode_error"):
+        for k in DRIFT_STATS:
             out[f"{prefix}{k}_initial"], out[f"{prefix}{k}_final"] = (
                 before[k].cpu().numpy(),
                 after[k].cpu().numpy(),

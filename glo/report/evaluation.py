@@ -26,6 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from glo import GloError
 from glo.data.images import ImageDataset
 from glo.latents import find_latents, load_latents
+from glo.layout import GRIDS, METADATA, METRICS_CSV, SUMMARY
 from glo.method.metrics import LOWER_IS_BETTER, METRICS
 from glo.model.vae import FrozenVAE
 from glo.report.render import grid_figure, save_figure, unit_hwc, write_plots, write_report
@@ -63,7 +64,7 @@ def evaluate(
         skipped.append(why)
     gain = arrays["psnr_final"] - arrays["psnr_initial"]
     values, rows = score(arrays, vae, dataset, metrics, gain, batch_size)
-    write_metrics_csv(run / "metrics.csv", arrays["ids"], metrics, values)
+    write_metrics_csv(run / METRICS_CSV, arrays["ids"], metrics, values)
 
     summary = summarize(arrays)
     for m in metrics:
@@ -81,11 +82,11 @@ def evaluate(
     summary["skipped_metrics"] = skipped
     upscaled = upscaling(arrays, metadata.get("image_size"))
     summary["images_upscaled"] = upscaled[0] if upscaled else 0
-    save_json(run / "summary.json", summary)
+    save_json(run / SUMMARY, summary)
 
     images = write_plots(arrays, run)
     grids = grid_figure([rows[k] for k, _ in picks(gain)])
-    images["grids"] = save_figure(grids, run / "grids.png")
+    images["grids"] = save_figure(grids, run / GRIDS)
     # the run's logger=none (or ~logger) asked for no event files
     if metadata["config"].get("logger"):
         with SummaryWriter(str(run)) as tb:
@@ -103,9 +104,9 @@ def open_run(
     """A run's rows and metadata, with its VAE and images rebuilt from metadata.json unless handed
     over; refused where the images are not those its latents were fitted to."""
     arrays = load_latents(find_latents(run))
-    if not (run / "metadata.json").is_file():
-        raise GloError(f"{run / 'metadata.json'}: no such file (is {run} a glo.run directory?)")
-    metadata = json.loads((run / "metadata.json").read_text())
+    if not (run / METADATA).is_file():
+        raise GloError(f"{run / METADATA}: no such file (is {run} a glo.run directory?)")
+    metadata = json.loads((run / METADATA).read_text())
     cfg = OmegaConf.create(metadata["config"])
     vae = vae or instantiate(cfg.vae)
     dataset = dataset or instantiate(cfg.data, limit=None)

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from glo.layout import REPORT_MD  # noqa: E402
 from glo.store.atomic import atomic_write, save_text  # noqa: E402
 
 if TYPE_CHECKING:
@@ -157,31 +158,18 @@ def grid_figure(
 
 
 def write_plots(arrays: dict[str, np.ndarray], out: Path) -> dict[str, Path]:
-    """The standard plots of a run, as PNG files in `out`."""
+    """The standard plots of a run (glo.layout.PLOTS), as PNG files in `out`."""
     gain = arrays["psnr_final"] - arrays["psnr_initial"]
-    return {
-        "loss_curves": save_figure(
-            loss_curves_figure(arrays["loss_curves"]), out / "loss_curves.png"
-        ),
-        "psnr_scatter": save_figure(
-            scatter_figure(arrays["psnr_initial"], arrays["psnr_final"]), out / "psnr_scatter.png"
-        ),
-        "psnr_gain": save_figure(
-            histogram_figure(gain, "PSNR gain (dB)", "gain per image"), out / "psnr_gain.png"
-        ),
-        "steps": save_figure(
-            histogram_figure(arrays["steps"], "steps", "steps per image"), out / "steps.png"
-        ),
-        **(
-            {
-                "gain_vs_drift": save_figure(
-                    gain_drift_figure(gain, arrays["drift_distance"]), out / "gain_vs_drift.png"
-                )
-            }
-            if "drift_distance" in arrays
-            else {}
-        ),
+    figures = {
+        "loss_curves": lambda: loss_curves_figure(arrays["loss_curves"]),
+        "psnr_scatter": lambda: scatter_figure(arrays["psnr_initial"], arrays["psnr_final"]),
+        "psnr_gain": lambda: histogram_figure(gain, "PSNR gain (dB)", "gain per image"),
+        "steps": lambda: histogram_figure(arrays["steps"], "steps", "steps per image"),
+        "gain_vs_drift": lambda: gain_drift_figure(gain, arrays["drift_distance"]),
     }
+    if "drift_distance" not in arrays:
+        del figures["gain_vs_drift"]
+    return {name: save_figure(figures[name](), out / f"{name}.png") for name in figures}
 
 
 def gain_drift_figure(gain: np.ndarray, distance: np.ndarray) -> Figure:
@@ -348,6 +336,6 @@ def write_report(
         "```",
         "",
     ]
-    path = out / "report.md"
+    path = out / REPORT_MD
     save_text(path, "\n".join(text))
     return path

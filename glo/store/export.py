@@ -6,7 +6,6 @@ are the resume state: a run started again in the same directory skips the ids th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import zipfile
@@ -21,8 +20,23 @@ import numpy as np
 from glo import GloError
 from glo.data.digests import text_digest
 from glo.latents import failed_crc, load_latents
+from glo.layout import (
+    LATENTS,
+    MANIFESTS,
+    METADATA,
+    SESSIONS,
+    SHARDS,
+    SMALL,
+    STOP,
+    SUMMARY,
+    manifest,
+    manifests,
+    read_manifest,
+    row_problem,
+    shard_name,
+)
 from glo.store.atomic import atomic_path, save_json, save_npz, to_json
-from glo.store.summary import SUMMARY_KEYS, summarize
+from glo.store.summary import summarize
 
 log = logging.getLogger("glo")
 
@@ -52,19 +66,6 @@ def append_h5(f: h5py.File, arrays: dict[str, np.ndarray]) -> None:
         d = f[key]
         d.resize(d.shape[0] + len(a), axis=0)
         d[-len(a) :] = a
-
-
-FORMATS = ("npz", "hdf5")
-
-
-def read_manifest(path: Path) -> dict[str, list[str]]:
-    """A rank's manifest: shard name -> the ids it holds."""
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise GloError(
-            f"{path}: damaged ({e}); use resume=restart to start this directory over"
-        ) from None
 
 
 def shard_problem(
@@ -120,27 +121,19 @@ class RunExport:
     at the end into latents.npz (or latents.h5), metadata.json and summary.json."""
 
     def __init__(self, out_dir: str, format: str) -> None:
-        if format not in FORMATS:
-            raise GloError(f"export.format={format}: must be one of {', '.join(FORMATS)}")
+        if format not in LATENTS:
+            raise GloError(f"export.format={format}: must be one of {', '.join(LATENTS)}")
         self.out, self.format = Path(out_dir), format
-        self.shards = self.out / "shards"
-        self.sessions = self.shards / "sessions.json"
+        self.shards = self.out / SHARDS
+        self.sessions = self.shards / SESSIONS
         # a rank that got SIGTERM tells the others: they stop after their batch
-        self.stop_file = self.shards / "stop"
+        self.stop_file = self.shards / STOP
         self.metadata: dict[str, Any] = {}
         self.summary: dict[str, float | int] = {}
 
-    def _manifests(self) -> dict[str, list[str]]:
-        """Completed shards and their ids, from every rank's manifest (a shard is listed only once
-        written)."""
-        done: dict[str, list[str]] = {}
-        for m in sorted(self.shards.glob("manifest-*.json")):
-            done.update(read_manifest(m))
-        return done
-
     def done_ids(self) -> set[str]:
         """Ids already in complete shards: a resumed run skips them."""
-        return {i for ids in self._manifests().values() for i in ids}
+        return {i for ids in manifests(self.shards).values() for i in ids}
 
     def stopped(self, how: str) -> str:
         """The line a run stopped on request ends with: what is safe, and how to go on."""
@@ -173,10 +166,10 @@ class RunExport:
         are computed again."""
         self.earlier_sessions()
         seen: dict[str, str] = {}
-        for m in sorted(self.shards.glob("manifest-*.json")):
-            manifest = read_manifest(m)
+        for m in sorted(self.shards.glob(MANIFESTS)):
+            listed = read_manifest(m)
             good = {}
-            for name, ids in manifest.items():
+            for name, ids in listed.items():
                 problem = shard_problem(self.shards / name, ids, digests, mask_digests)
                 if problem:
                     log.warning(
@@ -195,7 +188,7 @@ class RunExport:
                     )
                 seen.update(dict.fromkeys(ids, name))
                 good[name] = ids
-            if good != manifest:
+            if good != listed:
                 save_json(m, good)
 
     def record_session(self) -> None:
@@ -208,15 +201,18 @@ class RunExport:
 
     def save_batch(self, rank: int, first: int, outputs: dict[str, np.ndarray]) -> None:
         """One batch's rows as a shard, then in the rank's manifest: the shard counts as done only
-        from there. Named by the dataset position of its `first` image (names sort in dataset order)
-        and a hash of its ids: two shards with different images never share a name."""
-        manifest_file = self.shards / f"manifest-{rank}.json"
-        manifest = read_manifest(manifest_file) if manifest_file.is_file() else {}
+        from there. `first`: the dataset position of its first image. Rows that are not what
+        glo.layout declares are a bug, refused before they reach the disk."""
+        problem = row_problem(outputs)
+        if problem:
+            raise ValueError(f"glo.layout: {problem}")
+        listed_in = manifest(self.shards, rank)
+        listed = read_manifest(listed_in) if listed_in.is_file() else {}
         ids = [str(i) for i in outputs["ids"]]
-        name = f"shard-{first:08d}-{hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:8]}.npz"
+        name = shard_name(first, ids)
         save_npz(self.shards / name, outputs)
-        manifest[name] = ids
-        save_json(manifest_file, manifest)
+        listed[name] = ids
+        save_json(listed_in, listed)
 
     def clear_stop(self) -> None:
         """Before any other rank starts: a stop left by a stopped run is not a stop for this one."""
@@ -225,24 +221,24 @@ class RunExport:
     def merge(self) -> None:
         """Shards -> latents.npz (all in memory) or latents.h5 (streamed shard by shard), then the
         JSON files."""
-        files = [self.shards / name for name in sorted(self._manifests())]
+        files = [self.shards / name for name in sorted(manifests(self.shards))]
         if not files:
             raise GloError(f"{self.shards}: no finished batches to export")
         columns: dict[str, list[np.ndarray]] = {}
-        stale = self.out / ("latents.npz" if self.format == "hdf5" else "latents.h5")
+        stale = self.out / LATENTS["npz" if self.format == "hdf5" else "hdf5"]
         # another format's file from an earlier run would be read instead
         stale.unlink(missing_ok=True)
         self.metadata["end_time"] = datetime.now(timezone.utc).isoformat()
         if self.sessions.is_file():
             self.metadata["sessions"] = self.earlier_sessions()
         if self.format == "hdf5":
-            with atomic_path(self.out / "latents.h5") as tmp, h5py.File(tmp, "w") as f:
+            with atomic_path(self.out / LATENTS["hdf5"]) as tmp, h5py.File(tmp, "w") as f:
                 # HDF5 files describe themselves: one copied without metadata.json still says what
                 # made it
                 f.attrs["metadata"] = to_json(self.metadata)
                 for part in same_columns(files):
                     append_h5(f, part)
-                    for k in SUMMARY_KEYS:
+                    for k in SMALL:
                         if k in part:
                             columns.setdefault(k, []).append(part[k])
                 for d in f.values():
@@ -252,9 +248,7 @@ class RunExport:
             for part in same_columns(files):
                 for k, v in part.items():
                     columns.setdefault(k, []).append(v)
-            save_npz(self.out / "latents.npz", {k: np.concatenate(v) for k, v in columns.items()})
-        self.summary = summarize(
-            {k: np.concatenate(columns[k]) for k in SUMMARY_KEYS if k in columns}
-        )
-        save_json(self.out / "metadata.json", self.metadata)
-        save_json(self.out / "summary.json", self.summary)
+            save_npz(self.out / LATENTS["npz"], {k: np.concatenate(v) for k, v in columns.items()})
+        self.summary = summarize({k: np.concatenate(columns[k]) for k in SMALL if k in columns})
+        save_json(self.out / METADATA, self.metadata)
+        save_json(self.out / SUMMARY, self.summary)

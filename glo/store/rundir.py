@@ -24,13 +24,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from glo import GloError
 from glo.data.digests import sha256_files
-from glo.latents import ROWS_VERSION
+from glo.layout import (
+    FINGERPRINT,
+    HF,
+    LATENTS,
+    MANIFESTS,
+    METADATA,
+    REPORT,
+    ROWS_VERSION,
+    SHARDS,
+    SUMMARY,
+)
 from glo.method.engine import FP16_GRAD_SCALE
 from glo.method.settings import Settings
 from glo.store.atomic import save_json
 
 log = logging.getLogger("glo")
-FINGERPRINT = "fingerprint.json"
 # besides the engine's settings (tiling blends seams; seed draws masks)
 OTHER_RESULTS = ("tile_size", "seed")
 PRECISION_KEYS = {"precision", "fp16_grad_scale"}  # what precision=auto may change between machines
@@ -38,20 +47,8 @@ PRECISION_KEYS = {"precision", "fp16_grad_scale"}  # what precision=auto may cha
 NOT_RESULTS = {"data": ("on_error", "cache_in_memory", "limit"), "vae": ("path",)}
 # What glo writes in a run directory: the dataset (PUBLISHED, made from the shards at the end) and
 # the rest
-PUBLISHED = ("latents.npz", "latents.h5", "metadata.json", "summary.json", "hf")
-RESULTS = (
-    "shards",
-    *PUBLISHED,
-    "metrics.csv",
-    "report.md",
-    "grids.png",
-    "loss_curves.png",
-    "psnr_scatter.png",
-    "psnr_gain.png",
-    "steps.png",
-    "gain_vs_drift.png",
-    "events.out.tfevents.*",
-)
+PUBLISHED = (*LATENTS.values(), METADATA, SUMMARY, HF)
+RESULTS = (SHARDS, *PUBLISHED, *REPORT, "events.out.tfevents.*")
 WEIGHT_FILES = ("*.json", "*.safetensors", "*.bin")
 
 
@@ -178,13 +175,11 @@ def claim(run_dir: Path, expected: dict[str, Any], resume: str) -> None:
             f"{run_dir}: holds {foreign[0]} but no {FINGERPRINT}, so glo did not make this "
             "directory (or an older glo did); nothing in it is touched: use a new hydra.run.dir"
         )
-    for tmp in (*run_dir.glob(".*.tmp"), *run_dir.glob("shards/.*.tmp")):
+    for tmp in (*run_dir.glob(".*.tmp"), *run_dir.glob(f"{SHARDS}/.*.tmp")):
         tmp.unlink()
     if resume == "restart":
         clear(run_dir)
-    results = any(
-        any(run_dir.glob(name)) for name in ("shards/manifest-*.json", "latents.npz", "latents.h5")
-    )
+    results = any(any(run_dir.glob(name)) for name in (f"{SHARDS}/{MANIFESTS}", *LATENTS.values()))
     if results:
         try:
             found = json.loads(stored.read_text())

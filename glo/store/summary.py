@@ -8,33 +8,6 @@ import numpy as np
 
 from glo.method.drift import pooled_channel_stats, pooled_covariance, spread_ratio
 
-DRIFT = (
-    "drift_distance",
-    *(
-        f"{k}_{w}"
-        for k in ("hf_share", "channel_mean", "channel_std", "channel_moment", "reencode_error")
-        for w in ("initial", "final")
-    ),
-)
-SUMMARY_KEYS = (
-    "ids",
-    "psnr_initial",
-    "psnr_final",
-    "ssim_initial",
-    "ssim_final",
-    "steps",
-    "passes",
-    "converged",
-    "nonfinite",
-    "seconds",
-    "rank",
-    *DRIFT,
-    # these only with a mask
-    "psnr_known_initial",
-    "psnr_known_final",
-    *(f"masked_{k}" for k in DRIFT),
-)
-
 
 def summarize(a: dict[str, np.ndarray]) -> dict[str, float | int]:
     """The headline figures of a latent dataset, from its arrays alone."""
@@ -106,7 +79,7 @@ def drift_summary(a: dict[str, np.ndarray], prefix: str = "") -> dict[str, float
             mean.tolist(),
             std.tolist(),
         )
-    # rows without it (ROWS_VERSION < 6) give the per-channel figures only
+    # a latents file without it gives the per-channel figures only
     if f"{prefix}channel_moment_final" in a:
         cov = {
             w: pooled_covariance(a[f"{prefix}channel_mean_{w}"], a[f"{prefix}channel_moment_{w}"])

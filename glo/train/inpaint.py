@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from glo import GloError
 from glo.latents import LatentDataset, find_latents
+from glo.layout import METADATA
 from glo.method.engine import lr_factor
 from glo.store.atomic import save_json, save_text
 from glo.train.vae import trainer_precision
@@ -170,7 +171,7 @@ class InpaintTraining(pl.LightningModule):
 
 def vae_name(runs: list[str]) -> str:
     """The one VAE the runs' latents come from: a UNet learns one latent space."""
-    names = {json.loads((Path(r) / "metadata.json").read_text())["vae"]["name"] for r in runs}
+    names = {json.loads((Path(r) / METADATA).read_text())["vae"]["name"] for r in runs}
     if len(names) != 1:
         raise GloError(
             f"runs={runs}: made with {len(names)} VAEs ({', '.join(sorted(names))}); a UNet learns "
