@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import hydra
@@ -103,16 +104,11 @@ def load_checked(
         cfg, "vae.config.latent_channels"
     )
     # before the VAE loads: with the channels its config states, else 4 (the fewest: a lower bound)
+    rows_fit = partial(
+        check_rows, cfg.max_steps, len(dataset.ids), batch, dataset.size, masked, exporter.format
+    )
     if todo:
-        check_rows(
-            cfg.max_steps,
-            len(dataset.ids),
-            batch,
-            dataset.size,
-            masked,
-            exporter.format,
-            channels or 4,
-        )
+        rows_fit(channels or 4)
     vae = load_model(cfg, speed)
     if cfg.anchor and cfg.anchor_to == "posterior" and not vae.has_posterior:
         raise GloError(
@@ -121,15 +117,7 @@ def load_checked(
         )
     if todo:
         if vae.latent_channels != channels:
-            check_rows(
-                cfg.max_steps,
-                len(dataset.ids),
-                batch,
-                dataset.size,
-                masked,
-                exporter.format,
-                vae.latent_channels,
-            )
+            rows_fit(vae.latent_channels)
         # Lightning's local rank: torchrun's and its own LOCAL_RANK, or SLURM_LOCALID under srun
         check_memory(
             speed, vae, dataset.size, precision, batch, trainer.num_devices, trainer.local_rank

@@ -19,7 +19,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,7 +28,7 @@ from glo.latents import LatentDataset, find_latents
 from glo.layout import METADATA
 from glo.method.engine import lr_factor
 from glo.store.atomic import save_json, save_text
-from glo.train.vae import trainer_precision
+from glo.train.vae import checkpointed_trainer, trainer_precision
 
 log = logging.getLogger("glo.train_inpaint")
 KINDS = ("sd_inpaint", "blend")
@@ -206,17 +205,7 @@ def train(cfg: DictConfig) -> Path:
     )
     before = held_out_loss(module.unet, module.scheduler, held, cfg.seed)
     last = out / "checkpoints" / "last.ckpt"
-    trainer = instantiate(
-        cfg.trainer,
-        precision=precision,
-        default_root_dir=str(out),
-        logger=pl.loggers.TensorBoardLogger(str(out), name="", version=""),
-        callbacks=[
-            pl.callbacks.ModelCheckpoint(
-                out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every
-            )
-        ],
-    )
+    trainer = checkpointed_trainer(cfg, out, precision)
     data = TensorDataset(*(train_set[k] for k in ("latent", "mask", "masked_latent")))
     loader = DataLoader(
         data,

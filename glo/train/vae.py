@@ -44,6 +44,25 @@ def trainer_precision(requested: str) -> str:
     return LIGHTNING_PRECISION[precision]
 
 
+def checkpointed_trainer(
+    cfg: DictConfig, out: Path, precision: str, *callbacks: pl.Callback
+) -> pl.Trainer:
+    """cfg.trainer logging to TensorBoard in `out` and keeping `out`/checkpoints/last.ckpt every
+    cfg.checkpoint_every steps, so a killed training resumes from there."""
+    return instantiate(
+        cfg.trainer,
+        precision=precision,
+        default_root_dir=str(out),
+        logger=pl.loggers.TensorBoardLogger(str(out), name="", version=""),
+        callbacks=[
+            pl.callbacks.ModelCheckpoint(
+                out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every
+            ),
+            *callbacks,
+        ],
+    )
+
+
 class RandomCrops(Dataset):
     """`length` random crops per epoch from images held in memory, scaled, flipped; item i is
     reproducible."""
@@ -178,18 +197,7 @@ def train(cfg: DictConfig) -> Path:
         cfg.fresh_encoder,
     )
     last = out / "checkpoints" / "last.ckpt"
-    trainer = instantiate(
-        cfg.trainer,
-        precision=precision,
-        default_root_dir=str(out),
-        logger=pl.loggers.TensorBoardLogger(str(out), name="", version=""),
-        callbacks=[
-            pl.callbacks.ModelCheckpoint(
-                out / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every
-            ),
-            NextEpoch(),
-        ],
-    )
+    trainer = checkpointed_trainer(cfg, out, precision, NextEpoch())
     trainer.fit(
         module,
         DataLoader(
