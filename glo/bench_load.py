@@ -23,6 +23,7 @@ from pydantic import Field
 
 from glo.app.typed import Count, Parser, Publish, Schema, parsed
 from glo.latents import find_latents, load_latents
+from glo.layout import LATENTS
 from glo.model.hardware import machine
 from glo.report.render import markdown_table, publish
 from glo.store.atomic import save_json, save_text
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.counts:
             make_images(Path(tmp) / f"images{n}", n, args.size)
-            for fmt in ("npz", "hdf5"):
+            for fmt in LATENTS:  # each export format
                 row = {
                     "images": n,
                     **run_once(
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         / max(
             r["peak_rss_mb"] for r in rows if r["format"] == fmt and r["images"] == min(args.counts)
         )
-        for fmt in ("npz", "hdf5")
+        for fmt in LATENTS
     }
     result = {
         "date": datetime.now(timezone.utc).isoformat(),
